@@ -1,0 +1,155 @@
+#pragma once
+/// @file float8.hpp
+/// OCP 8-bit floats, usable on host and device without CUDA headers:
+/// - kvkit::float8_e4m3: 1 sign, 4 exponent (bias 7), 3 mantissa bits. No
+///   infinities; S.1111.111 is NaN; largest finite ±448; smallest subnormal 2^-9.
+/// - kvkit::float8_e5m2: 1 sign, 5 exponent (bias 15), 2 mantissa bits; IEEE
+///   style (±inf = S.11111.00, NaN above it); largest finite ±57344; smallest
+///   subnormal 2^-16. It is the top byte of a binary16.
+///
+/// Rules of float -> fp8 (bit-compatible with CUDA's `__nv_cvt_float_to_fp8`
+/// and the `__nv_fp8_e4m3` / `__nv_fp8_e5m2` constructors):
+/// - round to nearest, ties to even, including into and out of subnormals;
+/// - |x| that rounds beyond the largest finite value, and ±inf:
+///   Saturation::kFinite (the default, as CUDA's constructors) gives ±max
+///   finite; Saturation::kNone gives NaN (e4m3, 0xFF/0x7F by sign) or ±inf (e5m2);
+/// - every NaN input gives 0x7F (CUDA's canonical NaN, sign dropped);
+/// - ±0 and values that round to zero keep their sign.
+/// fp8 -> float is exact; NaN stays NaN.
+
+#include <cstdint>
+
+#include "kvkit/core/bits.hpp"
+#include "kvkit/core/config.hpp"
+#include "kvkit/core/half.hpp"
+
+namespace kvkit {
+
+/// What float -> fp8 does with values beyond the largest finite fp8 value.
+enum class Saturation : std::uint8_t {
+  kFinite,  ///< clamp to ±max finite (CUDA __NV_SATFINITE)
+  kNone,    ///< produce NaN (e4m3) or ±inf (e5m2) (CUDA __NV_NOSAT)
+};
+
+namespace detail {
+
+/// Shared encoder for the two OCP formats. kExpBits/kManBits give the format;
+/// kHasInf says whether the top exponent encodes inf/NaN (e5m2) or whether
+/// only the all-ones pattern is NaN (e4m3).
+template <int kExpBits, int kManBits, bool kHasInf>
+KVKIT_HOST_DEVICE inline std::uint8_t float_to_fp8_bits_soft(float f, Saturation saturation) {
+  constexpr int kBias = (1 << (kExpBits - 1)) - 1;
+  constexpr std::uint32_t kMaxFinite = kHasInf ? 0x7bu : 0x7eu;
+  constexpr std::uint32_t kOverflow = kHasInf ? 0x7cu : 0x7fu;  // inf, or NaN
+  const std::uint32_t x = float_to_bits(f);
+  const std::uint32_t sign = (x >> 24) & 0x80u;
+  const std::uint32_t a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return 0x7fu;
+  const std::uint32_t on_overflow = saturation == Saturation::kFinite ? kMaxFinite : kOverflow;
+  if (a == 0x7f800000u) return std::uint8_t(sign | on_overflow);
+  const int exponent = int(a >> 23) - 127;
+  if ((a >> 23) == 0) return std::uint8_t(sign);  // float zero or subnormal: far below fp8's range
+  const std::uint32_t mantissa = (a & 0x7fffffu) | 0x800000u;  // with the implicit bit
+  std::uint32_t code;
+  if (exponent >= 1 - kBias) {  // normal fp8
+    if (exponent + kBias >= (1 << kExpBits)) return std::uint8_t(sign | on_overflow);
+    constexpr int kDrop = 23 - kManBits;
+    code = (std::uint32_t(exponent + kBias) << kManBits) | ((a & 0x7fffffu) >> kDrop);
+    const std::uint32_t rest = a & ((1u << kDrop) - 1u);
+    const std::uint32_t halfway = 1u << (kDrop - 1);
+    if (rest > halfway || (rest == halfway && (code & 1u))) ++code;
+  } else {  // subnormal fp8: count in units of 2^(1 - bias - man_bits)
+    const int shift = (23 - kManBits) + (1 - kBias - exponent);
+    if (shift > 24) return std::uint8_t(sign);  // below half the smallest subnormal
+    code = mantissa >> shift;
+    const std::uint32_t rest = mantissa & ((1u << shift) - 1u);
+    const std::uint32_t halfway = 1u << (shift - 1);
+    if (rest > halfway || (rest == halfway && (code & 1u))) ++code;
+  }
+  if (code > kMaxFinite) code = on_overflow;
+  return std::uint8_t(sign | code);
+}
+
+}  // namespace detail
+
+/// float -> e4m3 bits (see the file comment for the rules).
+KVKIT_HOST_DEVICE inline std::uint8_t float_to_e4m3_bits(float f,
+                                                         Saturation s = Saturation::kFinite) {
+#if KVKIT_DEVICE_CODE && __CUDA_ARCH__ >= 890
+  if (s == Saturation::kFinite) {
+    std::uint16_t pair;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(f));
+    return std::uint8_t(pair & 0xffu);
+  }
+#endif
+  return detail::float_to_fp8_bits_soft<4, 3, false>(f, s);
+}
+
+/// float -> e5m2 bits (see the file comment for the rules).
+KVKIT_HOST_DEVICE inline std::uint8_t float_to_e5m2_bits(float f,
+                                                         Saturation s = Saturation::kFinite) {
+#if KVKIT_DEVICE_CODE && __CUDA_ARCH__ >= 890
+  if (s == Saturation::kFinite) {
+    std::uint16_t pair;
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(f));
+    return std::uint8_t(pair & 0xffu);
+  }
+#endif
+  return detail::float_to_fp8_bits_soft<5, 2, true>(f, s);
+}
+
+/// e4m3 bits -> float, exact.
+KVKIT_HOST_DEVICE inline float e4m3_bits_to_float(std::uint8_t b) {
+  const std::uint32_t sign = std::uint32_t(b & 0x80u) << 24;
+  const std::uint32_t a = b & 0x7fu;
+  if (a == 0x7fu) return bits_to_float(sign | 0x7fc00000u);
+  const std::uint32_t exponent = a >> 3;
+  const std::uint32_t mantissa = a & 7u;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-9, exact in float
+    return bits_to_float(sign | float_to_bits(float(mantissa) * 0.001953125f));
+  }
+  return bits_to_float(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+}
+
+/// e5m2 bits -> float, exact (e5m2 is the top byte of a binary16).
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float e5m2_bits_to_float(std::uint8_t b) {
+  return half_bits_to_float(std::uint16_t(std::uint16_t(b) << 8));
+}
+
+/// OCP FP8 E4M3 value (storage + conversions). Trivially copyable, 1 byte.
+struct float8_e4m3 {
+  std::uint8_t bits;
+
+  float8_e4m3() = default;
+  /// Rounds to nearest even and saturates to ±448 (CUDA's __nv_fp8_e4m3(float)).
+  KVKIT_HOST_DEVICE explicit float8_e4m3(float f) : bits(float_to_e4m3_bits(f)) {}
+  KVKIT_HOST_DEVICE explicit operator float() const { return e4m3_bits_to_float(bits); }
+  KVKIT_HOST_DEVICE static float8_e4m3 from_bits(std::uint8_t b) {
+    float8_e4m3 v;
+    v.bits = b;
+    return v;
+  }
+  /// Largest finite magnitude, 448.
+  static constexpr float kMax = 448.0f;
+};
+
+/// OCP FP8 E5M2 value (storage + conversions). Trivially copyable, 1 byte.
+struct float8_e5m2 {
+  std::uint8_t bits;
+
+  float8_e5m2() = default;
+  /// Rounds to nearest even and saturates to ±57344 (CUDA's __nv_fp8_e5m2(float)).
+  KVKIT_HOST_DEVICE explicit float8_e5m2(float f) : bits(float_to_e5m2_bits(f)) {}
+  KVKIT_HOST_DEVICE explicit operator float() const { return e5m2_bits_to_float(bits); }
+  KVKIT_HOST_DEVICE static float8_e5m2 from_bits(std::uint8_t b) {
+    float8_e5m2 v;
+    v.bits = b;
+    return v;
+  }
+  /// Largest finite magnitude, 57344.
+  static constexpr float kMax = 57344.0f;
+};
+
+static_assert(sizeof(float8_e4m3) == 1 && sizeof(float8_e5m2) == 1, "fp8 must be 1 byte");
+
+}  // namespace kvkit
