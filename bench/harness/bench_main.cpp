@@ -58,15 +58,16 @@ int main(int argc, char** argv) {
     return KVKIT_BENCH_SKIP_RETURN_CODE;
   }
 #endif
-  int count = int(args.size());
-  benchmark::Initialize(&count, args.data());
-  if (benchmark::ReportUnrecognizedArguments(count, args.data())) return 1;
+  // Initialize consumes --benchmark_format, so look before it does.
   bool console_format = true;
   for (char* arg : args) {
     if (std::strncmp(arg, "--benchmark_format=", 19) == 0) {
       console_format = std::strcmp(arg + 19, "console") == 0;
     }
   }
+  int count = int(args.size());
+  benchmark::Initialize(&count, args.data());
+  if (benchmark::ReportUnrecognizedArguments(count, args.data())) return 1;
   if (console_format) {
     KvkitConsoleReporter console;
     benchmark::RunSpecifiedBenchmarks(&console);
