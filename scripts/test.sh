@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Builds everything and runs every test. This is the README's test command and
+# what CI (.ci/run) runs. Steps:
+#   1. Release build of the library's tests, benchmarks and examples (CUDA
+#      sources too where nvcc exists); CTest runs the host tests, the GPU tests
+#      (reported as skipped without a GPU) and every benchmark in --smoke mode.
+#   2. The host tests again, built with AddressSanitizer + UBSan.
+#   3. The consumer test: install to a temporary prefix and build a tiny
+#      out-of-tree program against it with find_package(kvkit).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+jobs=$(nproc)
+scripts/install-deps.sh
+
+echo "== 1/3 build and test (Release)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKVKIT_BUILD_TESTS=ON \
+  -DKVKIT_BUILD_BENCHMARKS=ON -DKVKIT_BUILD_EXAMPLES=ON >/dev/null
+cmake --build build -j"$jobs"
+(cd build && ctest -j"$jobs" --output-on-failure)
+
+echo "== 2/3 host tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKVKIT_SANITIZE=ON -DKVKIT_ENABLE_CUDA=OFF \
+  -DKVKIT_BUILD_BENCHMARKS=OFF -DKVKIT_BUILD_EXAMPLES=OFF >/dev/null
+cmake --build build-asan -j"$jobs"
+(cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+  ctest -j"$jobs" --output-on-failure -L host)
+
+echo "== 3/3 consumer test: find_package(kvkit) from an installed prefix"
+prefix=$(mktemp -d)
+trap 'rm -rf "$prefix"' EXIT
+cmake --install build --prefix "$prefix/install" >/dev/null
+cmake -S tests/consumer -B "$prefix/build" -DCMAKE_PREFIX_PATH="$prefix/install" >/dev/null
+cmake --build "$prefix/build" -j"$jobs"
+"$prefix/build/consumer"
+if [ -x "$prefix/build/consumer_cuda" ]; then "$prefix/build/consumer_cuda"; fi
+echo "kvkit: all tests passed ($root)"
