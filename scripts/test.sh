@@ -26,7 +26,7 @@ cmake --build build-asan -j"$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest -j"$jobs" --output-on-failure -L host)
 
-echo "== 3/3 consumer test: find_package(kvkit) from an installed prefix"
+echo "== 3/3 consumer test: find_package(kvkit) from an installed prefix, and add_subdirectory"
 prefix=$(mktemp -d)
 trap 'rm -rf "$prefix"' EXIT
 cmake --install build --prefix "$prefix/install" >/dev/null
@@ -34,4 +34,7 @@ cmake -S tests/consumer -B "$prefix/build" -DCMAKE_PREFIX_PATH="$prefix/install"
 cmake --build "$prefix/build" -j"$jobs"
 "$prefix/build/consumer"
 if [ -x "$prefix/build/consumer_cuda" ]; then "$prefix/build/consumer_cuda"; fi
+cmake -S tests/consumer -B "$prefix/build-subdir" -DKVKIT_SOURCE_DIR="$root" >/dev/null
+cmake --build "$prefix/build-subdir" -j"$jobs" --target consumer
+"$prefix/build-subdir/consumer"
 echo "kvkit: all tests passed ($root)"

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
 #include "kvkit/core/tensor_view.hpp"
 
@@ -97,4 +98,14 @@ TEST_CASE("expect_shape and expect_dtype explain a mismatch") {
                     Contains("expected shape [*, 64]"));
   CHECK_THROWS_WITH(kvkit::expect_dtype(key, "kvkit::append", "key", DType::kBFloat16),
                     "kvkit::append: argument 'key' = float32: expected bfloat16");
+}
+
+TEST_CASE("dtype dispatch runs the matching type and rejects unsupported dtypes clearly") {
+  const auto size_of = [](auto tag) { return sizeof(typename decltype(tag)::type); };
+  CHECK(kvkit::dispatch_dtype<kvkit::FloatTypes>(DType::kBFloat16, "f", "x", size_of) == 2);
+  CHECK(kvkit::dispatch_dtype<kvkit::FloatTypes>(DType::kFloat32, "f", "x", size_of) == 4);
+  CHECK(kvkit::dispatch_dtype<kvkit::FloatAndFp8Types>(DType::kFloat8E5M2, "f", "x", size_of) == 1);
+  CHECK_THROWS_WITH(
+      kvkit::dispatch_dtype<kvkit::FloatTypes>(DType::kInt8, "kvkit::append", "key", size_of),
+      "kvkit::append: argument 'key' = int8: expected one of {float32, float16, bfloat16}");
 }

@@ -4,6 +4,7 @@
 
 #include "kvkit/core/bfloat16.hpp"
 #include "kvkit/core/config.hpp"
+#include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/dtype.hpp"
 #include "kvkit/core/error.hpp"
 #include "kvkit/core/float8.hpp"
