@@ -1,0 +1,192 @@
+#pragma once
+/// @file rope.hpp
+/// RoPE on the CPU: the cos/sin table, in-place application to Q and K of a
+/// ragged batch (positions per token), re-rotation of cached keys by a
+/// position delta (llama.cpp's context shift, StreamingLLM's remapping), and
+/// the conversion between interleaved and rotate-half dimension orders.
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kvkit/core/dispatch.hpp"
+#include "kvkit/core/error.hpp"
+#include "kvkit/ops/rope_config.hpp"
+#include "kvkit/ops/rope_params.hpp"
+
+namespace kvkit {
+
+/// Owns a cos/sin table [max_positions, rotary_dim] in vLLM's layout (cos in
+/// the first half of each row, sin in the second), computed in float64 and
+/// rounded once to float, with the YaRN attention factor folded in.
+class RopeCache {
+ public:
+  /// `sequence_length` is used by dynamic NTK only (see rope_inv_freq).
+  RopeCache(const RopeConfig& config, std::int64_t max_positions, std::int64_t sequence_length = 0)
+      : rotary_dim_(config.rotary_dim), max_positions_(max_positions) {
+    check_argument(max_positions > 0, "kvkit::RopeCache", "max_positions", max_positions, "> 0");
+    inv_freq_ = rope_inv_freq(config, sequence_length);
+    attention_factor_ = rope_attention_factor(config);
+    const int half = rotary_dim_ / 2;
+    table_.resize(std::size_t(max_positions) * std::size_t(rotary_dim_));
+    for (std::int64_t pos = 0; pos < max_positions; ++pos) {
+      float* row = table_.data() + pos * rotary_dim_;
+      for (int i = 0; i < half; ++i) {
+        const double angle = std::fmod(double(pos) * inv_freq_[i], 2.0 * kPi);
+        row[i] = float(std::cos(angle) * attention_factor_);
+        row[half + i] = float(std::sin(angle) * attention_factor_);
+      }
+    }
+  }
+
+  /// [max_positions, rotary_dim] floats.
+  const float* data() const { return table_.data(); }
+  std::int64_t max_positions() const { return max_positions_; }
+  int rotary_dim() const { return rotary_dim_; }
+  /// Float64 inverse frequencies [rotary_dim / 2] (for on-the-fly angles).
+  const std::vector<double>& inv_freq() const { return inv_freq_; }
+  double attention_factor() const { return attention_factor_; }
+
+  /// Points `params` at this table.
+  void attach(RopeParams& params) const {
+    params.cos_sin_cache = table_.data();
+    params.cache_positions = max_positions_;
+    params.inv_freq = inv_freq_.data();
+    params.attention_factor = float(attention_factor_);
+  }
+
+ private:
+  int rotary_dim_;
+  std::int64_t max_positions_;
+  std::vector<double> inv_freq_;
+  double attention_factor_ = 1.0;
+  std::vector<float> table_;
+};
+
+namespace detail {
+
+/// Checks everything about `p` that does not depend on position values.
+inline void validate_rope_params(const RopeParams& p, const char* where) {
+  check_argument(p.num_tokens >= 0, where, "num_tokens", p.num_tokens, ">= 0");
+  check_argument(p.head_dim > 0, where, "head_dim", p.head_dim, "> 0");
+  check_argument(p.rotary_dim > 0 && p.rotary_dim % 2 == 0, where, "rotary_dim", p.rotary_dim,
+                 "a positive even number");
+  check_argument(p.rotary_dim <= p.head_dim, where, "rotary_dim", p.rotary_dim,
+                 "<= head_dim (", p.head_dim, ")");
+  check(p.q != nullptr || p.k != nullptr, where, "both q and k are null; expected at least one");
+  if (p.q != nullptr) check_argument(p.num_q_heads > 0, where, "num_q_heads", p.num_q_heads, "> 0");
+  if (p.k != nullptr) check_argument(p.num_k_heads > 0, where, "num_k_heads", p.num_k_heads, "> 0");
+  if (p.num_tokens > 0) {
+    check_argument(p.positions != nullptr, where, "positions", p.positions,
+                   "a non-null pointer for ", p.num_tokens, " tokens");
+  }
+  check(p.cos_sin_cache != nullptr || p.inv_freq != nullptr, where,
+        "neither cos_sin_cache nor inv_freq is set; expected one of them");
+  dispatch_dtype<FloatTypes>(p.dtype, where, "dtype", [](auto) {});
+}
+
+template <class T>
+void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopeParams& p,
+                  const float* cos_row, const float* sin_row) {
+  const int half = p.rotary_dim / 2;
+  for (int h = 0; h < num_heads; ++h) {
+    T* x = base + h * head_stride;
+    for (int i = 0; i < half; ++i) {
+      const RopePair pair = rope_pair(p.style, p.rotary_dim, i);
+      float a = to_float(x[pair.first]);
+      float b = to_float(x[pair.second]);
+      rope_rotate(a, b, cos_row[i], sin_row[i]);
+      x[pair.first] = from_float<T>(a);
+      x[pair.second] = from_float<T>(b);
+    }
+  }
+}
+
+template <class T>
+void run_rope(const RopeParams& p) {
+  std::vector<float> cos_row(std::size_t(p.rotary_dim / 2)), sin_row(cos_row.size());
+  for (std::int64_t t = 0; t < p.num_tokens; ++t) {
+    for (int i = 0; i < p.rotary_dim / 2; ++i) rope_cos_sin(p, p.positions[t], i, cos_row[i], sin_row[i]);
+    if (p.q != nullptr) {
+      rotate_heads(static_cast<T*>(p.q) + t * p.q_token_stride, p.q_head_stride, p.num_q_heads, p,
+                   cos_row.data(), sin_row.data());
+    }
+    if (p.k != nullptr) {
+      rotate_heads(static_cast<T*>(p.k) + t * p.k_token_stride, p.k_head_stride, p.num_k_heads, p,
+                   cos_row.data(), sin_row.data());
+    }
+  }
+}
+
+inline void check_positions(const RopeParams& p, const char* where, bool allow_negative) {
+  for (std::int64_t t = 0; t < p.num_tokens; ++t) {
+    const std::int64_t pos = p.positions[t];
+    if (!allow_negative && pos < 0) {
+      fail(where, "argument 'positions[", t, "]' = ", pos, ": expected >= 0");
+    }
+    const std::int64_t magnitude = pos < 0 ? -pos : pos;
+    if (p.cos_sin_cache != nullptr && magnitude >= p.cache_positions) {
+      fail(where, "argument 'positions[", t, "]' = ", pos, ": expected |position| < ",
+           p.cache_positions, " (the cos/sin table's length)");
+    }
+  }
+}
+
+}  // namespace detail
+
+/// Rotates q and k in place: token t's heads by angle positions[t] * inv_freq.
+/// Throws kvkit::Error (before changing anything) on bad sizes, a negative
+/// position, or a position beyond the cos/sin table.
+inline void apply_rope(const RopeParams& p) {
+  constexpr const char* kWhere = "kvkit::apply_rope";
+  detail::validate_rope_params(p, kWhere);
+  detail::check_positions(p, kWhere, /*allow_negative=*/false);
+  dispatch_dtype<FloatTypes>(p.dtype, kWhere, "dtype",
+                             [&](auto tag) { detail::run_rope<typename decltype(tag)::type>(p); });
+}
+
+/// Re-rotates cached keys in place by a per-token position delta
+/// (`p.positions` holds the deltas, which may be negative): a key rotated for
+/// position x becomes the key rotated for x + delta. Rotations compose, so
+/// this equals apply_rope at the new position up to float rounding.
+/// `p.q` must be null. Throws kvkit::Error before changing anything on bad input.
+inline void rope_shift_keys(const RopeParams& p) {
+  constexpr const char* kWhere = "kvkit::rope_shift_keys";
+  check_argument(p.q == nullptr, kWhere, "q", p.q, "nullptr (only keys are shifted)");
+  check_argument(p.k != nullptr, kWhere, "k", p.k, "a non-null pointer");
+  detail::validate_rope_params(p, kWhere);
+  detail::check_positions(p, kWhere, /*allow_negative=*/true);
+  dispatch_dtype<FloatTypes>(p.dtype, kWhere, "dtype",
+                             [&](auto tag) { detail::run_rope<typename decltype(tag)::type>(p); });
+}
+
+/// Reorders the first `rotary_dim` dims of each of `rows` vectors in place
+/// between the interleaved order (x0, y0, x1, y1, ...; DeepSeek's official
+/// weights, RopeStyle::kGptJ) and the rotate-half order (x0, x1, ..., y0, y1,
+/// ...; HF transformers' DeepSeek port, RopeStyle::kNeox). Rotating in one
+/// order and converting equals converting and rotating in the other, so
+/// attention scores agree; only the stored layout differs.
+template <class T>
+void rope_reorder_dims(T* data, std::int64_t rows, std::int64_t row_stride, int rotary_dim,
+                       RopeStyle from, RopeStyle to) {
+  constexpr const char* kWhere = "kvkit::rope_reorder_dims";
+  check_argument(rotary_dim > 0 && rotary_dim % 2 == 0, kWhere, "rotary_dim", rotary_dim,
+                 "a positive even number");
+  check_argument(rows >= 0, kWhere, "rows", rows, ">= 0");
+  check_argument(rows == 0 || data != nullptr, kWhere, "data", data, "a non-null pointer");
+  if (from == to) return;
+  std::vector<T> tmp(static_cast<std::size_t>(rotary_dim));
+  const int half = rotary_dim / 2;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    T* x = data + r * row_stride;
+    for (int i = 0; i < half; ++i) {
+      const RopePair src = rope_pair(from, rotary_dim, i);
+      const RopePair dst = rope_pair(to, rotary_dim, i);
+      tmp[dst.first] = x[src.first];
+      tmp[dst.second] = x[src.second];
+    }
+    for (int d = 0; d < rotary_dim; ++d) x[d] = tmp[d];
+  }
+}
+
+}  // namespace kvkit
