@@ -85,19 +85,32 @@ inline void validate_rope_params(const RopeParams& p, const char* where) {
   dispatch_dtype<FloatTypes>(p.dtype, where, "dtype", [](auto) {});
 }
 
+// The style is resolved outside the inner loops so that each loop is a plain
+// strided sweep the compiler vectorizes (rope_pair gives the same pairs).
 template <class T>
 void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopeParams& p,
                   const float* cos_row, const float* sin_row) {
   const int half = p.rotary_dim / 2;
+  const std::int64_t step = p.style == RopeStyle::kNeox ? 1 : 2;        // between pairs
+  const std::int64_t partner = p.style == RopeStyle::kNeox ? half : 1;  // within a pair
   for (int h = 0; h < num_heads; ++h) {
     T* x = base + h * head_stride;
-    for (int i = 0; i < half; ++i) {
-      const RopePair pair = rope_pair(p.style, p.rotary_dim, i);
-      float a = to_float(x[pair.first]);
-      float b = to_float(x[pair.second]);
-      rope_rotate(a, b, cos_row[i], sin_row[i]);
-      x[pair.first] = from_float<T>(a);
-      x[pair.second] = from_float<T>(b);
+    if (step == 1) {
+      for (int i = 0; i < half; ++i) {
+        float a = to_float(x[i]);
+        float b = to_float(x[i + partner]);
+        rope_rotate(a, b, cos_row[i], sin_row[i]);
+        x[i] = from_float<T>(a);
+        x[i + partner] = from_float<T>(b);
+      }
+    } else {
+      for (int i = 0; i < half; ++i) {
+        float a = to_float(x[2 * i]);
+        float b = to_float(x[2 * i + 1]);
+        rope_rotate(a, b, cos_row[i], sin_row[i]);
+        x[2 * i] = from_float<T>(a);
+        x[2 * i + 1] = from_float<T>(b);
+      }
     }
   }
 }

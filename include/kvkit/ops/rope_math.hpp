@@ -21,11 +21,18 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE RopePair rope_pair(RopeStyle style, int rota
 }
 
 /// Rotates (x, y) by the angle whose cosine and sine are given:
-/// x' = x cos - y sin, y' = y cos + x sin.
+/// x' = x cos - y sin, y' = y cos + x sin. On the device the products are
+/// rounded separately (no fused multiply-add), as on the host, so that the
+/// CUDA kernels give the CPU op's results bit for bit.
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE void rope_rotate(float& x, float& y, float cos_a, float sin_a) {
   const float x0 = x;
+#if KVKIT_DEVICE_CODE
+  x = __fsub_rn(__fmul_rn(x0, cos_a), __fmul_rn(y, sin_a));
+  y = __fadd_rn(__fmul_rn(y, cos_a), __fmul_rn(x0, sin_a));
+#else
   x = x0 * cos_a - y * sin_a;
   y = y * cos_a + x0 * sin_a;
+#endif
 }
 
 }  // namespace kvkit

@@ -1,0 +1,140 @@
+// The CUDA RoPE kernels equal the CPU ops: bit for bit with a cos/sin table,
+// within float rounding with on-the-fly float64 angles. Skipped without a GPU.
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kvkit/cuda/device_buffer.hpp"
+#include "kvkit/cuda/rope.cuh"
+
+using kvkit::RopeConfig;
+using kvkit::RopeParams;
+using kvkit::RopeStyle;
+using kvkit::cuda::DeviceBuffer;
+
+namespace {
+
+struct Inputs {
+  std::vector<std::uint8_t> q, k;  // raw bytes of T
+  std::vector<std::int64_t> positions;
+  RopeParams params;               // host pointers into q, k, positions
+};
+
+template <class T>
+Inputs make_inputs(const RopeConfig& cfg, int q_heads, int k_heads, std::int64_t tokens,
+                   std::int64_t max_position, bool allow_negative, std::uint64_t seed) {
+  Inputs in;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  const std::int64_t qs = q_heads * (cfg.head_dim + 2) + 3, ks = k_heads * cfg.head_dim;
+  std::vector<T> q(std::size_t(tokens * qs)), k(std::size_t(tokens * ks));
+  for (auto& x : q) x = kvkit::from_float<T>(normal(rng));
+  for (auto& x : k) x = kvkit::from_float<T>(normal(rng));
+  in.q.resize(q.size() * sizeof(T));
+  in.k.resize(k.size() * sizeof(T));
+  std::memcpy(in.q.data(), q.data(), in.q.size());
+  std::memcpy(in.k.data(), k.data(), in.k.size());
+  std::uniform_int_distribution<std::int64_t> pos(allow_negative ? -max_position + 1 : 0, max_position - 1);
+  for (std::int64_t t = 0; t < tokens; ++t) in.positions.push_back(pos(rng));
+  RopeParams& p = in.params;
+  p.q = in.q.data(); p.q_token_stride = qs; p.q_head_stride = cfg.head_dim + 2; p.num_q_heads = q_heads;
+  p.k = in.k.data(); p.k_token_stride = ks; p.k_head_stride = cfg.head_dim; p.num_k_heads = k_heads;
+  p.positions = in.positions.data(); p.num_tokens = tokens;
+  p.head_dim = cfg.head_dim; p.rotary_dim = cfg.rotary_dim; p.style = cfg.style;
+  p.dtype = kvkit::dtype_of<T>;
+  return in;
+}
+
+// Runs the op on the CPU and on the GPU from the same inputs; returns the
+// largest difference (0 = bit-identical bytes) in units of float values.
+template <class T>
+double run_both(Inputs in, const kvkit::RopeCache& cache, bool on_the_fly, bool shift) {
+  RopeParams cpu = in.params;
+  cache.attach(cpu);
+  if (on_the_fly) cpu.cos_sin_cache = nullptr;
+  if (shift) cpu.q = nullptr;
+  auto d_q = DeviceBuffer::from_host(in.q);
+  auto d_k = DeviceBuffer::from_host(in.k);
+  auto d_pos = DeviceBuffer::from_host(in.positions);
+  auto d_table = DeviceBuffer::from_host(std::vector<float>(cache.data(), cache.data() + cache.max_positions() * cache.rotary_dim()));
+  auto d_inv = DeviceBuffer::from_host(cache.inv_freq());
+  RopeParams gpu = cpu;
+  gpu.q = shift ? nullptr : d_q.data();
+  gpu.k = d_k.data();
+  gpu.positions = d_pos.as<std::int64_t>();
+  gpu.cos_sin_cache = on_the_fly ? nullptr : d_table.as<float>();
+  gpu.inv_freq = d_inv.as<double>();
+  if (shift) {
+    kvkit::rope_shift_keys(cpu);
+    KVKIT_CUDA_CHECK(kvkit::cuda::rope_shift_keys(gpu));
+  } else {
+    kvkit::apply_rope(cpu);
+    KVKIT_CUDA_CHECK(kvkit::cuda::apply_rope(gpu));
+  }
+  KVKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  double worst = 0.0;
+  for (auto [host, dev] : {std::pair{&in.q, &d_q}, std::pair{&in.k, &d_k}}) {
+    const auto got = dev->to_host<T>();
+    const T* want = reinterpret_cast<const T*>(host->data());
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) {
+        worst = std::max(worst, std::fabs(double(kvkit::to_float(got[i])) - double(kvkit::to_float(want[i]))) + 1e-30);
+      }
+    }
+  }
+  return worst;
+}
+
+template <class T>
+void check_type() {
+  RopeConfig partial = RopeConfig::llama3();
+  partial.head_dim = 96;
+  partial.rotary_dim = 32;
+  const RopeConfig configs[] = {RopeConfig::llama3(), RopeConfig::llama3_1(), partial,
+                                RopeConfig::deepseek_yarn(), RopeConfig{64, 64, 10000.0, RopeStyle::kGptJ, {}}};
+  std::uint64_t seed = 1;
+  for (const RopeConfig& cfg : configs) {
+    const kvkit::RopeCache cache(cfg, 2048);
+    for (std::int64_t tokens : {1, 7, 333}) {
+      INFO("rotary_dim " << cfg.rotary_dim << " tokens " << tokens);
+      CHECK(run_both<T>(make_inputs<T>(cfg, 7, 2, tokens, 2048, false, seed++), cache, false, false) == 0.0);
+      CHECK(run_both<T>(make_inputs<T>(cfg, 7, 2, tokens, 2048, true, seed++), cache, false, true) == 0.0);
+      // float64 angles: libm and CUDA's cos/sin may differ in the last double bit.
+      CHECK(run_both<T>(make_inputs<T>(cfg, 3, 1, tokens, 3000000, false, seed++), cache, true, false) <= 1e-5);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("GPU apply_rope and rope_shift_keys equal the CPU ops") {
+  SECTION("float32") { check_type<float>(); }
+  SECTION("float16") { check_type<kvkit::half>(); }
+  SECTION("bfloat16") { check_type<kvkit::bfloat16>(); }
+}
+
+TEST_CASE("GPU apply_rope marks tokens whose position is outside the table with NaN") {
+  const RopeConfig cfg = RopeConfig::llama3();
+  const kvkit::RopeCache cache(cfg, 16);
+  Inputs in = make_inputs<float>(cfg, 1, 1, 2, 16, false, 3);
+  in.positions[1] = 16;
+  auto d_k = DeviceBuffer::from_host(in.k);
+  auto d_pos = DeviceBuffer::from_host(in.positions);
+  auto d_table = DeviceBuffer::from_host(std::vector<float>(cache.data(), cache.data() + 16 * 128));
+  RopeParams p = in.params;
+  p.q = nullptr;
+  p.k = d_k.data();
+  p.positions = d_pos.as<std::int64_t>();
+  p.cos_sin_cache = d_table.as<float>();
+  p.cache_positions = 16;
+  KVKIT_CUDA_CHECK(kvkit::cuda::apply_rope(p));
+  const auto got = d_k.to_host<float>();
+  CHECK_FALSE(std::isnan(got[0]));
+  CHECK(std::isnan(got[128]));
+  CHECK(std::isnan(got[255]));
+}
