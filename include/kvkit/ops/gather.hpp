@@ -1,0 +1,81 @@
+#pragma once
+/// @file gather.hpp
+/// Gather one sequence's cached K/V (its pages, in order) into dense tensors
+/// [num_tokens, num_heads, head_dim]: for debugging, export and moving a
+/// prefilled cache to a decode worker. CPU implementation; the CUDA one is
+/// kvkit/cuda/gather.cuh with the same arguments.
+
+#include <cstdint>
+#include <cstring>
+
+#include "kvkit/core/dtype.hpp"
+#include "kvkit/core/error.hpp"
+#include "kvkit/layout/page_table.hpp"
+#include "kvkit/layout/paged_kv_layout.hpp"
+#include "kvkit/ops/append.hpp"
+
+namespace kvkit {
+
+/// Arguments of gather_kv. Token t is read from page pages[t / page_size],
+/// in-page slot t % page_size. Leave v_cache and value_out null to gather K
+/// only (e.g. a latent cache through LatentKVLayout::as_paged()).
+struct GatherKVArgs {
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;               ///< optional (null with value_out null)
+  const std::int32_t* pages = nullptr;         ///< [ceil(num_tokens / page_size)] page ids
+  std::int64_t num_tokens = 0;
+  void* key_out = nullptr;                     ///< [num_tokens, num_heads, head_dim]
+  void* value_out = nullptr;                   ///< [num_tokens, num_heads, head_dim] or null
+  std::int64_t out_stride_token = 0;           ///< elements
+  std::int64_t out_stride_head = 0;            ///< elements (>= head_dim)
+  DType dtype = DType::kBFloat16;
+};
+
+/// Validates what does not need to read `pages` (shared with the CUDA launcher).
+inline void validate_gather_kv(const PagedKVLayout& layout, const GatherKVArgs& a,
+                               const char* where) {
+  layout.validate(where);
+  check_argument(a.num_tokens >= 0, where, "num_tokens", a.num_tokens, ">= 0");
+  const bool used = a.num_tokens > 0;
+  detail::check_pointer(a.k_cache, used, a.dtype, where, "k_cache");
+  detail::check_pointer(a.key_out, used, a.dtype, where, "key_out");
+  detail::check_pointer(a.pages, used, DType::kInt32, where, "pages");
+  check((a.v_cache == nullptr) == (a.value_out == nullptr), where,
+        "v_cache and value_out must both be given or both be null");
+  detail::check_pointer(a.value_out, used && a.value_out != nullptr, a.dtype, where, "value_out");
+  detail::check_pointer(a.v_cache, used && a.v_cache != nullptr, a.dtype, where, "v_cache");
+  check_argument(layout.num_heads == 1 || a.out_stride_head >= layout.head_dim, where,
+                 "out_stride_head", a.out_stride_head, ">= head_dim (", layout.head_dim, ")");
+  check_argument(a.out_stride_token >= 0, where, "out_stride_token", a.out_stride_token, ">= 0");
+}
+
+/// Copies the sequence's tokens 0..num_tokens-1 out of the cache (CPU).
+/// Throws kvkit::Error on invalid arguments or a page id outside
+/// [0, num_pages), before writing anything.
+inline void gather_kv(const PagedKVLayout& layout, const GatherKVArgs& a) {
+  constexpr const char* kWhere = "kvkit::gather_kv";
+  validate_gather_kv(layout, a, kWhere);
+  const std::int64_t n_pages = (a.num_tokens + layout.page_size - 1) / layout.page_size;
+  for (std::int64_t i = 0; i < n_pages; ++i) {
+    if (a.pages[i] < 0 || a.pages[i] >= layout.num_pages) {
+      fail(kWhere, "argument 'pages' has pages[", i, "] = ", a.pages[i],
+           ": expected a page id in [0, ", layout.num_pages, ")");
+    }
+  }
+  const std::int64_t es = std::int64_t(dtype_size(a.dtype));
+  const std::size_t row = std::size_t(layout.head_dim * es);
+  for (int which = 0; which < 2; ++which) {
+    const auto* cache = static_cast<const unsigned char*>(which == 0 ? a.k_cache : a.v_cache);
+    auto* out = static_cast<unsigned char*>(which == 0 ? a.key_out : a.value_out);
+    if (cache == nullptr) continue;
+    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+      const std::int64_t slot = token_slot(a.pages, t, layout.page_shift);
+      for (std::int64_t h = 0; h < layout.num_heads; ++h) {
+        std::memcpy(out + (t * a.out_stride_token + h * a.out_stride_head) * es,
+                    cache + layout.slot_offset(slot, h) * es, row);
+      }
+    }
+  }
+}
+
+}  // namespace kvkit

@@ -1,0 +1,249 @@
+#pragma once
+/// @file quantize.hpp
+/// Quantize-on-append to fp8 (e4m3, e5m2) or int8 KV caches, and the matching
+/// dequantize, on the CPU. The CUDA kernels (kvkit/cuda/quantize.cuh) take the
+/// same argument structs and produce the same bytes.
+///
+/// stored = Q(x / scale), dequantized = float(stored) * scale, where Q is
+///   e4m3 / e5m2: round to nearest even, saturating to ±448 / ±57344 (±inf
+///                saturates too), NaN -> NaN (0x7F), ±0 keeps its sign;
+///   int8:        round to nearest even, clamped to [-127, 127], NaN -> 0,
+///                ±0 -> 0 (int8 has no -0).
+/// Scales (kvkit/layout/kv_scales.hpp): per tensor or per head (static, read
+/// from the caller's float array) or per (token, head) (dynamic: amax of the
+/// finite |x| of the head row / max representable, 1 when that is 0; written
+/// to a float array [num_slots, num_heads] beside the cache).
+///
+/// Error bounds for |x| <= max_representable * scale (beyond it the value
+/// saturates to ±max * scale), with float rounding of the division and the
+/// dequantizing product adding at most 2 ulp of float:
+///   e4m3: |deq - x| <= max(2^-4 |x|, 2^-10 scale)   (3 mantissa bits, subnormals 2^-9)
+///   e5m2: |deq - x| <= max(2^-3 |x|, 2^-17 scale)   (2 mantissa bits, subnormals 2^-16)
+///   int8: |deq - x| <= scale / 2
+/// With per-(token, head) scales nothing saturates, so the bound holds for
+/// every finite input. The scale must be explicit: vLLM's default of 1.0 for
+/// fp8 silently saturates activations above 448.
+
+#include <cmath>
+#include <cstdint>
+
+#include "kvkit/core/dtype.hpp"
+#include "kvkit/core/error.hpp"
+#include "kvkit/layout/kv_scales.hpp"
+#include "kvkit/layout/page_table.hpp"
+#include "kvkit/layout/paged_kv_layout.hpp"
+#include "kvkit/ops/append.hpp"
+
+namespace kvkit {
+
+/// Stored byte of x / scale in `cache_dtype` (fp8 e4m3, fp8 e5m2 or int8).
+KVKIT_HOST_DEVICE inline std::uint8_t quantize_value(float x, float scale, DType cache_dtype) {
+  const float v = x / scale;
+  if (cache_dtype == DType::kFloat8E4M3) return float_to_e4m3_bits(v);
+  if (cache_dtype == DType::kFloat8E5M2) return float_to_e5m2_bits(v);
+  if (!(v == v)) return 0;  // NaN
+  const float c = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+#if KVKIT_DEVICE_CODE
+  const float r = rintf(c);
+#else
+  const float r = std::nearbyint(c);  // default rounding mode: nearest even
+#endif
+  return std::uint8_t(std::int8_t(r));
+}
+
+/// float(stored) * scale.
+KVKIT_HOST_DEVICE inline float dequantize_value(std::uint8_t stored, float scale,
+                                                DType cache_dtype) {
+  const float v = cache_dtype == DType::kFloat8E4M3   ? e4m3_bits_to_float(stored)
+                  : cache_dtype == DType::kFloat8E5M2 ? e5m2_bits_to_float(stored)
+                                                      : float(std::int8_t(stored));
+  return v * scale;
+}
+
+/// Dynamic per-(token, head) scale from the largest finite |x| of a row:
+/// amax / max_representable, or 1 when that is 0 (all zeros or non-finite).
+KVKIT_HOST_DEVICE inline float dynamic_scale(float amax, DType cache_dtype) {
+  const float s = amax / quantized_max(cache_dtype);
+  return s > 0.0f ? s : 1.0f;
+}
+
+/// Folds |x| into a running max of finite magnitudes (NaN and inf ignored).
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float fold_amax(float amax, float x) {
+  const float a = x < 0.0f ? -x : x;
+  return (a <= 3.402823466e38f && a > amax) ? a : amax;
+}
+
+namespace detail {
+template <class T>
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float load_as_float(const void* p, std::int64_t i) {
+  return float(static_cast<const T*>(p)[i]);
+}
+/// Element i of a float32 / float16 / bfloat16 array as float.
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float load_float(const void* p, std::int64_t i, DType t) {
+  return t == DType::kFloat32   ? static_cast<const float*>(p)[i]
+         : t == DType::kFloat16 ? load_as_float<half>(p, i)
+                                : load_as_float<bfloat16>(p, i);
+}
+}  // namespace detail
+
+/// Arguments of quantize_append_kv: append_kv's, plus the scales.
+struct QuantizeAppendArgs {
+  const void* key = nullptr;                  ///< [num_tokens, num_heads, head_dim]
+  const void* value = nullptr;                ///< [num_tokens, num_heads, head_dim]
+  std::int64_t key_stride_token = 0, key_stride_head = 0;      ///< elements
+  std::int64_t value_stride_token = 0, value_stride_head = 0;  ///< elements
+  const std::int64_t* slot_mapping = nullptr; ///< [num_tokens]; < 0: padding
+  std::int64_t num_tokens = 0;
+  void* k_cache = nullptr;                    ///< 1-byte elements, laid out by the layout
+  void* v_cache = nullptr;
+  DType src_dtype = DType::kBFloat16;         ///< float32, float16 or bfloat16
+  DType cache_dtype = DType::kFloat8E4M3;     ///< float8_e4m3, float8_e5m2 or int8
+  ScaleGranularity granularity = ScaleGranularity::kPerTensor;
+  const float* k_scale = nullptr;  ///< kPerTensor: [1]; kPerHead: [num_heads]
+  const float* v_scale = nullptr;
+  float* k_scale_cache = nullptr;  ///< kPerTokenHead: [num_slots, num_heads], written
+  float* v_scale_cache = nullptr;
+};
+
+/// Validates what does not need to read device memory (shared with CUDA).
+template <class Layout>
+void validate_quantize_append(const Layout& layout, const QuantizeAppendArgs& a,
+                              const char* where) {
+  layout.validate(where);
+  check_argument(a.src_dtype == DType::kFloat32 || a.src_dtype == DType::kFloat16 ||
+                     a.src_dtype == DType::kBFloat16,
+                 where, "src_dtype", a.src_dtype, "float32, float16 or bfloat16");
+  check_argument(is_quantized_cache_dtype(a.cache_dtype), where, "cache_dtype", a.cache_dtype,
+                 "float8_e4m3, float8_e5m2 or int8");
+  check_argument(a.num_tokens >= 0, where, "num_tokens", a.num_tokens, ">= 0");
+  const bool used = a.num_tokens > 0;
+  detail::check_pointer(a.key, used, a.src_dtype, where, "key");
+  detail::check_pointer(a.value, used, a.src_dtype, where, "value");
+  detail::check_pointer(a.slot_mapping, used, DType::kInt64, where, "slot_mapping");
+  detail::check_pointer(a.k_cache, used, a.cache_dtype, where, "k_cache");
+  detail::check_pointer(a.v_cache, used, a.cache_dtype, where, "v_cache");
+  const bool dynamic = a.granularity == ScaleGranularity::kPerTokenHead;
+  detail::check_pointer(a.k_scale, used && !dynamic, DType::kFloat32, where, "k_scale");
+  detail::check_pointer(a.v_scale, used && !dynamic, DType::kFloat32, where, "v_scale");
+  detail::check_pointer(a.k_scale_cache, used && dynamic, DType::kFloat32, where, "k_scale_cache");
+  detail::check_pointer(a.v_scale_cache, used && dynamic, DType::kFloat32, where, "v_scale_cache");
+  const std::int64_t hd = layout.head_dim;
+  check_argument(layout.num_heads == 1 || a.key_stride_head >= hd, where, "key_stride_head",
+                 a.key_stride_head, ">= head_dim (", hd, ")");
+  check_argument(layout.num_heads == 1 || a.value_stride_head >= hd, where, "value_stride_head",
+                 a.value_stride_head, ">= head_dim (", hd, ")");
+}
+
+/// Quantizes each token's K/V rows into the caches at its slot (CPU).
+/// Throws kvkit::Error on invalid arguments, a slot >= num_slots, or a
+/// static scale that is not finite and > 0, before writing anything.
+template <class Layout>
+void quantize_append_kv(const Layout& layout, const QuantizeAppendArgs& a) {
+  constexpr const char* kWhere = "kvkit::quantize_append_kv";
+  validate_quantize_append(layout, a, kWhere);
+  detail::check_slots(a.slot_mapping, a.num_tokens, layout.num_slots(), kWhere);
+  const std::int64_t heads = layout.num_heads, hd = layout.head_dim;
+  if (a.granularity != ScaleGranularity::kPerTokenHead && a.num_tokens > 0) {
+    const std::int64_t n = a.granularity == ScaleGranularity::kPerHead ? heads : 1;
+    for (std::int64_t i = 0; i < n; ++i) {
+      for (const float* s : {a.k_scale, a.v_scale}) {
+        if (!(s[i] > 0.0f && s[i] <= 3.402823466e38f)) {
+          fail(kWhere, "scale[", i, "] = ", s[i], ": expected a finite scale > 0");
+        }
+      }
+    }
+  }
+  for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+    const std::int64_t slot = a.slot_mapping[t];
+    if (slot < 0) continue;
+    for (int which = 0; which < 2; ++which) {
+      const void* src = which ? a.value : a.key;
+      const std::int64_t st = which ? a.value_stride_token : a.key_stride_token;
+      const std::int64_t sh = which ? a.value_stride_head : a.key_stride_head;
+      auto* cache = static_cast<std::uint8_t*>(which ? a.v_cache : a.k_cache);
+      for (std::int64_t h = 0; h < heads; ++h) {
+        const std::int64_t base = t * st + h * sh;
+        float scale;
+        if (a.granularity == ScaleGranularity::kPerTokenHead) {
+          float amax = 0.0f;
+          for (std::int64_t d = 0; d < hd; ++d) amax = fold_amax(amax, detail::load_float(src, base + d, a.src_dtype));
+          scale = dynamic_scale(amax, a.cache_dtype);
+          (which ? a.v_scale_cache : a.k_scale_cache)[slot * heads + h] = scale;
+        } else {
+          scale = (which ? a.v_scale : a.k_scale)[scale_index(a.granularity, slot, h, heads)];
+        }
+        std::uint8_t* row = cache + layout.slot_offset(slot, h);
+        for (std::int64_t d = 0; d < hd; ++d) {
+          row[d] = quantize_value(detail::load_float(src, base + d, a.src_dtype), scale, a.cache_dtype);
+        }
+      }
+    }
+  }
+}
+
+/// Arguments of dequantize_gather_kv: a sequence's quantized K/V, by page
+/// list, into float32 [num_tokens, num_heads, head_dim].
+struct DequantizeGatherArgs {
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  const std::int32_t* pages = nullptr;  ///< [ceil(num_tokens / page_size)]
+  std::int64_t num_tokens = 0;
+  float* key_out = nullptr;
+  float* value_out = nullptr;
+  std::int64_t out_stride_token = 0, out_stride_head = 0;  ///< elements
+  DType cache_dtype = DType::kFloat8E4M3;
+  ScaleGranularity granularity = ScaleGranularity::kPerTensor;
+  const float* k_scale = nullptr;  ///< [1], [num_heads] or [num_slots, num_heads] by granularity
+  const float* v_scale = nullptr;
+};
+
+/// Validates what does not need to read device memory (shared with CUDA).
+inline void validate_dequantize_gather(const PagedKVLayout& layout, const DequantizeGatherArgs& a,
+                                       const char* where) {
+  layout.validate(where);
+  check_argument(is_quantized_cache_dtype(a.cache_dtype), where, "cache_dtype", a.cache_dtype,
+                 "float8_e4m3, float8_e5m2 or int8");
+  check_argument(a.num_tokens >= 0, where, "num_tokens", a.num_tokens, ">= 0");
+  const bool used = a.num_tokens > 0;
+  for (const void* p : {a.k_cache, a.v_cache}) {
+    detail::check_pointer(p, used, a.cache_dtype, where, p == a.k_cache ? "k_cache" : "v_cache");
+  }
+  detail::check_pointer(a.pages, used, DType::kInt32, where, "pages");
+  detail::check_pointer(a.key_out, used, DType::kFloat32, where, "key_out");
+  detail::check_pointer(a.value_out, used, DType::kFloat32, where, "value_out");
+  detail::check_pointer(a.k_scale, used, DType::kFloat32, where, "k_scale");
+  detail::check_pointer(a.v_scale, used, DType::kFloat32, where, "v_scale");
+  check_argument(layout.num_heads == 1 || a.out_stride_head >= layout.head_dim, where,
+                 "out_stride_head", a.out_stride_head, ">= head_dim (", layout.head_dim, ")");
+}
+
+/// Dequantizes a sequence's K/V into float32 (CPU). Throws kvkit::Error on
+/// invalid arguments or a page id outside [0, num_pages).
+inline void dequantize_gather_kv(const PagedKVLayout& layout, const DequantizeGatherArgs& a) {
+  constexpr const char* kWhere = "kvkit::dequantize_gather_kv";
+  validate_dequantize_gather(layout, a, kWhere);
+  const std::int64_t n_pages = (a.num_tokens + layout.page_size - 1) / layout.page_size;
+  for (std::int64_t i = 0; i < n_pages; ++i) {
+    if (a.pages[i] < 0 || a.pages[i] >= layout.num_pages) {
+      fail(kWhere, "argument 'pages' has pages[", i, "] = ", a.pages[i],
+           ": expected a page id in [0, ", layout.num_pages, ")");
+    }
+  }
+  const std::int64_t heads = layout.num_heads;
+  for (int which = 0; which < 2; ++which) {
+    const auto* cache = static_cast<const std::uint8_t*>(which ? a.v_cache : a.k_cache);
+    const float* scales = which ? a.v_scale : a.k_scale;
+    float* out = which ? a.value_out : a.key_out;
+    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+      const std::int64_t slot = token_slot(a.pages, t, layout.page_shift);
+      for (std::int64_t h = 0; h < heads; ++h) {
+        const float scale = scales[scale_index(a.granularity, slot, h, heads)];
+        const std::uint8_t* row = cache + layout.slot_offset(slot, h);
+        float* o = out + t * a.out_stride_token + h * a.out_stride_head;
+        for (std::int64_t d = 0; d < layout.head_dim; ++d) o[d] = dequantize_value(row[d], scale, a.cache_dtype);
+      }
+    }
+  }
+}
+
+}  // namespace kvkit
