@@ -1,0 +1,179 @@
+#pragma once
+/// @file attention_decode.hpp
+/// Decode attention over a paged KV cache on the CPU: MHA, GQA and MQA,
+/// q_len >= 1 with causal offsets, sliding window with sinks, logit soft-cap,
+/// a key range for split-KV, and the log-sum-exp output that merge_states
+/// combines. Each KV head is read once for all of its query heads.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kvkit/core/dispatch.hpp"
+#include "kvkit/core/error.hpp"
+#include "kvkit/ops/attention_params.hpp"
+#include "kvkit/ops/attention_state.hpp"
+
+namespace kvkit {
+
+namespace detail {
+
+/// Keys per tile: scores of a tile are computed before the softmax rescale,
+/// so the rescale costs one pass per tile rather than per key.
+constexpr int kDecodeTile = 32;
+
+inline void validate_decode_params(const PagedDecodeParams& p, const char* where) {
+  p.layout.validate(where);
+  const std::int64_t kv_heads = p.layout.num_heads;
+  const std::int64_t head_dim = p.layout.head_dim;
+  check_argument(p.q_len >= 1, where, "q_len", p.q_len, ">= 1");
+  check_argument(p.num_q_heads > 0 && p.num_q_heads % kv_heads == 0, where, "num_q_heads",
+                 p.num_q_heads, "a positive multiple of the kv heads (", kv_heads, ")");
+  check_argument(std::isfinite(p.sm_scale) && p.sm_scale > 0.0f, where, "sm_scale", p.sm_scale,
+                 "a finite value > 0 (usually head_dim^-0.5)");
+  check_argument(p.window >= 0, where, "window", p.window, ">= 0 (0: no window)");
+  check_argument(p.num_sinks >= 0, where, "num_sinks", p.num_sinks, ">= 0");
+  check_argument(p.logit_softcap >= 0.0f, where, "logit_softcap", p.logit_softcap,
+                 ">= 0 (0: no soft-cap)");
+  check_argument(p.kv_begin >= 0 && p.kv_begin <= p.kv_end, where, "kv_begin", p.kv_begin,
+                 ">= 0 and <= kv_end (", p.kv_end, ")");
+  validate_page_table(p.page_table, p.layout.page_size, p.layout.num_pages);
+  const std::int64_t rows = p.page_table.batch_size * p.q_len;
+  if (rows == 0) return;
+  check_argument(p.q != nullptr, where, "q", p.q, "a non-null pointer");
+  check_argument(p.o != nullptr, where, "o", p.o, "a non-null pointer");
+  check_argument(p.k_cache != nullptr, where, "k_cache", p.k_cache, "a non-null pointer");
+  check_argument(p.v_cache != nullptr, where, "v_cache", p.v_cache, "a non-null pointer");
+  check_argument(p.q_stride_head >= head_dim, where, "q_stride_head", p.q_stride_head,
+                 ">= head_dim (", head_dim, ")");
+  check_argument(p.q_stride_token >= p.num_q_heads * p.q_stride_head || rows == 1, where,
+                 "q_stride_token", p.q_stride_token, ">= num_q_heads * q_stride_head (",
+                 p.num_q_heads * p.q_stride_head, ")");
+  check_argument(p.o_stride_head >= head_dim, where, "o_stride_head", p.o_stride_head,
+                 ">= head_dim (", head_dim, ")");
+  check_argument(p.o_stride_token >= p.num_q_heads * p.o_stride_head || rows == 1, where,
+                 "o_stride_token", p.o_stride_token, ">= num_q_heads * o_stride_head (",
+                 p.num_q_heads * p.o_stride_head, ")");
+  for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
+    if (p.page_table.seq_len(b) < p.q_len) {
+      fail(where, "sequence ", b, " has seq_len ", p.page_table.seq_len(b), " < q_len (", p.q_len,
+           "); expected the new tokens to be in the cache already");
+    }
+  }
+  dispatch_dtype<FloatTypes>(p.q_dtype, where, "q_dtype", [](auto) {});
+  dispatch_dtype<FloatTypes>(p.kv_dtype, where, "kv_dtype", [](auto) {});
+}
+
+/// All query rows (q_len tokens x group heads) of one (sequence, kv head).
+template <class QT, class KVT>
+void decode_one_kv_head(const PagedDecodeParams& p, std::int64_t b, std::int64_t kv_head,
+                        std::vector<float>& scratch) {
+  const int head_dim = int(p.layout.head_dim);
+  const int group = p.num_q_heads / int(p.layout.num_heads);
+  const int rows = p.q_len * group;  // row r: token r / group, q head kv_head * group + r % group
+  const std::int64_t seq_len = p.page_table.seq_len(b);
+  const std::int32_t* pages = p.page_table.pages(b);
+
+  scratch.assign(std::size_t(rows) * head_dim * 2 + 2 * kDecodeTile * std::size_t(head_dim) +
+                     std::size_t(rows) * kDecodeTile, 0.0f);
+  float* q = scratch.data();                      // [rows, head_dim]
+  float* acc = q + std::size_t(rows) * head_dim;  // [rows, head_dim]
+  float* k_tile = acc + std::size_t(rows) * head_dim;
+  float* v_tile = k_tile + kDecodeTile * std::size_t(head_dim);
+  float* scores = v_tile + kDecodeTile * std::size_t(head_dim);  // [rows, tile]
+  std::vector<OnlineSoftmax> softmax(static_cast<std::size_t>(rows));
+  std::vector<std::int64_t> q_pos(static_cast<std::size_t>(rows));
+
+  const QT* q_base = static_cast<const QT*>(p.q);
+  for (int r = 0; r < rows; ++r) {
+    const std::int64_t t = b * p.q_len + r / group;
+    const std::int64_t h = kv_head * group + r % group;
+    const QT* src = q_base + t * p.q_stride_token + h * p.q_stride_head;
+    for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * head_dim + d] = to_float(src[d]);
+    q_pos[r] = seq_len - p.q_len + r / group;
+  }
+
+  const std::int64_t first = std::max<std::int64_t>(p.kv_begin, 0);
+  const std::int64_t last = std::min<std::int64_t>(p.kv_end, seq_len);  // exclusive
+  // With a window, keys in [num_sinks, earliest) are invisible to every row.
+  const std::int64_t earliest = p.window > 0 ? seq_len - p.q_len - p.window + 1 : 0;
+  const KVT* k_cache = static_cast<const KVT*>(p.k_cache);
+  const KVT* v_cache = static_cast<const KVT*>(p.v_cache);
+  for (std::int64_t start = first; start < last; start += kDecodeTile) {
+    const int n = int(std::min<std::int64_t>(kDecodeTile, last - start));
+    if (start >= p.num_sinks && start + n <= earliest) continue;
+    for (int j = 0; j < n; ++j) {
+      const std::int64_t off = p.layout.slot_offset(token_slot(pages, start + j, p.layout.page_shift), kv_head);
+      const KVT* k_row = k_cache + off;
+      const KVT* v_row = v_cache + off;
+      float* kd = k_tile + std::size_t(j) * head_dim;
+      float* vd = v_tile + std::size_t(j) * head_dim;
+      for (int d = 0; d < head_dim; ++d) kd[d] = to_float(k_row[d]);
+      for (int d = 0; d < head_dim; ++d) vd[d] = to_float(v_row[d]);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + std::size_t(r) * head_dim;
+      float* sr = scores + std::size_t(r) * kDecodeTile;
+      float block_max = -INFINITY;
+      for (int j = 0; j < n; ++j) {
+        if (!attention_visible(p, q_pos[r], start + j)) {
+          sr[j] = -INFINITY;
+          continue;
+        }
+        const float* kd = k_tile + std::size_t(j) * head_dim;
+        float dot = 0.0f;
+        for (int d = 0; d < head_dim; ++d) dot += qr[d] * kd[d];
+        sr[j] = attention_logit(p, dot);
+        block_max = std::max(block_max, sr[j]);
+      }
+      if (block_max == -INFINITY) continue;
+      float* ar = acc + std::size_t(r) * head_dim;
+      const float factor = softmax[r].rescale_for(block_max);
+      for (int d = 0; d < head_dim; ++d) ar[d] *= factor;
+      for (int j = 0; j < n; ++j) {
+        if (sr[j] == -INFINITY) continue;
+        const float w = expf(sr[j] - softmax[r].max);
+        softmax[r].sum += w;
+        const float* vd = v_tile + std::size_t(j) * head_dim;
+        for (int d = 0; d < head_dim; ++d) ar[d] += w * vd[d];
+      }
+    }
+  }
+
+  QT* o_base = static_cast<QT*>(p.o);
+  for (int r = 0; r < rows; ++r) {
+    const std::int64_t t = b * p.q_len + r / group;
+    const std::int64_t h = kv_head * group + r % group;
+    QT* dst = o_base + t * p.o_stride_token + h * p.o_stride_head;
+    const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
+    for (int d = 0; d < head_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * head_dim + d] * inv);
+    if (p.lse != nullptr) p.lse[t * p.num_q_heads + h] = softmax[r].lse();
+  }
+}
+
+}  // namespace detail
+
+/// Decode attention on the CPU (see PagedDecodeParams). Writes o and, if
+/// requested, lse for every query row; a row that sees no key (e.g. its keys
+/// lie outside [kv_begin, kv_end)) gets o = 0 and lse = −inf, which
+/// merge_states treats as empty. Throws kvkit::Error before writing anything
+/// on bad input (shapes, strides, page table, dtypes).
+inline void paged_decode_attention(const PagedDecodeParams& p) {
+  constexpr const char* kWhere = "kvkit::paged_decode_attention";
+  detail::validate_decode_params(p, kWhere);
+  dispatch_dtype<FloatTypes>(p.q_dtype, kWhere, "q_dtype", [&](auto qtag) {
+    dispatch_dtype<FloatTypes>(p.kv_dtype, kWhere, "kv_dtype", [&](auto kvtag) {
+      using QT = typename decltype(qtag)::type;
+      using KVT = typename decltype(kvtag)::type;
+      std::vector<float> scratch;
+      for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
+        for (std::int64_t h = 0; h < p.layout.num_heads; ++h) {
+          detail::decode_one_kv_head<QT, KVT>(p, b, h, scratch);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace kvkit

@@ -1,0 +1,62 @@
+#pragma once
+/// @file attention_params.hpp
+/// Parameters of decode attention over a paged KV cache, shared by the CPU op
+/// (ops/attention_decode.hpp) and, later, the CUDA kernels, with the masking
+/// rule both use.
+
+#include <cstdint>
+
+#include "kvkit/core/config.hpp"
+#include "kvkit/core/dtype.hpp"
+#include "kvkit/layout/page_table.hpp"
+#include "kvkit/layout/paged_kv_layout.hpp"
+
+namespace kvkit {
+
+/// Decode attention: each of `batch_size` sequences has `q_len` new query
+/// tokens (1 for plain decode, up to 8 for speculative decoding) whose K/V are
+/// already in the cache; they are the last q_len of the sequence's
+/// page_table.seq_len(b) tokens. Query token i of sequence b sits at position
+/// seq_len - q_len + i and attends causally to keys at positions <= its own.
+///
+/// Query rows are numbered t = b * q_len + i. Element (t, head, dim) of q is at
+/// q[t * q_stride_token + head * q_stride_head + dim]; o likewise.
+struct PagedDecodeParams {
+  const void* q = nullptr;          ///< [batch * q_len, num_q_heads, head_dim]
+  std::int64_t q_stride_token = 0;
+  std::int64_t q_stride_head = 0;
+  const void* k_cache = nullptr;    ///< paged K, addressed by `layout`
+  const void* v_cache = nullptr;    ///< paged V, addressed by `layout`
+  PagedKVLayout layout{};           ///< num_heads = kv heads, head_dim = head_dim
+  PaddedPageTable page_table{};     ///< batch_size rows; seq_lens include the new tokens
+  int q_len = 1;
+  int num_q_heads = 0;              ///< a multiple of layout.num_heads (GQA/MQA)
+  float sm_scale = 0.0f;            ///< usually head_dim^-0.5
+  int window = 0;                   ///< > 0: attend to the last `window` positions only
+  int num_sinks = 0;                ///< with a window: the first num_sinks positions stay visible
+  float logit_softcap = 0.0f;       ///< > 0: scores become cap * tanh(score / cap) (Gemma-2)
+  std::int64_t kv_begin = 0;        ///< only keys at positions in [kv_begin, kv_end) are
+  std::int64_t kv_end = INT64_MAX;  ///<   attended (split-KV); merge the parts with merge_states
+  void* o = nullptr;                ///< [batch * q_len, num_q_heads, head_dim], dtype q_dtype
+  std::int64_t o_stride_token = 0;
+  std::int64_t o_stride_head = 0;
+  float* lse = nullptr;             ///< optional [batch * q_len, num_q_heads], natural log
+  DType q_dtype = DType::kFloat32;  ///< of q and o: float32, float16, bfloat16
+  DType kv_dtype = DType::kFloat32; ///< of the cache: float32, float16, bfloat16
+};
+
+/// Whether the query at `q_pos` attends to the key at `k_pos`.
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE bool attention_visible(const PagedDecodeParams& p,
+                                                           std::int64_t q_pos,
+                                                           std::int64_t k_pos) {
+  if (k_pos > q_pos || k_pos < p.kv_begin || k_pos >= p.kv_end) return false;
+  return p.window <= 0 || k_pos > q_pos - p.window || k_pos < p.num_sinks;
+}
+
+/// Score after scaling and the optional soft-cap.
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float attention_logit(const PagedDecodeParams& p, float dot) {
+  const float s = dot * p.sm_scale;
+  return p.logit_softcap > 0.0f ? p.logit_softcap * tanhf(s / p.logit_softcap) : s;
+}
+
+}  // namespace kvkit

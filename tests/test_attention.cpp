@@ -1,0 +1,393 @@
+// Decode attention over a paged cache and the merge of partial states, against
+// a float64 reference (plain loops, softmax in double).
+// Tolerances (relative to the largest |v|): fp32 1e-5, fp16 2e-3, bf16 1e-2.
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kvkit/ops/attention_decode.hpp"
+#include "kvkit/ops/merge_states.hpp"
+
+using Catch::Matchers::Contains;
+using kvkit::PagedDecodeParams;
+using kvkit::PagedKVLayout;
+
+namespace {
+
+template <class T> double tolerance();
+template <> double tolerance<float>() { return 1e-5; }
+template <> double tolerance<kvkit::half>() { return 2e-3; }
+template <> double tolerance<kvkit::bfloat16>() { return 1e-2; }
+
+struct DecodeCase {
+  int head_dim = 128;
+  int q_heads = 8;
+  int kv_heads = 2;
+  int page_size = 16;
+  std::vector<int> seq_lens{1};
+  int q_len = 1;
+  int window = 0;
+  int sinks = 0;
+  float softcap = 0.0f;
+  bool hnd = false;
+};
+
+// A paged cache with the sequences' pages scattered over a shuffled pool;
+// every slot no sequence owns holds NaN, so reading one would show.
+template <class QT, class KVT>
+struct DecodeProblem {
+  DecodeCase c;
+  PagedKVLayout layout;
+  std::vector<KVT> k, v;
+  std::vector<std::int32_t> block_table, seq_lens;
+  std::int64_t max_blocks = 0;
+  std::vector<QT> q, o;
+  std::vector<float> lse;
+  static constexpr int kPad = 3;  // o rows are padded; the padding must stay untouched
+
+  DecodeProblem(const DecodeCase& cs, std::uint64_t seed) : c(cs) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal;
+    std::int64_t pages_needed = 0;
+    for (int len : c.seq_lens) {
+      const std::int64_t n = (len + c.page_size - 1) / c.page_size;
+      pages_needed += n;
+      max_blocks = std::max(max_blocks, n);
+    }
+    const std::int64_t num_pages = pages_needed + 3;
+    layout = c.hnd ? PagedKVLayout::hnd(num_pages, c.page_size, c.kv_heads, c.head_dim)
+                   : PagedKVLayout::nhd(num_pages, c.page_size, c.kv_heads, c.head_dim);
+    const KVT nan = kvkit::from_float<KVT>(std::numeric_limits<float>::quiet_NaN());
+    k.assign(std::size_t(num_pages * layout.page_elements()), nan);
+    v = k;
+    std::vector<std::int32_t> pool(static_cast<std::size_t>(num_pages));
+    std::iota(pool.begin(), pool.end(), 0);
+    std::shuffle(pool.begin(), pool.end(), rng);
+    block_table.assign(std::size_t(c.seq_lens.size() * max_blocks), -1);
+    std::size_t next = 0;
+    for (std::size_t b = 0; b < c.seq_lens.size(); ++b) {
+      seq_lens.push_back(c.seq_lens[b]);
+      for (int t = 0; t < c.seq_lens[b]; ++t) {
+        if (t % c.page_size == 0) block_table[b * max_blocks + t / c.page_size] = pool[next++];
+        const std::int64_t slot = std::int64_t(block_table[b * max_blocks + t / c.page_size]) * c.page_size + t % c.page_size;
+        for (int h = 0; h < c.kv_heads; ++h) {
+          for (int d = 0; d < c.head_dim; ++d) {
+            k[layout.slot_offset(slot, h) + d] = kvkit::from_float<KVT>(normal(rng));
+            v[layout.slot_offset(slot, h) + d] = kvkit::from_float<KVT>(normal(rng));
+          }
+        }
+      }
+    }
+    const std::int64_t rows = std::int64_t(c.seq_lens.size()) * c.q_len;
+    q.resize(std::size_t(rows * c.q_heads * c.head_dim));
+    for (auto& x : q) x = kvkit::from_float<QT>(normal(rng));
+    o.assign(std::size_t(rows * c.q_heads * (c.head_dim + kPad)), kvkit::from_float<QT>(-777.0f));
+    lse.assign(std::size_t(rows * c.q_heads), -777.0f);
+  }
+
+  PagedDecodeParams params() {
+    PagedDecodeParams p;
+    p.q = q.data();
+    p.q_stride_head = c.head_dim;
+    p.q_stride_token = std::int64_t(c.q_heads) * c.head_dim;
+    p.k_cache = k.data();
+    p.v_cache = v.data();
+    p.layout = layout;
+    p.page_table.block_table = block_table.data();
+    p.page_table.seq_lens = seq_lens.data();
+    p.page_table.batch_size = std::int64_t(seq_lens.size());
+    p.page_table.max_blocks = max_blocks;
+    p.page_table.stride_batch = max_blocks;
+    p.q_len = c.q_len;
+    p.num_q_heads = c.q_heads;
+    p.sm_scale = float(1.0 / std::sqrt(double(c.head_dim)));
+    p.window = c.window;
+    p.num_sinks = c.sinks;
+    p.logit_softcap = c.softcap;
+    p.o = o.data();
+    p.o_stride_head = c.head_dim + kPad;
+    p.o_stride_token = std::int64_t(c.q_heads) * (c.head_dim + kPad);
+    p.lse = lse.data();
+    p.q_dtype = kvkit::dtype_of<QT>;
+    p.kv_dtype = kvkit::dtype_of<KVT>;
+    return p;
+  }
+
+  // float64 reference for row (t, head): o and lse.
+  void reference(std::int64_t b, int i, int h, const PagedDecodeParams& p, std::vector<double>& out,
+                 double& out_lse) const {
+    const int group = c.q_heads / c.kv_heads;
+    const std::int64_t t = b * c.q_len + i;
+    const std::int64_t len = seq_lens[b];
+    const std::int64_t q_pos = len - c.q_len + i;
+    std::vector<double> scores;
+    std::vector<std::int64_t> keys;
+    for (std::int64_t kp = 0; kp < len; ++kp) {
+      if (!kvkit::attention_visible(p, q_pos, kp)) continue;
+      const std::int64_t slot = std::int64_t(block_table[b * max_blocks + kp / c.page_size]) * c.page_size + kp % c.page_size;
+      const std::int64_t off = layout.slot_offset(slot, h / group);
+      double dot = 0.0;
+      for (int d = 0; d < c.head_dim; ++d) {
+        dot += double(kvkit::to_float(q[(t * c.q_heads + h) * c.head_dim + d])) * double(kvkit::to_float(k[off + d]));
+      }
+      double s = dot * double(p.sm_scale);
+      if (c.softcap > 0) s = c.softcap * std::tanh(s / c.softcap);
+      scores.push_back(s);
+      keys.push_back(off);
+    }
+    out.assign(std::size_t(c.head_dim), 0.0);
+    if (scores.empty()) {
+      out_lse = -INFINITY;
+      return;
+    }
+    const double m = *std::max_element(scores.begin(), scores.end());
+    double sum = 0.0;
+    for (double s : scores) sum += std::exp(s - m);
+    for (std::size_t j = 0; j < scores.size(); ++j) {
+      const double w = std::exp(scores[j] - m) / sum;
+      for (int d = 0; d < c.head_dim; ++d) out[d] += w * double(kvkit::to_float(v[keys[j] + d]));
+    }
+    out_lse = m + std::log(sum);
+  }
+
+  // Runs the op and compares every row; checks the o padding is untouched.
+  void run_and_check() {
+    const PagedDecodeParams p = params();
+    kvkit::paged_decode_attention(p);
+    const double tol = std::max(tolerance<QT>(), tolerance<KVT>());
+    std::vector<double> ref;
+    double ref_lse;
+    for (std::size_t b = 0; b < seq_lens.size(); ++b) {
+      for (int i = 0; i < c.q_len; ++i) {
+        for (int h = 0; h < c.q_heads; ++h) {
+          reference(std::int64_t(b), i, h, p, ref, ref_lse);
+          const std::int64_t t = std::int64_t(b) * c.q_len + i;
+          const QT* row = o.data() + t * p.o_stride_token + h * p.o_stride_head;
+          double worst = 0.0;
+          for (int d = 0; d < c.head_dim; ++d) {
+            worst = std::max(worst, std::fabs(double(kvkit::to_float(row[d])) - ref[d]));
+          }
+          // |v| ~ N(0, 1): about 5 at most; use it as the scale of the error.
+          if (!(worst <= tol * 5.0)) {
+            FAIL("seq " << b << " (len " << seq_lens[b] << ") token " << i << " head " << h
+                        << ": max |o - ref| = " << worst);
+          }
+          const float got_lse = lse[std::size_t(t * c.q_heads + h)];
+          if (std::isinf(ref_lse)) {
+            REQUIRE(std::isinf(got_lse));
+          } else {
+            REQUIRE(std::fabs(got_lse - ref_lse) <= 1e-4 * std::max(1.0, std::fabs(ref_lse)));
+          }
+          for (int d = c.head_dim; d < c.head_dim + kPad; ++d) {
+            REQUIRE(kvkit::to_float(row[d]) == kvkit::to_float(kvkit::from_float<QT>(-777.0f)));
+          }
+        }
+      }
+    }
+  }
+};
+
+template <class QT, class KVT>
+void check_matrix() {
+  std::uint64_t seed = 100;
+  for (int head_dim : {64, 96, 128, 256}) {
+    for (int group : {1, 4, 8, 16}) {
+      for (int page_size : {1, 16, 64}) {
+        DecodeCase c;
+        c.head_dim = head_dim;
+        c.kv_heads = 2;
+        c.q_heads = 2 * group;
+        c.page_size = page_size;
+        c.seq_lens = {1, 2, std::max(1, page_size - 1), page_size + 1, 300};
+        c.hnd = (seed % 2) == 0;
+        INFO("head_dim " << head_dim << " group " << group << " page_size " << page_size
+                         << (c.hnd ? " HND" : " NHD"));
+        DecodeProblem<QT, KVT>(c, seed++).run_and_check();
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("paged decode attention matches float64 for every head_dim, GQA ratio, page size and dtype") {
+  SECTION("fp32 q, fp32 kv") { check_matrix<float, float>(); }
+  SECTION("bf16 q, bf16 kv") { check_matrix<kvkit::bfloat16, kvkit::bfloat16>(); }
+  SECTION("fp16 q, fp16 kv") { check_matrix<kvkit::half, kvkit::half>(); }
+  SECTION("fp32 q, bf16 kv") { check_matrix<float, kvkit::bfloat16>(); }
+}
+
+TEST_CASE("paged decode attention handles long and wildly different sequence lengths") {
+  DecodeCase c;
+  c.head_dim = 64;
+  c.q_heads = 4;
+  c.kv_heads = 1;  // MQA
+  c.page_size = 16;
+  c.seq_lens = {33000, 1, 1000, 17};
+  DecodeProblem<float, float>(c, 7).run_and_check();
+}
+
+TEST_CASE("sliding window, sinks, soft-cap and q_len > 1 follow the masking rule") {
+  DecodeCase c;
+  c.head_dim = 96;
+  c.q_heads = 8;
+  c.kv_heads = 2;
+  c.page_size = 16;
+  c.seq_lens = {9, 200, 1000, 64};
+  SECTION("window") {
+    c.window = 50;
+    DecodeProblem<float, float>(c, 11).run_and_check();
+  }
+  SECTION("window with sinks") {
+    c.window = 50;
+    c.sinks = 4;
+    DecodeProblem<float, kvkit::bfloat16>(c, 12).run_and_check();
+  }
+  SECTION("soft-cap") {
+    c.softcap = 5.0f;  // small enough to bend the scores
+    DecodeProblem<float, float>(c, 13).run_and_check();
+  }
+  SECTION("speculative decoding: q_len 4, causal among the new tokens") {
+    c.q_len = 4;
+    DecodeProblem<float, float>(c, 14).run_and_check();
+    c.q_len = 8;
+    c.window = 30;
+    c.sinks = 2;
+    DecodeProblem<kvkit::bfloat16, kvkit::bfloat16>(c, 15).run_and_check();
+  }
+}
+
+TEST_CASE("split-KV: attending to two key ranges and merging equals attending to all") {
+  DecodeCase c;
+  c.head_dim = 128;
+  c.q_heads = 8;
+  c.kv_heads = 2;
+  c.page_size = 16;
+  c.seq_lens = {2, 40, 777, 2048};
+  c.q_len = 2;
+  DecodeProblem<float, float> full(c, 21);
+  full.run_and_check();
+  for (std::int64_t split : {0, 1, 33, 500, 5000}) {
+    DecodeProblem<float, float> part(c, 21);
+    PagedDecodeParams p = part.params();
+    std::vector<float> o_a(part.o.size()), lse_a(part.lse.size()), o_b(part.o.size()), lse_b(part.lse.size());
+    p.o_stride_head = c.head_dim;  // dense rows for merge_states
+    p.o_stride_token = std::int64_t(c.q_heads) * c.head_dim;
+    p.kv_end = split;
+    p.o = o_a.data();
+    p.lse = lse_a.data();
+    kvkit::paged_decode_attention(p);
+    p.kv_begin = split;
+    p.kv_end = INT64_MAX;
+    p.o = o_b.data();
+    p.lse = lse_b.data();
+    kvkit::paged_decode_attention(p);
+    const std::int64_t rows = std::int64_t(part.lse.size());
+    kvkit::merge_states(o_a.data(), lse_a.data(), o_b.data(), lse_b.data(), o_a.data(), lse_a.data(), rows, c.head_dim);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      REQUIRE(lse_a[r] == Approx(full.lse[r]).epsilon(1e-5));
+      for (int d = 0; d < c.head_dim; ++d) {
+        const float want = kvkit::to_float(full.o[r * (c.head_dim + full.kPad) + d]);
+        REQUIRE(std::fabs(o_a[r * c.head_dim + d] - want) <= 1e-5f);
+      }
+    }
+  }
+}
+
+TEST_CASE("merging states is associative and treats empty states as absent") {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  const int dim = 33, rows = 7;
+  std::vector<float> o[3], lse[3];
+  for (int s = 0; s < 3; ++s) {
+    o[s].resize(rows * dim);
+    lse[s].resize(rows);
+    for (auto& x : o[s]) x = normal(rng);
+    for (auto& x : lse[s]) x = 5.0f * normal(rng);
+  }
+  lse[2][3] = -INFINITY;  // an empty state
+  std::vector<float> ab_o(rows * dim), ab_lse(rows), left_o(rows * dim), left_lse(rows);
+  kvkit::merge_states(o[0].data(), lse[0].data(), o[1].data(), lse[1].data(), ab_o.data(), ab_lse.data(), rows, dim);
+  kvkit::merge_states(ab_o.data(), ab_lse.data(), o[2].data(), lse[2].data(), left_o.data(), left_lse.data(), rows, dim);
+  std::vector<float> bc_o(rows * dim), bc_lse(rows), right_o(rows * dim), right_lse(rows);
+  kvkit::merge_states(o[1].data(), lse[1].data(), o[2].data(), lse[2].data(), bc_o.data(), bc_lse.data(), rows, dim);
+  kvkit::merge_states(o[0].data(), lse[0].data(), bc_o.data(), bc_lse.data(), right_o.data(), right_lse.data(), rows, dim);
+  // And all three at once with the variable-length merge.
+  std::vector<float> all_o, all_lse;
+  std::vector<std::int64_t> indptr = {0};
+  for (int r = 0; r < rows; ++r) {
+    for (int s = 0; s < 3; ++s) {
+      all_o.insert(all_o.end(), o[s].begin() + r * dim, o[s].begin() + (r + 1) * dim);
+      all_lse.push_back(lse[s][r]);
+    }
+    indptr.push_back(indptr.back() + 3);
+  }
+  std::vector<float> var_o(rows * dim), var_lse(rows);
+  kvkit::merge_states_varlen(all_o.data(), all_lse.data(), indptr.data(), rows, dim, var_o.data(), var_lse.data());
+  for (int r = 0; r < rows; ++r) {
+    // float64 reference of the three-way merge.
+    const double m = std::max({double(lse[0][r]), double(lse[1][r]), double(lse[2][r])});
+    double sum = 0;
+    for (int s = 0; s < 3; ++s) sum += std::exp(double(lse[s][r]) - m);
+    CHECK(left_lse[r] == Approx(m + std::log(sum)).epsilon(1e-6));
+    CHECK(right_lse[r] == Approx(left_lse[r]).epsilon(1e-6));
+    CHECK(var_lse[r] == Approx(left_lse[r]).epsilon(1e-6));
+    for (int d = 0; d < dim; ++d) {
+      double want = 0;
+      for (int s = 0; s < 3; ++s) want += std::exp(double(lse[s][r]) - m) / sum * o[s][r * dim + d];
+      CHECK(std::fabs(left_o[r * dim + d] - want) <= 1e-5);
+      CHECK(std::fabs(right_o[r * dim + d] - want) <= 1e-5);
+      CHECK(std::fabs(var_o[r * dim + d] - want) <= 1e-5);
+    }
+  }
+  // Two empty states merge to an empty state, without NaN.
+  const float neg_inf = -INFINITY, zero = 0.0f;
+  float out_o = 1.0f, out_lse = 1.0f;
+  kvkit::merge_states(&zero, &neg_inf, &zero, &neg_inf, &out_o, &out_lse, 1, 1);
+  CHECK(out_o == 0.0f);
+  CHECK(std::isinf(out_lse));
+}
+
+TEST_CASE("bad decode attention input raises a clear error and writes nothing") {
+  DecodeCase c;
+  c.q_heads = 8;
+  c.kv_heads = 4;
+  c.seq_lens = {5, 9};
+  DecodeProblem<float, float> prob(c, 1);
+  PagedDecodeParams p = prob.params();
+  const std::vector<float> before = prob.o;
+  SECTION("kv heads do not divide q heads") {
+    p.num_q_heads = 6;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p),
+                      Contains("'num_q_heads' = 6: expected a positive multiple of the kv heads (4)"));
+  }
+  SECTION("sequence length beyond the table") {
+    prob.seq_lens[1] = 100;  // needs 7 pages; the table has 1 column
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("seq_lens"));
+  }
+  SECTION("q_len longer than the sequence") {
+    p.q_len = 6;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("sequence 0 has seq_len 5 < q_len (6)"));
+  }
+  SECTION("unsupported cache dtype") {
+    p.kv_dtype = kvkit::DType::kInt32;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("'kv_dtype' = int32"));
+  }
+  SECTION("null output") {
+    p.o = nullptr;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("'o' = nullptr"));
+  }
+  SECTION("zero scale") {
+    p.sm_scale = 0.0f;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("'sm_scale' = 0"));
+  }
+  CHECK(std::memcmp(prob.o.data(), before.data(), before.size() * sizeof(float)) == 0);
+}
