@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kvkit/ops/rope.hpp"
+#include "kvkit/ops/rope_append.hpp"
 
 using Catch::Matchers::Contains;
 using kvkit::RopeConfig;
@@ -338,4 +339,58 @@ TEST_CASE("bad rope input raises a clear error and changes nothing") {
     CHECK_THROWS_WITH(kvkit::rope_shift_keys(p), Contains("only keys are shifted"));
   }
   CHECK(k == before);
+}
+
+TEST_CASE("fused rope + append equals apply_rope then append_kv bit for bit") {
+  for (bool hnd : {false, true}) {
+    for (int page_size : {1, 16}) {
+      const RopeConfig cfg = RopeConfig::llama3_1();
+      const int q_heads = 8, kv_heads = 2, hd = cfg.head_dim, n = 37;
+      const kvkit::RopeCache cache(cfg, 4096);
+      const std::int64_t pages = 128 / page_size + 8;
+      const auto layout = hnd ? kvkit::PagedKVLayout::hnd(pages, page_size, kv_heads, hd)
+                              : kvkit::PagedKVLayout::nhd(pages, page_size, kv_heads, hd);
+      std::mt19937 rng(17);
+      std::normal_distribution<float> normal;
+      std::vector<kvkit::bfloat16> q(std::size_t(n * q_heads * hd)), key(std::size_t(n * kv_heads * hd)),
+          value(key.size());
+      for (auto* vec : {&q, &key, &value})
+        for (auto& x : *vec) x = kvkit::bfloat16(normal(rng));
+      std::vector<std::int64_t> positions(n), slots(n);
+      for (int t = 0; t < n; ++t) {
+        positions[t] = std::int64_t(rng() % 4096);
+        slots[t] = t % 5 == 3 ? -1 : std::int64_t(t * 2 + 1);  // some padding tokens
+      }
+      const kvkit::bfloat16 poison = kvkit::bfloat16::from_bits(0x7fc1);
+      std::vector<kvkit::bfloat16> kc_fused(std::size_t(pages * layout.page_elements()), poison), vc_fused(kc_fused);
+      std::vector<kvkit::bfloat16> kc_ref(kc_fused), vc_ref(kc_fused);
+
+      RopeParams rope;
+      rope.q = q.data(); rope.q_token_stride = q_heads * hd; rope.q_head_stride = hd; rope.num_q_heads = q_heads;
+      rope.positions = positions.data(); rope.num_tokens = n;
+      rope.head_dim = hd; rope.rotary_dim = cfg.rotary_dim; rope.style = cfg.style;
+      rope.dtype = kvkit::DType::kBFloat16;
+      cache.attach(rope);
+      std::vector<kvkit::bfloat16> q_ref = q, key_ref = key;
+      const std::vector<kvkit::bfloat16> key_before = key;
+
+      auto fused = kvkit::AppendKVArgs::dense(key.data(), value.data(), slots.data(), n, kv_heads, hd,
+                                              kc_fused.data(), vc_fused.data(), kvkit::DType::kBFloat16);
+      kvkit::rope_append_kv(rope, layout, fused);
+
+      RopeParams apart = rope;
+      apart.q = q_ref.data();
+      apart.k = key_ref.data(); apart.k_token_stride = kv_heads * hd; apart.k_head_stride = hd; apart.num_k_heads = kv_heads;
+      kvkit::apply_rope(apart);
+      kvkit::append_kv(layout, kvkit::AppendKVArgs::dense(key_ref.data(), value.data(), slots.data(), n, kv_heads, hd,
+                                                          kc_ref.data(), vc_ref.data(), kvkit::DType::kBFloat16));
+      const auto same = [](const std::vector<kvkit::bfloat16>& a, const std::vector<kvkit::bfloat16>& b) {
+        return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 2) == 0;
+      };
+      CHECK(same(q, q_ref));
+      CHECK(same(kc_fused, kc_ref));
+      CHECK(same(vc_fused, vc_ref));
+      CHECK(same(key, key_before));  // the key source is not modified
+    }
+  }
 }
