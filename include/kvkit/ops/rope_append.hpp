@@ -12,6 +12,42 @@
 
 namespace kvkit {
 
+namespace detail {
+
+/// The rotation of the keys, described as if applied in place to the cache
+/// (used to validate a fused rope + append with the RoPE checks).
+template <class Layout>
+RopeParams rope_keys_in_cache(const RopeParams& rope, const Layout& layout,
+                              const AppendKVArgs& append) {
+  RopeParams keys = rope;
+  keys.q = nullptr;
+  keys.k = append.k_cache;
+  keys.num_k_heads = int(layout.num_heads);
+  keys.k_head_stride = layout.stride_head;
+  return keys;
+}
+
+/// Everything about a fused rope + append that can be checked without reading
+/// positions or slot_mapping (so the CUDA launcher, whose arrays live on the
+/// device, shares it). Throws kvkit::Error.
+template <class Layout>
+void validate_rope_append(const RopeParams& rope, const Layout& layout,
+                          const AppendKVArgs& append, const char* where) {
+  check_argument(rope.k == nullptr, where, "rope.k", rope.k,
+                 "nullptr (keys come from append.key and go to the cache)");
+  check_argument(rope.num_tokens == append.num_tokens, where, "rope.num_tokens", rope.num_tokens,
+                 "append.num_tokens (", append.num_tokens, ")");
+  check_argument(rope.head_dim == layout.head_dim, where, "rope.head_dim", rope.head_dim,
+                 "the layout's head_dim (", layout.head_dim, ")");
+  check(rope.dtype == append.src_dtype, where, "rope.dtype ", dtype_name(rope.dtype),
+        " differs from append.src_dtype ", dtype_name(append.src_dtype), "; expected equal");
+  validate_rope_params(rope_keys_in_cache(rope, layout, append), where);
+  if (rope.q != nullptr) validate_rope_params(rope, where);
+  validate_append_kv(layout, append, where);
+}
+
+}  // namespace detail
+
 /// For each token t: rotates q's heads in place (when rope.q is set), copies
 /// key row t into the cache at append.slot_mapping[t] and rotates it there,
 /// and copies value row t. Padding tokens (slot < 0) write nothing to the
@@ -23,24 +59,8 @@ namespace kvkit {
 template <class Layout>
 void rope_append_kv(const RopeParams& rope, const Layout& layout, const AppendKVArgs& append) {
   constexpr const char* kWhere = "kvkit::rope_append_kv";
-  check_argument(rope.k == nullptr, kWhere, "rope.k", rope.k,
-                 "nullptr (keys come from append.key and go to the cache)");
-  check_argument(rope.num_tokens == append.num_tokens, kWhere, "rope.num_tokens", rope.num_tokens,
-                 "append.num_tokens (", append.num_tokens, ")");
-  check_argument(rope.head_dim == layout.head_dim, kWhere, "rope.head_dim", rope.head_dim,
-                 "the layout's head_dim (", layout.head_dim, ")");
-  check(rope.dtype == append.src_dtype, kWhere, "rope.dtype ", dtype_name(rope.dtype),
-        " differs from append.src_dtype ", dtype_name(append.src_dtype), "; expected equal");
-  // Validate the rotation as if it were applied to the cache's key rows.
-  RopeParams keys = rope;
-  keys.q = nullptr;
-  keys.k = append.k_cache;
-  keys.num_k_heads = int(layout.num_heads);
-  keys.k_head_stride = layout.stride_head;
-  detail::validate_rope_params(keys, kWhere);
-  detail::check_positions(keys, kWhere, /*allow_negative=*/false);
-  if (rope.q != nullptr) detail::validate_rope_params(rope, kWhere);
-  validate_append_kv(layout, append, kWhere);
+  detail::validate_rope_append(rope, layout, append, kWhere);
+  detail::check_positions(rope, kWhere, /*allow_negative=*/false);
   detail::check_slots(append.slot_mapping, append.num_tokens, layout.num_slots(), kWhere);
 
   dispatch_dtype<FloatTypes>(rope.dtype, kWhere, "rope.dtype", [&](auto tag) {
