@@ -198,14 +198,18 @@ class BlockPool {
     return true;
   }
 
-  /// Removes a used block from the hash index (its content is about to
-  /// change). No-op for a block that is not cached. Throws kvkit::Error if the
-  /// block is free or out of range.
+  /// Removes a block from the hash index: its content is about to change (a
+  /// used block) or will never arrive (a free block whose fill was cancelled;
+  /// it moves to the empty list). No-op for a block that is not cached.
+  /// Throws kvkit::Error if the block is out of range or the null block.
   void uncache_block(std::int32_t block) {
     check_block(block, "kvkit::BlockPool::uncache_block");
-    check_argument(ref_[block] > 0, "kvkit::BlockPool::uncache_block", "block", block,
-                   "a block in use (reference count is 0)");
-    if (has_hash_[block]) drop_hash(block);
+    if (!has_hash_[block]) return;
+    drop_hash(block);
+    if (ref_[block] == 0) {
+      unlink(block);
+      push_front(block, kEmptyList);
+    }
   }
 
   /// Drops every cached free block's content (e.g. after weights change).

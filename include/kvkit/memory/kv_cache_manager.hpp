@@ -211,7 +211,6 @@ class KVCacheManager {
     Seq& s = get_running(seq, where);
     check_argument(k >= 0, where, "k", k, ">= 0");
     check_argument(num_lookahead >= 0, where, "num_lookahead", num_lookahead, ">= 0");
-    if (!s.resume_hashes.empty()) s.resume_hashes.clear();  // recomputing from scratch instead
     const std::int64_t n0 = s.num_tokens;
     const std::int64_t n1 = n0 + k;
     const std::int64_t end = n1 + num_lookahead;
@@ -225,6 +224,7 @@ class KVCacheManager {
       if (device_.ref_count(s.blocks[i]) > 1) ++to_allocate;
     }
     if (to_allocate > device_.num_free_blocks()) return false;
+    if (!s.resume_hashes.empty()) s.resume_hashes.clear();  // recomputing from scratch instead
     for (std::size_t i = first_written; i < last_existing; ++i) {
       const std::int32_t b = s.blocks[i];
       if (device_.ref_count(b) > 1) {
@@ -461,7 +461,11 @@ class KVCacheManager {
     for (std::size_t i = 0; i < used; ++i) {
       if (s.blocks[i] == device_.null_block()) continue;
       const std::int32_t h = i < s.hashes.size() ? host_.find_cached(s.hashes[i]) : BlockPool::kNoBlock;
-      if (h == BlockPool::kNoBlock || host_.ref_count(h) == 0) ++need;
+      if (h != BlockPool::kNoBlock) {
+        need += host_.ref_count(h) == 0;
+      } else {
+        need += pending_swap_in_source(s.blocks[i]) == BlockPool::kNoBlock;
+      }
     }
     if (need > host_.num_free_blocks()) return false;
     std::vector<std::int32_t> table(used, BlockPool::kNoBlock);
@@ -472,15 +476,20 @@ class KVCacheManager {
     for (std::size_t i = 0; i < used; ++i) {
       const std::int32_t d = s.blocks[i];
       if (d == device_.null_block() || table[i] != BlockPool::kNoBlock) continue;
-      std::int32_t h;
-      {
+      std::int32_t h = pending_swap_in_source(d);
+      if (h != BlockPool::kNoBlock) {
+        // Swapped in and out within one step: the host block still holds the content.
+        host_.retain(h);
+      } else {
         h = host_.allocate_one();
         record_copy(MemoryTier::kDevice, d, MemoryTier::kHost, h);
         if (i < s.hashes.size()) host_.cache_block(h, s.hashes[i]);
       }
       table[i] = h;
     }
+    const std::size_t window_begin = s.window_begin;
     release_tail(s, 0);
+    s.window_begin = window_begin;  // the host table keeps the window's holes
     s.blocks.swap(table);
     s.swapped = true;
     return true;
@@ -784,16 +793,19 @@ class KVCacheManager {
       src_tier = l == kSwapIn ? MemoryTier::kHost : MemoryTier::kDevice;
     }
     (src_tier == MemoryTier::kHost ? host_ : device_).retain(src);
-    int l;
-    if (src_tier == MemoryTier::kDevice) {
-      l = dst_tier == MemoryTier::kDevice ? kCopies : kSwapOut;
-    } else {
-      // host -> host cannot arise: host blocks are only ever filled from the device.
-      l = kSwapIn;
-    }
+    // host -> host cannot arise: swap_out shares a pending swap-in's host source instead.
+    const int l = src_tier == MemoryTier::kHost ? kSwapIn
+                  : dst_tier == MemoryTier::kDevice ? kCopies : kSwapOut;
     (dst_tier == MemoryTier::kHost ? pending_host_ : pending_device_)[static_cast<std::size_t>(dst)] =
         encode(l, lists_[l].size());
     lists_[l].push_back(BlockCopy{src, dst});
+  }
+
+  // The host block a pending swap-in fills device block d from, or kNoBlock.
+  std::int32_t pending_swap_in_source(std::int32_t d) const {
+    const std::int64_t mark = pending_device_[static_cast<std::size_t>(d)];
+    if (mark == kNone || static_cast<int>(mark >> 40) != kSwapIn) return BlockPool::kNoBlock;
+    return lists_[kSwapIn][static_cast<std::size_t>(mark & ((std::int64_t{1} << 40) - 1))].src;
   }
 
   // A destination freed before the flush: its copy is dead and must not run.
@@ -806,6 +818,8 @@ class KVCacheManager {
     const std::int32_t src = c.src;
     c.src = c.dst = BlockPool::kNoBlock;
     (l == kSwapIn ? host_ : device_).release_one(src);
+    // Its content will never arrive: it must not stay findable by hash.
+    (tier == MemoryTier::kHost ? host_ : device_).uncache_block(block);
   }
 
   // Releases device blocks [keep, size) tail first and truncates the table.
