@@ -9,3 +9,8 @@
 #include "kvkit/core/float8.hpp"
 #include "kvkit/core/half.hpp"
 #include "kvkit/core/tensor_view.hpp"
+#include "kvkit/memory/block_hash.hpp"
+#include "kvkit/memory/block_pool.hpp"
+#include "kvkit/memory/capacity.hpp"
+#include "kvkit/memory/kv_cache_manager.hpp"
+// kvkit/memory/prefix_cache.hpp (block hashes) needs <xxhash.h>: include it yourself.

@@ -282,8 +282,8 @@ class KVCacheManager {
   /// unknown (e.g. freed) or swapped parent.
   SequenceId fork(SequenceId parent) {
     const char* where = "kvkit::KVCacheManager::fork";
-    get_running(parent, where);
-    const SequenceId child = create_sequence(seqs_[parent.index].options);
+    const SequenceOptions options = get_running(parent, where).options;  // a copy: seqs_ may grow
+    const SequenceId child = create_sequence(options);
     Seq& p = seqs_[parent.index];  // create_sequence may have grown seqs_
     Seq& c = seqs_[child.index];
     c.blocks = p.blocks;
