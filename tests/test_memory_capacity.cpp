@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kvkit/memory/capacity.hpp"
+#include "kvkit/memory/capacity_planner.hpp"
 
 using Catch::Matchers::Contains;
 using kvkit::DType;

@@ -22,6 +22,6 @@
 #include "kvkit/ops/quantize.hpp"
 #include "kvkit/memory/block_hash.hpp"
 #include "kvkit/memory/block_pool.hpp"
-#include "kvkit/memory/capacity.hpp"
+#include "kvkit/memory/capacity_planner.hpp"
 #include "kvkit/memory/kv_cache_manager.hpp"
 // kvkit/memory/prefix_cache.hpp (block hashes) needs <xxhash.h>: include it yourself.

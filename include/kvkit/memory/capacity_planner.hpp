@@ -1,6 +1,7 @@
 #pragma once
-/// @file capacity.hpp
-/// Capacity planning: bytes per KV-cache block for a model's layer groups,
+/// @file capacity_planner.hpp
+/// Capacity planning (the per-layer, per-layout byte counts are in
+/// layout/capacity.hpp): bytes per KV-cache block for a model's layer groups,
 /// and how many blocks, tokens and context fit in a memory budget.
 ///
 /// A model is a list of layer groups, each with its own shape and cache dtype
