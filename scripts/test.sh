@@ -33,6 +33,7 @@ cmake --install build --prefix "$prefix/install" >/dev/null
 cmake -S tests/consumer -B "$prefix/build" -DCMAKE_PREFIX_PATH="$prefix/install" >/dev/null
 cmake --build "$prefix/build" -j"$jobs"
 "$prefix/build/consumer"
+"$prefix/build/consumer_prefix"
 if [ -x "$prefix/build/consumer_cuda" ]; then "$prefix/build/consumer_cuda"; fi
 cmake -S tests/consumer -B "$prefix/build-subdir" -DKVKIT_SOURCE_DIR="$root" >/dev/null
 cmake --build "$prefix/build-subdir" -j"$jobs" --target consumer
