@@ -43,28 +43,8 @@ inline void route_token(const RouterConfig& cfg, const float* logits, const floa
       keys = many_groups.data();
     }
     for (int g = 0; g < cfg.n_group; ++g) {
-      const float* s = select + std::int64_t(g) * per_group;
-      float gs;
-      if (cfg.group_score == MoeGroupScore::kMax) {
-        gs = s[0];
-        for (int i = 1; i < per_group; ++i) gs = s[i] > gs ? s[i] : gs;
-      } else {
-        std::uint64_t k1 = 0, k2 = 0;
-        int i1 = 0, i2 = 0;
-        for (int i = 0; i < per_group; ++i) {
-          const std::uint64_t key = moe_rank_key(s[i], i);
-          if (key > k1) {
-            k2 = k1;
-            i2 = i1;
-            k1 = key;
-            i1 = i;
-          } else if (key > k2) {
-            k2 = key;
-            i2 = i;
-          }
-        }
-        gs = s[i1] + s[i2];
-      }
+      const float gs = moe_group_score(select + std::int64_t(g) * per_group, per_group,
+                                       cfg.group_score == MoeGroupScore::kTopTwoSum);
       keys[g] = moe_rank_key(gs, g);
     }
     // Mark kept groups by zeroing their key; mask the experts of the rest.

@@ -137,4 +137,30 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE int moe_rank_key_index(std::uint64_t key) {
   return int(0xffffffffu - std::uint32_t(key & 0xffffffffu));
 }
 
+/// Score of one expert group from its selection scores s[0..n): the maximum,
+/// or (top_two_sum) the sum of the two best (n >= 2), as the CPU and CUDA
+/// routers both compute it.
+KVKIT_HOST_DEVICE inline float moe_group_score(const float* s, int n, bool top_two_sum) {
+  if (!top_two_sum) {
+    float best = s[0];
+    for (int i = 1; i < n; ++i) best = s[i] > best ? s[i] : best;
+    return best;
+  }
+  std::uint64_t k1 = 0, k2 = 0;
+  int i1 = 0, i2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const std::uint64_t key = moe_rank_key(s[i], i);
+    if (key > k1) {
+      k2 = k1;
+      i2 = i1;
+      k1 = key;
+      i1 = i;
+    } else if (key > k2) {
+      k2 = key;
+      i2 = i;
+    }
+  }
+  return s[i1] + s[i2];
+}
+
 }  // namespace kvkit
