@@ -402,6 +402,8 @@ __global__ void combine_kernel(CombineParams p) {
       float acc[kVec];
 #pragma unroll
       for (int i = 0; i < kVec; ++i) acc[i] = 0.0f;
+      // Unrolled so that the k row loads are in flight together.
+#pragma unroll 8
       for (int j = 0; j < p.top_k; ++j) {
         const std::int32_t r = rows[j];
         if (r < 0) continue;

@@ -17,9 +17,11 @@ namespace kvkit {
 namespace moe_detail {
 
 /// Routes one token. `score` and `select` are scratch of n_experts floats,
-/// `bias` is null or [n_experts]. Writes ids[k] (best first) and weights[k].
+/// `best` scratch of top_k keys, `bias` null or [n_experts].
+/// Writes ids[k] (best first) and weights[k].
 inline void route_token(const RouterConfig& cfg, const float* logits, const float* bias,
-                        float* score, float* select, std::int32_t* ids, float* weights) {
+                        float* score, float* select, std::uint64_t* best, std::int32_t* ids,
+                        float* weights) {
   const int n = cfg.n_experts;
   if (cfg.scoring == MoeScoring::kSoftmax) {
     float m = logits[0];
@@ -67,17 +69,22 @@ inline void route_token(const RouterConfig& cfg, const float* logits, const floa
     }
   }
 
-  // top-k by repeated arg-max over keys: the same rounds the CUDA warp runs.
-  std::uint64_t taken_key_floor = ~std::uint64_t(0);
-  for (int j = 0; j < cfg.top_k; ++j) {
-    std::uint64_t best = 0;
-    for (int e = 0; e < n; ++e) {
-      const std::uint64_t key = moe_rank_key(select[e], e);
-      if (key < taken_key_floor && key > best) best = key;
+  // top-k in one pass: insertion into a list of the best keys so far. Keys are a
+  // strict total order, so this picks exactly what the CUDA warp's k arg-max
+  // rounds pick.
+  const int k = cfg.top_k;
+  int filled = 0;
+  for (int e = 0; e < n; ++e) {
+    const std::uint64_t key = moe_rank_key(select[e], e);
+    if (filled == k && key <= best[k - 1]) continue;
+    int pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && best[pos - 1] < key) {
+      best[pos] = best[pos - 1];
+      --pos;
     }
-    taken_key_floor = best;  // keys are distinct, so "below the last pick" = "not yet taken"
-    ids[j] = moe_rank_key_index(best);
+    best[pos] = key;
   }
+  for (int j = 0; j < k; ++j) ids[j] = moe_rank_key_index(best[j]);
 
   float sum = 0.0f;
   for (int j = 0; j < cfg.top_k; ++j) {
@@ -164,12 +171,15 @@ inline void moe_route(const RouterConfig& cfg, const TensorView& logits,
     }
   }
 
-  std::vector<float> score(std::size_t(cfg.n_experts)), select(std::size_t(cfg.n_experts));
+  std::vector<float> score(static_cast<std::size_t>(cfg.n_experts));
+  std::vector<float> select(static_cast<std::size_t>(cfg.n_experts));
+  std::vector<std::uint64_t> best(static_cast<std::size_t>(cfg.top_k));
   std::int32_t* ids = topk_ids.data_as<std::int32_t>();
   float* weights = topk_weights.data_as<float>();
   for (std::int64_t t = 0; t < tokens; ++t) {
     moe_detail::route_token(cfg, rows.data() + t * cfg.n_experts, bias, score.data(),
-                            select.data(), ids + t * cfg.top_k, weights + t * cfg.top_k);
+                            select.data(), best.data(), ids + t * cfg.top_k,
+                            weights + t * cfg.top_k);
   }
 }
 

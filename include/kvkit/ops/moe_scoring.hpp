@@ -34,9 +34,13 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float fma_rn(float a, float b, float c) {
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float mul_rn(float a, float b) {
 #if KVKIT_DEVICE_CODE
   return __fmul_rn(a, b);
-#else
-  // fma(a, b, +0) equals a * b except that -0 becomes +0, which no caller can see.
+#elif defined(__FMA__)
+  // With FMA hardware a host compiler may fuse a * b into a later add (GCC's
+  // default -ffp-contract=fast); fma(a, b, +0) cannot be fused and equals a * b
+  // (but for -0 becoming +0, which no caller can see).
   return std::fma(a, b, 0.0f);
+#else
+  return a * b;  // no FMA instructions: nothing can be fused
 #endif
 }
 
