@@ -25,3 +25,9 @@
 #include "kvkit/memory/capacity_planner.hpp"
 #include "kvkit/memory/kv_cache_manager.hpp"
 // kvkit/memory/prefix_cache.hpp (block hashes) needs <xxhash.h>: include it yourself.
+#include "kvkit/ops/moe_combine.hpp"
+#include "kvkit/ops/moe_dispatch.hpp"
+#include "kvkit/ops/moe_router.hpp"
+#include "kvkit/ops/moe_router_config.hpp"
+#include "kvkit/ops/moe_scoring.hpp"
+#include "kvkit/ops/moe_stats.hpp"
