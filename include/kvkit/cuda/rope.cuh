@@ -47,6 +47,20 @@ __device__ KVKIT_FORCEINLINE void rotate_token_heads(T* token_base, std::int64_t
   }
 }
 
+/// Block-wide: loads token t's cos/sin into shared memory (all threads of the
+/// block must call it). Returns false when t's position lies outside the table.
+__device__ KVKIT_FORCEINLINE bool stage_cos_sin(const RopeParams& p, std::int64_t t, float* cos_s,
+                                                float* sin_s) {
+  const std::int64_t position = p.positions[t];
+  const std::int64_t magnitude = position < 0 ? -position : position;
+  const bool valid = p.cos_sin_cache == nullptr || magnitude < p.cache_positions;
+  for (int i = threadIdx.x; i < p.rotary_dim / 2 && valid; i += blockDim.x) {
+    rope_cos_sin(p, position, i, cos_s[i], sin_s[i]);
+  }
+  __syncthreads();
+  return valid;
+}
+
 /// One block per token: stage the token's cos/sin in shared memory once, then
 /// rotate all of its query and key heads. Consecutive threads take
 /// consecutive pairs, so NeoX's two halves are each read coalesced.
@@ -55,13 +69,7 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
   __shared__ float cos_s[kRopeMaxRotaryDim / 2];
   __shared__ float sin_s[kRopeMaxRotaryDim / 2];
   const std::int64_t t = blockIdx.x;
-  const std::int64_t position = p.positions[t];
-  const std::int64_t magnitude = position < 0 ? -position : position;
-  const bool valid = p.cos_sin_cache == nullptr || magnitude < p.cache_positions;
-  for (int i = threadIdx.x; i < p.rotary_dim / 2 && valid; i += blockDim.x) {
-    rope_cos_sin(p, position, i, cos_s[i], sin_s[i]);
-  }
-  __syncthreads();
+  const bool valid = stage_cos_sin(p, t, cos_s, sin_s);
   if (p.q != nullptr) {
     rotate_token_heads(static_cast<T*>(p.q) + t * p.q_token_stride, p.q_head_stride,
                        p.num_q_heads, p, cos_s, sin_s, valid);
@@ -97,13 +105,7 @@ __global__ void __launch_bounds__(kRopeThreads)
   __shared__ float cos_s[kRopeMaxRotaryDim / 2];
   __shared__ float sin_s[kRopeMaxRotaryDim / 2];
   const std::int64_t t = blockIdx.x;
-  const std::int64_t position = p.positions[t];
-  const std::int64_t magnitude = position < 0 ? -position : position;
-  const bool valid = p.cos_sin_cache == nullptr || magnitude < p.cache_positions;
-  for (int i = threadIdx.x; i < p.rotary_dim / 2 && valid; i += blockDim.x) {
-    rope_cos_sin(p, position, i, cos_s[i], sin_s[i]);
-  }
-  __syncthreads();
+  const bool valid = stage_cos_sin(p, t, cos_s, sin_s);
   if (p.q != nullptr) {
     rotate_token_heads(static_cast<T*>(p.q) + t * p.q_token_stride, p.q_head_stride,
                        p.num_q_heads, p, cos_s, sin_s, valid);
