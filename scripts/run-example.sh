@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKVKIT_BUILD_EXAMPLES=ON >/dev/null
-cmake --build build -j"$(nproc)" --target paged_cache_layout
-./build/examples/paged_cache_layout "$@"
+cmake --build build -j"$(nproc)" --target gpt_decode
+./build/examples/gpt_decode "$@"
