@@ -79,33 +79,38 @@ inline void validate_decode_params(const PagedDecodeParams& p, const char* where
   dispatch_dtype<FloatTypes>(p.kv_dtype, where, "kv_dtype", [](auto) {});
 }
 
-/// All query rows (q_len tokens x group heads) of one (sequence, kv head).
+/// All query rows (q_len tokens x all q heads) of one sequence. A tile of
+/// keys is converted to float for every kv head at once: in NHD caches a
+/// token's heads are contiguous, so the cache is read as a stream instead of
+/// one 2-KiB-strided row per head, which left the CPU waiting on memory.
 template <class QT, class KVT>
-void decode_one_kv_head(const PagedDecodeParams& p, std::int64_t b, std::int64_t kv_head,
-                        std::vector<float>& scratch) {
+void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector<float>& scratch,
+                         std::vector<OnlineSoftmax>& softmax, std::vector<std::int64_t>& q_pos) {
   const int head_dim = int(p.layout.head_dim);
-  const int group = p.num_q_heads / int(p.layout.num_heads);
-  const int rows = p.q_len * group;  // row r: token r / group, q head kv_head * group + r % group
+  const int kv_heads = int(p.layout.num_heads);
+  const int group = p.num_q_heads / kv_heads;
+  const int rows = p.q_len * p.num_q_heads;  // row r: token r / num_q_heads, q head r % num_q_heads
   const std::int64_t seq_len = p.page_table.seq_len(b);
   const std::int32_t* pages = p.page_table.pages(b);
+  const std::size_t row_floats = std::size_t(rows) * head_dim;
+  const std::size_t tile_floats = std::size_t(kDecodeTile) * kv_heads * head_dim;
 
-  scratch.assign(std::size_t(rows) * head_dim * 2 + 2 * kDecodeTile * std::size_t(head_dim) +
-                     std::size_t(rows) * kDecodeTile, 0.0f);
-  float* q = scratch.data();                      // [rows, head_dim]
-  float* acc = q + std::size_t(rows) * head_dim;  // [rows, head_dim]
-  float* k_tile = acc + std::size_t(rows) * head_dim;
-  float* v_tile = k_tile + kDecodeTile * std::size_t(head_dim);
-  float* scores = v_tile + kDecodeTile * std::size_t(head_dim);  // [rows, tile]
-  std::vector<OnlineSoftmax> softmax(static_cast<std::size_t>(rows));
-  std::vector<std::int64_t> q_pos(static_cast<std::size_t>(rows));
+  scratch.assign(2 * row_floats + 2 * tile_floats + std::size_t(rows) * kDecodeTile, 0.0f);
+  float* q = scratch.data();            // [rows, head_dim]
+  float* acc = q + row_floats;          // [rows, head_dim]
+  float* k_tile = acc + row_floats;     // [tile, kv_heads, head_dim]
+  float* v_tile = k_tile + tile_floats; // [tile, kv_heads, head_dim]
+  float* scores = v_tile + tile_floats; // [rows, tile]
+  softmax.assign(std::size_t(rows), OnlineSoftmax{});
+  q_pos.resize(std::size_t(rows));
 
   const QT* q_base = static_cast<const QT*>(p.q);
   for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = b * p.q_len + r / group;
-    const std::int64_t h = kv_head * group + r % group;
+    const std::int64_t t = b * p.q_len + r / p.num_q_heads;
+    const std::int64_t h = r % p.num_q_heads;
     const QT* src = q_base + t * p.q_stride_token + h * p.q_stride_head;
     for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * head_dim + d] = to_float(src[d]);
-    q_pos[r] = seq_len - p.q_len + r / group;
+    q_pos[r] = seq_len - p.q_len + r / p.num_q_heads;
   }
 
   const std::int64_t first = std::max<std::int64_t>(p.kv_begin, 0);
@@ -118,15 +123,17 @@ void decode_one_kv_head(const PagedDecodeParams& p, std::int64_t b, std::int64_t
     const int n = int(std::min<std::int64_t>(kDecodeTile, last - start));
     if (start >= p.num_sinks && start + n <= earliest) continue;
     for (int j = 0; j < n; ++j) {
-      const std::int64_t off = p.layout.slot_offset(token_slot(pages, start + j, p.layout.page_shift), kv_head);
-      const KVT* k_row = k_cache + off;
-      const KVT* v_row = v_cache + off;
-      float* kd = k_tile + std::size_t(j) * head_dim;
-      float* vd = v_tile + std::size_t(j) * head_dim;
-      for (int d = 0; d < head_dim; ++d) kd[d] = to_float(k_row[d]);
-      for (int d = 0; d < head_dim; ++d) vd[d] = to_float(v_row[d]);
+      const std::int64_t slot = token_slot(pages, start + j, p.layout.page_shift);
+      for (int h = 0; h < kv_heads; ++h) {
+        const std::int64_t off = p.layout.slot_offset(slot, h);
+        float* kd = k_tile + (std::size_t(j) * kv_heads + h) * head_dim;
+        float* vd = v_tile + (std::size_t(j) * kv_heads + h) * head_dim;
+        for (int d = 0; d < head_dim; ++d) kd[d] = to_float(k_cache[off + d]);
+        for (int d = 0; d < head_dim; ++d) vd[d] = to_float(v_cache[off + d]);
+      }
     }
     for (int r = 0; r < rows; ++r) {
+      const int kv_head = (r % p.num_q_heads) / group;
       const float* qr = q + std::size_t(r) * head_dim;
       float* sr = scores + std::size_t(r) * kDecodeTile;
       float block_max = -INFINITY;
@@ -135,7 +142,7 @@ void decode_one_kv_head(const PagedDecodeParams& p, std::int64_t b, std::int64_t
           sr[j] = -INFINITY;
           continue;
         }
-        const float* kd = k_tile + std::size_t(j) * head_dim;
+        const float* kd = k_tile + (std::size_t(j) * kv_heads + kv_head) * head_dim;
         sr[j] = attention_logit(p, dot_product(qr, kd, head_dim));
         block_max = std::max(block_max, sr[j]);
       }
@@ -147,7 +154,7 @@ void decode_one_kv_head(const PagedDecodeParams& p, std::int64_t b, std::int64_t
         if (sr[j] == -INFINITY) continue;
         const float w = expf(sr[j] - softmax[r].max);
         softmax[r].sum += w;
-        const float* vd = v_tile + std::size_t(j) * head_dim;
+        const float* vd = v_tile + (std::size_t(j) * kv_heads + kv_head) * head_dim;
         for (int d = 0; d < head_dim; ++d) ar[d] += w * vd[d];
       }
     }
@@ -155,8 +162,8 @@ void decode_one_kv_head(const PagedDecodeParams& p, std::int64_t b, std::int64_t
 
   QT* o_base = static_cast<QT*>(p.o);
   for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = b * p.q_len + r / group;
-    const std::int64_t h = kv_head * group + r % group;
+    const std::int64_t t = b * p.q_len + r / p.num_q_heads;
+    const std::int64_t h = r % p.num_q_heads;
     QT* dst = o_base + t * p.o_stride_token + h * p.o_stride_head;
     const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
     for (int d = 0; d < head_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * head_dim + d] * inv);
@@ -179,10 +186,10 @@ inline void paged_decode_attention(const PagedDecodeParams& p) {
       using QT = typename decltype(qtag)::type;
       using KVT = typename decltype(kvtag)::type;
       std::vector<float> scratch;
+      std::vector<OnlineSoftmax> softmax;
+      std::vector<std::int64_t> q_pos;
       for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
-        for (std::int64_t h = 0; h < p.layout.num_heads; ++h) {
-          detail::decode_one_kv_head<QT, KVT>(p, b, h, scratch);
-        }
+        detail::decode_one_sequence<QT, KVT>(p, b, scratch, softmax, q_pos);
       }
     });
   });
