@@ -391,3 +391,54 @@ TEST_CASE("bad decode attention input raises a clear error and writes nothing") 
   }
   CHECK(std::memcmp(prob.o.data(), before.data(), before.size() * sizeof(float)) == 0);
 }
+
+TEST_CASE("cascade: a shared prefix attended once for all sequences, merged with each suffix, equals full attention") {
+  // Four sequences share a 64-token prefix (the same four pages) and each has
+  // its own suffix. Level 1 attends every sequence's query to the prefix in one
+  // non-causal call; level 2 attends each query to its own suffix; merging the
+  // two states gives attention over the whole sequence (FlashInfer's cascade).
+  DecodeCase c;
+  c.head_dim = 128;
+  c.q_heads = 8;
+  c.kv_heads = 2;
+  c.page_size = 16;
+  const int prefix = 64, batch = 4;
+  c.seq_lens = {prefix + 1, prefix + 17, prefix + 100, prefix + 33};
+  DecodeProblem<float, float> prob(c, 31);
+  // Make every sequence use sequence 0's prefix pages and copy its K/V there.
+  for (int b = 1; b < batch; ++b) {
+    for (int i = 0; i < prefix / c.page_size; ++i) prob.block_table[b * prob.max_blocks + i] = prob.block_table[i];
+  }
+  prob.run_and_check();  // the reference: full attention per sequence
+
+  PagedDecodeParams full = prob.params();
+  const std::int64_t rows = batch * c.q_heads;
+  std::vector<float> o_prefix(rows * c.head_dim), lse_prefix(rows), o_suffix(rows * c.head_dim), lse_suffix(rows);
+  // Level 1: one "sequence" (the prefix pages) whose q rows are the batch's queries.
+  PagedDecodeParams shared = full;
+  const std::int32_t prefix_len = prefix;
+  shared.page_table = {prob.block_table.data(), &prefix_len, 1, prob.max_blocks, prob.max_blocks};
+  shared.q_len = batch;
+  shared.causal = false;
+  shared.o = o_prefix.data();
+  shared.o_stride_head = c.head_dim;
+  shared.o_stride_token = std::int64_t(c.q_heads) * c.head_dim;
+  shared.lse = lse_prefix.data();
+  kvkit::paged_decode_attention(shared);
+  // Level 2: each sequence's own keys after the prefix.
+  PagedDecodeParams own = full;
+  own.kv_begin = prefix;
+  own.o = o_suffix.data();
+  own.o_stride_head = c.head_dim;
+  own.o_stride_token = std::int64_t(c.q_heads) * c.head_dim;
+  own.lse = lse_suffix.data();
+  kvkit::paged_decode_attention(own);
+  kvkit::merge_states(o_prefix.data(), lse_prefix.data(), o_suffix.data(), lse_suffix.data(), o_prefix.data(),
+                      lse_prefix.data(), rows, c.head_dim);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    REQUIRE(lse_prefix[r] == Approx(prob.lse[r]).epsilon(1e-5));
+    for (int d = 0; d < c.head_dim; ++d) {
+      REQUIRE(std::fabs(o_prefix[r * c.head_dim + d] - prob.o[r * (c.head_dim + prob.kPad) + d]) <= 1e-5f);
+    }
+  }
+}

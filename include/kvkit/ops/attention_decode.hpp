@@ -52,6 +52,8 @@ inline void validate_decode_params(const PagedDecodeParams& p, const char* where
                  ">= 0 (0: no soft-cap)");
   check_argument(p.kv_begin >= 0 && p.kv_begin <= p.kv_end, where, "kv_begin", p.kv_begin,
                  ">= 0 and <= kv_end (", p.kv_end, ")");
+  check_argument(p.causal || p.window == 0, where, "window", p.window,
+                 "0 when causal is false (a window needs query positions)");
   validate_page_table(p.page_table, p.layout.page_size, p.layout.num_pages);
   const std::int64_t rows = p.page_table.batch_size * p.q_len;
   if (rows == 0) return;
@@ -69,7 +71,7 @@ inline void validate_decode_params(const PagedDecodeParams& p, const char* where
   check_argument(p.o_stride_token >= p.num_q_heads * p.o_stride_head || rows == 1, where,
                  "o_stride_token", p.o_stride_token, ">= num_q_heads * o_stride_head (",
                  p.num_q_heads * p.o_stride_head, ")");
-  for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
+  for (std::int64_t b = 0; b < p.page_table.batch_size && p.causal; ++b) {
     if (p.page_table.seq_len(b) < p.q_len) {
       fail(where, "sequence ", b, " has seq_len ", p.page_table.seq_len(b), " < q_len (", p.q_len,
            "); expected the new tokens to be in the cache already");

@@ -35,6 +35,11 @@ struct PagedDecodeParams {
   int window = 0;                   ///< > 0: attend to the last `window` positions only
   int num_sinks = 0;                ///< with a window: the first num_sinks positions stay visible
   float logit_softcap = 0.0f;       ///< > 0: scores become cap * tanh(score / cap) (Gemma-2)
+  /// false: every query row sees every key in [kv_begin, kv_end) regardless of
+  /// positions (no window allowed). Used for the shared-prefix level of
+  /// cascade attention, where the q rows are the last tokens of many
+  /// sequences that all follow the prefix.
+  bool causal = true;
   std::int64_t kv_begin = 0;        ///< only keys at positions in [kv_begin, kv_end) are
   std::int64_t kv_end = INT64_MAX;  ///<   attended (split-KV); merge the parts with merge_states
   void* o = nullptr;                ///< [batch * q_len, num_q_heads, head_dim], dtype q_dtype
@@ -49,7 +54,9 @@ struct PagedDecodeParams {
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE bool attention_visible(const PagedDecodeParams& p,
                                                            std::int64_t q_pos,
                                                            std::int64_t k_pos) {
-  if (k_pos > q_pos || k_pos < p.kv_begin || k_pos >= p.kv_end) return false;
+  if (k_pos < p.kv_begin || k_pos >= p.kv_end) return false;
+  if (!p.causal) return true;
+  if (k_pos > q_pos) return false;
   return p.window <= 0 || k_pos > q_pos - p.window || k_pos < p.num_sinks;
 }
 
