@@ -94,11 +94,18 @@ inline void mla_compress(const LatentKVLayout& layout, const MlaCompressArgs& a)
       if (slot < 0) continue;
       const T* src = static_cast<const T*>(a.kv_a) + t * a.kv_a_stride_token;
       T* row = cache + layout.slot_offset(slot);
-      float sum_sq = 0.0f;
-      for (int c = 0; c < rank; ++c) {
-        const float x = to_float(src[c]);
-        sum_sq += x * x;
+      // Eight partial sums so the loop vectorizes (a single running sum is a
+      // serial dependency compilers may not reorder).
+      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int c0 = 0;
+      for (; c0 + 8 <= rank; c0 += 8) {
+        for (int l = 0; l < 8; ++l) {
+          const float x = to_float(src[c0 + l]);
+          lanes[l] += x * x;
+        }
       }
+      float sum_sq = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+      for (; c0 < rank; ++c0) sum_sq += to_float(src[c0]) * to_float(src[c0]);
       const float inv_rms = 1.0f / std::sqrt(sum_sq / float(rank) + a.norm_eps);
       for (int c = 0; c < rank; ++c) row[c] = from_float<T>(to_float(src[c]) * inv_rms * a.norm_weight[c]);
       for (int c = 0; c < rope_dim; ++c) row[rank + c] = src[rank + c];

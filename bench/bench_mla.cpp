@@ -1,0 +1,49 @@
+// MLA on the CPU: fused compress (RMSNorm c_kv + RoPE k_pe + latent append)
+// of 8,192 tokens, DeepSeek shapes (512 + 64, bf16, page 64). Bytes read
+// (kv_a) + written (cache rows), pct_of_memcpy.
+
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "harness/harness.hpp"
+#include "kvkit/ops/mla_compress.hpp"
+
+namespace {
+
+void BM_mla_compress(benchmark::State& state) {
+  using T = kvkit::bfloat16;
+  const std::int64_t tokens = kvkit::bench::full_or_smoke<std::int64_t>(8192, 64);
+  const int rank = 512, rope_dim = 64, page = 64;
+  const std::int64_t pages = 4 * tokens / page;  // a cache larger than the tokens written
+  const auto layout = kvkit::LatentKVLayout::dense(pages, page, rank, rope_dim);
+  std::vector<T> kv_a(std::size_t(tokens) * (rank + rope_dim)), cache(std::size_t(pages * layout.stride_page));
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  for (auto& x : kv_a) x = T(normal(rng));
+  std::vector<float> weight(rank, 1.0f);
+  std::vector<std::int64_t> positions(static_cast<std::size_t>(tokens)), slots(static_cast<std::size_t>(tokens));
+  std::iota(positions.begin(), positions.end(), 0);
+  for (std::int64_t t = 0; t < tokens; ++t) slots[t] = (t * 7919) % layout.num_slots();  // scattered rows
+  const kvkit::RopeCache table(kvkit::RopeConfig::deepseek_yarn(), tokens);
+  kvkit::MlaCompressArgs a;
+  a.kv_a = kv_a.data();
+  a.kv_a_stride_token = rank + rope_dim;
+  a.norm_weight = weight.data();
+  a.positions = positions.data();
+  a.slot_mapping = slots.data();
+  a.num_tokens = tokens;
+  a.cache = cache.data();
+  a.dtype = kvkit::DType::kBFloat16;
+  a.cos_sin_cache = table.data();
+  a.cache_positions = table.max_positions();
+  for (auto _ : state) {
+    kvkit::mla_compress(layout, a);
+    benchmark::ClobberMemory();
+  }
+  kvkit::bench::report_host_bandwidth(state, 2.0 * double(tokens) * (rank + rope_dim) * sizeof(T));
+}
+BENCHMARK(BM_mla_compress)->Name("mla/compress/deepseek_576/bf16/8192_tokens")->Unit(benchmark::kMillisecond);
+
+}  // namespace
