@@ -66,4 +66,55 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float attention_logit(const PagedDecodeParam
   return p.logit_softcap > 0.0f ? p.logit_softcap * tanhf(s / p.logit_softcap) : s;
 }
 
+/// The keys that some query row of a sequence may see, as at most two
+/// position ranges in order: [begin, first_end) and [second_begin, end).
+/// Without a window the first range is [max(kv_begin, 0), min(kv_end, seq_len))
+/// and the second is empty; with a window the first holds the sinks and the
+/// second the window of the earliest query row onwards, so the keys that no
+/// row sees (between the sinks and the window) are left out. Keys inside the
+/// span can still be invisible to some rows (causal order among the q_len new
+/// tokens, the window's edge): attention_visible decides per row. Split-KV
+/// divides the span's size() into chunks, so that a window costs what it reads.
+struct AttentionKeySpan {
+  std::int64_t begin = 0;
+  std::int64_t first_end = 0;
+  std::int64_t second_begin = 0;
+  std::int64_t end = 0;
+
+  /// Keys in the span.
+  KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int64_t size() const {
+    return (first_end - begin) + (end - second_begin);
+  }
+  /// Position of the i-th key of the span (0 <= i < size()), increasing in i.
+  KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int64_t position(std::int64_t i) const {
+    const std::int64_t n_first = first_end - begin;
+    return i < n_first ? begin + i : second_begin + (i - n_first);
+  }
+};
+
+/// The key span of a sequence of `seq_len` tokens (see AttentionKeySpan).
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE AttentionKeySpan attention_key_span(const PagedDecodeParams& p,
+                                                                        std::int64_t seq_len) {
+  AttentionKeySpan s;
+  s.end = p.kv_end < seq_len ? p.kv_end : seq_len;
+  if (s.end < 0) s.end = 0;
+  s.begin = p.kv_begin > 0 ? p.kv_begin : 0;
+  if (s.begin > s.end) s.begin = s.end;
+  if (p.window <= 0) {
+    s.first_end = s.end;
+    s.second_begin = s.end;
+    return s;
+  }
+  // Keys before `earliest` are outside the window of every row (the first
+  // new token, at seq_len - q_len, sees the least).
+  const std::int64_t earliest = seq_len - p.q_len - p.window + 1;
+  std::int64_t sinks_end = p.num_sinks < s.begin ? s.begin : p.num_sinks;
+  if (sinks_end > s.end) sinks_end = s.end;
+  std::int64_t window_begin = earliest > sinks_end ? earliest : sinks_end;
+  if (window_begin > s.end) window_begin = s.end;
+  s.first_end = sinks_end;
+  s.second_begin = window_begin;
+  return s;
+}
+
 }  // namespace kvkit

@@ -1,0 +1,110 @@
+// Decode attention on the GPU (kvkit::cuda::plan_decode + run_decode) over a
+// paged bf16 cache, page 16, bf16 q/o. Shapes: Llama-3-8B (32 q heads, 8 kv
+// heads, head_dim 128) at batch 64 x 4096 (no split needed) and batch 1 x
+// 32768 (split-KV, also shown unsplit), and MQA with 16 and 128 q heads on
+// one kv head (DeepSeek-style head sharing). Memory-bound: reports the bytes
+// read (K + V of every attended token, plus Q, plus O written) as bytes/s and
+// pct_of_memcpy against the device copy kernel of this binary. Every cache
+// is larger than the H100's 50 MB L2 in the full run.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "harness/cuda_timer.cuh"
+#include "harness/harness.hpp"
+#include "kvkit/cuda/attention_decode.cuh"
+#include "kvkit/cuda/device_buffer.hpp"
+
+namespace {
+
+using kvkit::bench::full_or_smoke;
+using kvkit::cuda::DeviceBuffer;
+
+// Pseudo-random values in [-2, 2) from a hash of the index: fills gigabytes
+// on the device without a host copy.
+__global__ void fill_random(kvkit::bfloat16* x, std::int64_t n, std::uint32_t seed) {
+  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    std::uint32_t h = std::uint32_t(i) * 0x9e3779b9u ^ seed ^ std::uint32_t(i >> 32) * 0x85ebca6bu;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    x[i] = kvkit::bfloat16(float(h >> 8) * (4.0f / 16777216.0f) - 2.0f);
+  }
+}
+
+DeviceBuffer random_device_bf16(std::int64_t n, std::uint32_t seed) {
+  DeviceBuffer buffer(std::size_t(n) * sizeof(kvkit::bfloat16));
+  fill_random<<<1024, 256>>>(buffer.as<kvkit::bfloat16>(), n, seed);
+  KVKIT_CUDA_CHECK(cudaGetLastError());
+  return buffer;
+}
+
+void BM_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t context, int q_heads, int kv_heads,
+                   int max_splits) {
+  using T = kvkit::bfloat16;
+  const int head_dim = 128, page = 16;
+  batch = full_or_smoke<std::int64_t>(batch, 2);
+  context = full_or_smoke<std::int64_t>(context, 300);
+  const std::int64_t pages_per_seq = (context + page - 1) / page;
+  const std::int64_t num_pages = batch * pages_per_seq;
+  const auto layout = kvkit::PagedKVLayout::nhd(num_pages, page, kv_heads, head_dim);
+  DeviceBuffer k = random_device_bf16(num_pages * layout.page_elements(), 1);
+  DeviceBuffer v = random_device_bf16(num_pages * layout.page_elements(), 2);
+  DeviceBuffer q = random_device_bf16(batch * q_heads * head_dim, 3);
+  DeviceBuffer o(std::size_t(batch * q_heads * head_dim) * sizeof(T));
+  std::vector<std::int32_t> table(static_cast<std::size_t>(num_pages));
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), std::mt19937(1));
+  const std::vector<std::int32_t> seq_lens(static_cast<std::size_t>(batch), std::int32_t(context));
+  DeviceBuffer d_table = DeviceBuffer::from_host(table);
+  DeviceBuffer d_lens = DeviceBuffer::from_host(seq_lens);
+
+  kvkit::PagedDecodeParams p;
+  p.q = q.data();
+  p.q_stride_head = head_dim;
+  p.q_stride_token = std::int64_t(q_heads) * head_dim;
+  p.k_cache = k.data();
+  p.v_cache = v.data();
+  p.layout = layout;
+  p.page_table = {d_table.as<std::int32_t>(), d_lens.as<std::int32_t>(), batch, pages_per_seq, pages_per_seq};
+  p.num_q_heads = q_heads;
+  p.sm_scale = 1.0f / std::sqrt(float(head_dim));
+  p.o = o.data();
+  p.o_stride_head = head_dim;
+  p.o_stride_token = std::int64_t(q_heads) * head_dim;
+  p.q_dtype = kvkit::DType::kBFloat16;
+  p.kv_dtype = kvkit::DType::kBFloat16;
+
+  int device = 0, sms = 0;
+  KVKIT_CUDA_CHECK(cudaGetDevice(&device));
+  KVKIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  kvkit::cuda::DecodePlanOptions options;
+  options.max_splits = max_splits;
+  const kvkit::cuda::DecodePlan plan = kvkit::cuda::plan_decode(p, seq_lens.data(), sms, options);
+  DeviceBuffer workspace(plan.workspace_bytes);
+  kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) {
+    KVKIT_CUDA_CHECK(kvkit::cuda::run_decode(p, plan, workspace.data(), workspace.bytes(), s));
+  });
+  const double kv_bytes = 2.0 * double(batch * context) * kv_heads * head_dim * sizeof(T);
+  const double qo_bytes = 2.0 * double(batch) * q_heads * head_dim * sizeof(T);
+  kvkit::bench::report_device_bandwidth(state, kv_bytes + qo_bytes);
+  state.counters["splits"] = plan.num_splits;
+}
+
+BENCHMARK_CAPTURE(BM_decode_gpu, llama3_8b_b64, 64, 4096, 32, 8, 64)
+    ->Name("attention_gpu/decode/llama3_8b/bf16/page16/batch64_ctx4096")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_gpu, llama3_8b_b1, 1, 32768, 32, 8, 64)
+    ->Name("attention_gpu/decode/llama3_8b/bf16/page16/batch1_ctx32768")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_gpu, llama3_8b_b1_unsplit, 1, 32768, 32, 8, 1)
+    ->Name("attention_gpu/decode/llama3_8b/bf16/page16/batch1_ctx32768_unsplit")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_gpu, mqa16, 64, 8192, 16, 1, 64)
+    ->Name("attention_gpu/decode/mqa_16q_1kv/bf16/page16/batch64_ctx8192")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_gpu, mqa128, 32, 8192, 128, 1, 64)
+    ->Name("attention_gpu/decode/mqa_128q_1kv/bf16/page16/batch32_ctx8192")->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+}  // namespace

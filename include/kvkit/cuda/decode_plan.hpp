@@ -1,0 +1,262 @@
+#pragma once
+/// @file decode_plan.hpp
+/// The host half of the GPU decode attention (cuda/attention_decode.cuh):
+/// DecodePlan and plan_decode, the argument checks that need no device
+/// memory, and the shape constants the kernels are built with. Plain C++
+/// (no CUDA headers), so that planning and its checks can be tested and used
+/// by host code on machines without a GPU.
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "kvkit/core/config.hpp"
+#include "kvkit/core/dispatch.hpp"
+#include "kvkit/core/error.hpp"
+#include "kvkit/layout/page_table.hpp"
+#include "kvkit/ops/attention_params.hpp"
+
+namespace kvkit::cuda {
+
+/// Most key chunks (splits) per sequence that a plan may choose.
+inline constexpr int kMaxDecodeSplits = 128;
+
+/// Knobs of plan_decode. The defaults suit an H100-class GPU.
+struct DecodePlanOptions {
+  /// Thread blocks per SM the split heuristic aims for (two fit at once).
+  int blocks_per_sm = 2;
+  /// Smallest chunk the heuristic makes: shorter chunks cost more in the merge than they gain.
+  std::int64_t min_chunk_keys = 256;
+  /// Cap on chunks per sequence (1 disables split-KV); at most kMaxDecodeSplits.
+  int max_splits = 64;
+  /// > 0: use exactly this many keys per chunk instead of the heuristic
+  /// (tests; engines that tune it). Still capped by max_splits.
+  std::int64_t chunk_keys = 0;
+};
+
+/// What run_decode needs besides the params: grid shape, chunking and the
+/// workspace size. Made on the host by plan_decode from host copies of the
+/// sequence lengths; valid for any device lengths that respect the page
+/// table (longer sequences get longer last chunks, never more chunks, so
+/// the workspace stays large enough). Plain data: copy it freely.
+struct DecodePlan {
+  std::int64_t batch_size = 0;  ///< the shape the plan was made for; run_decode checks it
+  int q_len = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  DType q_dtype = DType::kFloat32;
+  DType kv_dtype = DType::kFloat32;
+  int row_chunks = 1;           ///< blocks along one kv head's q_len x group query rows
+  int rows_per_chunk = 1;       ///< query rows per block (the last chunk may have fewer)
+  int num_splits = 1;           ///< most key chunks of any sequence (1: no split-KV)
+  std::int64_t chunk_keys = 0;  ///< keys per chunk; 0 without split-KV
+  std::size_t workspace_bytes = 0;  ///< partial o and lse; 0 without split-KV
+};
+
+namespace detail {
+
+constexpr int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+constexpr int floor_pow2(int x) {
+  int p = 1;
+  while (p * 2 <= x) p *= 2;
+  return p;
+}
+
+inline constexpr int kDecodeThreads = 256;
+/// Query rows a lane group keeps in registers (q fragment + accumulator each).
+inline constexpr int kDecodeRowsPerGroup = 4;
+inline constexpr int kDecodeStages = 3;
+/// Bytes of one K tile (and one V tile) per pipeline stage.
+inline constexpr int kDecodeTileBytes = 8192;
+
+/// Lanes that share one K/V row: one 16-byte unit each, rounded up to a
+/// power of two (head_dim 96 in bf16 = 12 units -> 16 lanes, 4 idle) and at
+/// most a warp (wider rows give a lane several units).
+constexpr int decode_lanes(int head_dim, int elem_bytes) {
+  return head_dim * elem_bytes / 16 >= 32 ? 32 : next_pow2(head_dim * elem_bytes / 16);
+}
+/// Query rows one block serves: lane groups x rows per group.
+constexpr int decode_max_rows(int head_dim, int elem_bytes) {
+  return kDecodeThreads / decode_lanes(head_dim, elem_bytes) * kDecodeRowsPerGroup;
+}
+
+/// Chunks of `keys` keys of `chunk_keys` each, at least 1, at most max_chunks
+/// (the last chunk takes the rest). Shared by the decode and merge kernels.
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE int decode_num_chunks(std::int64_t keys, std::int64_t chunk_keys,
+                                                          int max_chunks) {
+  if (keys <= 0 || chunk_keys <= 0) return 1;
+  const std::int64_t n = (keys + chunk_keys - 1) / chunk_keys;
+  return n < max_chunks ? int(n) : max_chunks;
+}
+
+/// Calls f(std::integral_constant<int, head_dim>, TypeTag<QT>, TypeTag<KVT>)
+/// for the combinations the GPU kernels are compiled for: head_dim 64, 96,
+/// 128, 256 and (q, kv) dtypes equal (float32, float16, bfloat16) or
+/// float32 q with a bfloat16 cache. Throws kvkit::Error otherwise.
+template <class F>
+void dispatch_decode(std::int64_t head_dim, DType q_dtype, DType kv_dtype, const char* where, F&& f) {
+  const auto with_head_dim = [&](auto qtag, auto kvtag) {
+    switch (head_dim) {
+      case 64: f(std::integral_constant<int, 64>{}, qtag, kvtag); break;
+      case 96: f(std::integral_constant<int, 96>{}, qtag, kvtag); break;
+      case 128: f(std::integral_constant<int, 128>{}, qtag, kvtag); break;
+      case 256: f(std::integral_constant<int, 256>{}, qtag, kvtag); break;
+      default: fail_argument(where, "layout.head_dim", head_dim, "one of {64, 96, 128, 256} on the GPU");
+    }
+  };
+  dispatch_dtype<FloatTypes>(q_dtype, where, "q_dtype", [](auto) {});
+  dispatch_dtype<FloatTypes>(kv_dtype, where, "kv_dtype", [](auto) {});
+  if (q_dtype == kv_dtype) {
+    dispatch_dtype<FloatTypes>(q_dtype, where, "q_dtype", [&](auto tag) { with_head_dim(tag, tag); });
+  } else if (q_dtype == DType::kFloat32 && kv_dtype == DType::kBFloat16) {
+    with_head_dim(TypeTag<float>{}, TypeTag<bfloat16>{});
+  } else {
+    fail(where, "q_dtype ", q_dtype, " with kv_dtype ", kv_dtype,
+         ": expected equal dtypes, or float32 q with a bfloat16 cache, on the GPU");
+  }
+}
+
+/// Query rows per block for this head_dim and cache dtype (see DecodeTraits).
+inline int decode_rows_per_block(std::int64_t head_dim, DType kv_dtype) {
+  return decode_max_rows(int(head_dim), int(dtype_size(kv_dtype)));
+}
+
+/// The checks of kvkit::detail::validate_decode_params that need no device
+/// memory: the page table's arrays are not read (the GPU op gets device
+/// pointers), so page ids and seq_lens >= q_len are the caller's contract
+/// (plan_decode checks its host copy of the lengths).
+inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where) {
+  p.layout.validate(where);
+  const std::int64_t kv_heads = p.layout.num_heads;
+  const std::int64_t head_dim = p.layout.head_dim;
+  check_argument(p.q_len >= 1, where, "q_len", p.q_len, ">= 1");
+  check_argument(p.num_q_heads > 0 && p.num_q_heads % kv_heads == 0, where, "num_q_heads",
+                 p.num_q_heads, "a positive multiple of the kv heads (", kv_heads, ")");
+  check_argument(std::isfinite(p.sm_scale) && p.sm_scale > 0.0f, where, "sm_scale", p.sm_scale,
+                 "a finite value > 0 (usually head_dim^-0.5)");
+  check_argument(p.window >= 0, where, "window", p.window, ">= 0 (0: no window)");
+  check_argument(p.num_sinks >= 0, where, "num_sinks", p.num_sinks, ">= 0");
+  check_argument(p.logit_softcap >= 0.0f, where, "logit_softcap", p.logit_softcap,
+                 ">= 0 (0: no soft-cap)");
+  check_argument(p.kv_begin >= 0 && p.kv_begin <= p.kv_end, where, "kv_begin", p.kv_begin,
+                 ">= 0 and <= kv_end (", p.kv_end, ")");
+  const PaddedPageTable& t = p.page_table;
+  check_argument(t.batch_size >= 0, where, "page_table.batch_size", t.batch_size, ">= 0");
+  check_argument(t.max_blocks >= 0, where, "page_table.max_blocks", t.max_blocks, ">= 0");
+  check_argument(t.stride_batch >= t.max_blocks, where, "page_table.stride_batch", t.stride_batch,
+                 ">= max_blocks (", t.max_blocks, ")");
+  dispatch_decode(head_dim, p.q_dtype, p.kv_dtype, where, [](auto, auto, auto) {});
+  const std::int64_t rows = t.batch_size * p.q_len;
+  if (rows == 0) return;
+  check_argument(t.seq_lens != nullptr, where, "page_table.seq_lens", t.seq_lens, "a non-null pointer");
+  check_argument(t.block_table != nullptr || t.max_blocks == 0, where, "page_table.block_table",
+                 t.block_table, "a non-null pointer");
+  check_argument(p.q != nullptr, where, "q", p.q, "a non-null pointer");
+  check_argument(p.o != nullptr, where, "o", p.o, "a non-null pointer");
+  check_argument(p.k_cache != nullptr, where, "k_cache", p.k_cache, "a non-null pointer");
+  check_argument(p.v_cache != nullptr, where, "v_cache", p.v_cache, "a non-null pointer");
+  check_argument(p.q_stride_head >= head_dim, where, "q_stride_head", p.q_stride_head,
+                 ">= head_dim (", head_dim, ")");
+  check_argument(p.q_stride_token >= p.num_q_heads * p.q_stride_head || rows == 1, where,
+                 "q_stride_token", p.q_stride_token, ">= num_q_heads * q_stride_head (",
+                 p.num_q_heads * p.q_stride_head, ")");
+  check_argument(p.o_stride_head >= head_dim, where, "o_stride_head", p.o_stride_head,
+                 ">= head_dim (", head_dim, ")");
+  check_argument(p.o_stride_token >= p.num_q_heads * p.o_stride_head || rows == 1, where,
+                 "o_stride_token", p.o_stride_token, ">= num_q_heads * o_stride_head (",
+                 p.num_q_heads * p.o_stride_head, ")");
+}
+
+}  // namespace detail
+
+/// Plans a decode call on the host: rows per block, whether and how to split
+/// the keys (more chunks for few sequences x long contexts, so that about
+/// options.blocks_per_sm x num_sms blocks run), and the workspace size.
+/// `host_seq_lens` ([batch_size], host memory) are the lengths the plan is
+/// made for (a host copy of params.page_table.seq_lens; for a captured graph
+/// replayed at growing lengths, plan for the longest). `num_sms`: the
+/// device's multiprocessor count (cudaDevAttrMultiProcessorCount). Reads no
+/// device memory. Throws kvkit::Error on invalid params, head_dim or dtype
+/// combinations the GPU does not support, lengths < q_len or beyond the page
+/// table, or bad options.
+inline DecodePlan plan_decode(const PagedDecodeParams& p, const std::int32_t* host_seq_lens, int num_sms,
+                              const DecodePlanOptions& options = {}) {
+  constexpr const char* kWhere = "kvkit::cuda::plan_decode";
+  detail::validate_decode_shapes(p, kWhere);
+  check_argument(num_sms > 0, kWhere, "num_sms", num_sms, "> 0");
+  check_argument(options.blocks_per_sm > 0, kWhere, "options.blocks_per_sm", options.blocks_per_sm, "> 0");
+  check_argument(options.min_chunk_keys > 0, kWhere, "options.min_chunk_keys", options.min_chunk_keys, "> 0");
+  check_argument(options.max_splits >= 1 && options.max_splits <= kMaxDecodeSplits, kWhere,
+                 "options.max_splits", options.max_splits, "in [1, ", kMaxDecodeSplits, "]");
+  check_argument(options.chunk_keys >= 0, kWhere, "options.chunk_keys", options.chunk_keys,
+                 ">= 0 (0: chosen by the plan)");
+  const PaddedPageTable& t = p.page_table;
+  check_argument(host_seq_lens != nullptr || t.batch_size == 0, kWhere, "host_seq_lens", host_seq_lens,
+                 "a non-null pointer to batch_size (", t.batch_size, ") lengths in host memory");
+  for (std::int64_t b = 0; b < t.batch_size; ++b) {
+    const std::int64_t len = host_seq_lens[b];
+    if (len < p.q_len) {
+      fail(kWhere, "sequence ", b, " has seq_len ", len, " < q_len (", p.q_len,
+           "); expected the new tokens to be in the cache already");
+    }
+    if (len > t.max_blocks * p.layout.page_size) {
+      fail(kWhere, "host_seq_lens[", b, "] = ", len, ": expected at most max_blocks x page_size (",
+           t.max_blocks * p.layout.page_size, ")");
+    }
+  }
+
+  DecodePlan plan;
+  plan.batch_size = t.batch_size;
+  plan.q_len = p.q_len;
+  plan.num_q_heads = p.num_q_heads;
+  plan.num_kv_heads = int(p.layout.num_heads);
+  plan.head_dim = int(p.layout.head_dim);
+  plan.q_dtype = p.q_dtype;
+  plan.kv_dtype = p.kv_dtype;
+  const int group = p.num_q_heads / plan.num_kv_heads;
+  const std::int64_t rows = std::int64_t(p.q_len) * group;
+  const std::int64_t capacity = detail::decode_rows_per_block(p.layout.head_dim, p.kv_dtype);
+  check_argument(rows <= std::int64_t(1) << 24, kWhere, "q_len", p.q_len,
+                 "small enough that q_len x group (", rows, ") <= 2^24");
+  // Equal row chunks of at most `capacity` rows, none empty.
+  const std::int64_t chunks_needed = (rows + capacity - 1) / capacity;
+  plan.rows_per_chunk = int((rows + chunks_needed - 1) / chunks_needed);
+  plan.row_chunks = int((rows + plan.rows_per_chunk - 1) / plan.rows_per_chunk);
+
+  const std::int64_t base_blocks = t.batch_size * plan.num_kv_heads * plan.row_chunks;
+  const std::int64_t target = std::int64_t(options.blocks_per_sm) * num_sms;
+  std::int64_t chunk = options.chunk_keys;
+  if (chunk == 0 && base_blocks > 0 && base_blocks < target && options.max_splits > 1) {
+    // Spread the keys of all sequences over about `target` blocks.
+    std::int64_t keys = 0;
+    for (std::int64_t b = 0; b < t.batch_size; ++b) keys += attention_key_span(p, host_seq_lens[b]).size();
+    chunk = (keys * plan.num_kv_heads * plan.row_chunks + target - 1) / target;
+    chunk = chunk < options.min_chunk_keys ? options.min_chunk_keys : chunk;
+    chunk = (chunk + 63) / 64 * 64;  // whole tiles for every head_dim and dtype
+  }
+  if (chunk > 0) {
+    for (std::int64_t b = 0; b < t.batch_size; ++b) {
+      const int n = detail::decode_num_chunks(attention_key_span(p, host_seq_lens[b]).size(), chunk,
+                                              options.max_splits);
+      plan.num_splits = n > plan.num_splits ? n : plan.num_splits;
+    }
+  }
+  if (plan.num_splits > 1) {
+    plan.chunk_keys = chunk;
+    const std::int64_t rows_total = t.batch_size * p.q_len * p.num_q_heads;
+    plan.workspace_bytes =
+        std::size_t(plan.num_splits) * std::size_t(rows_total) * std::size_t(plan.head_dim + 1) * sizeof(float);
+  }
+  check_argument(base_blocks * plan.num_splits <= 0x7fffffff, kWhere, "page_table.batch_size",
+                 t.batch_size, "small enough for one grid (", base_blocks * plan.num_splits,
+                 " blocks needed, at most 2^31 - 1)");
+  return plan;
+}
+
+}  // namespace kvkit::cuda
