@@ -414,11 +414,11 @@ __global__ void __launch_bounds__(kMergeThreads)
 /// the split partial states. Neither allocates nor synchronizes, so it can
 /// be captured in a CUDA graph. Throws kvkit::Error (launching nothing) on
 /// invalid params, a plan made for another shape, or a missing or too small
-/// workspace; returns the launch status.
-inline cudaError_t run_decode(const PagedDecodeParams& p, const DecodePlan& plan, void* workspace,
+/// workspace; or a failed launch.
+inline void run_decode(const PagedDecodeParams& p, const DecodePlan& plan, void* workspace,
                               std::size_t workspace_bytes, cudaStream_t stream = nullptr) {
   constexpr const char* kWhere = "kvkit::cuda::run_decode";
-  detail::validate_decode_shapes(p, kWhere);
+  detail::validate_cuda_decode_shapes(p, kWhere);
   const bool same_shape = plan.batch_size == p.page_table.batch_size && plan.q_len == p.q_len &&
                           plan.num_q_heads == p.num_q_heads && plan.num_kv_heads == p.layout.num_heads &&
                           plan.head_dim == p.layout.head_dim && plan.q_dtype == p.q_dtype &&
@@ -444,7 +444,7 @@ inline cudaError_t run_decode(const PagedDecodeParams& p, const DecodePlan& plan
                    ">= plan.workspace_bytes (", plan.workspace_bytes, ")");
     check_argument(detail::address_of(workspace) % 4 == 0, kWhere, "workspace", workspace, "4-byte aligned");
   }
-  if (rows_total == 0) return cudaSuccess;
+  if (rows_total == 0) return;
 
   detail::DecodeLaunch L;
   L.rows_total = rows_total;
@@ -474,7 +474,7 @@ inline cudaError_t run_decode(const PagedDecodeParams& p, const DecodePlan& plan
           <<<detail::merge_blocks(rows_total), detail::kMergeThreads, 0, stream>>>(p, L);
     }
   });
-  return cudaGetLastError();
+  KVKIT_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace kvkit::cuda

@@ -15,6 +15,7 @@
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
 #include "kvkit/layout/page_table.hpp"
+#include "kvkit/ops/attention_decode.hpp"
 #include "kvkit/ops/attention_params.hpp"
 
 namespace kvkit::cuda {
@@ -131,46 +132,11 @@ inline int decode_rows_per_block(std::int64_t head_dim, DType kv_dtype) {
 /// memory: the page table's arrays are not read (the GPU op gets device
 /// pointers), so page ids and seq_lens >= q_len are the caller's contract
 /// (plan_decode checks its host copy of the lengths).
-inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where) {
-  p.layout.validate(where);
-  const std::int64_t kv_heads = p.layout.num_heads;
-  const std::int64_t head_dim = p.layout.head_dim;
-  check_argument(p.q_len >= 1, where, "q_len", p.q_len, ">= 1");
-  check_argument(p.num_q_heads > 0 && p.num_q_heads % kv_heads == 0, where, "num_q_heads",
-                 p.num_q_heads, "a positive multiple of the kv heads (", kv_heads, ")");
-  check_argument(std::isfinite(p.sm_scale) && p.sm_scale > 0.0f, where, "sm_scale", p.sm_scale,
-                 "a finite value > 0 (usually head_dim^-0.5)");
-  check_argument(p.window >= 0, where, "window", p.window, ">= 0 (0: no window)");
-  check_argument(p.num_sinks >= 0, where, "num_sinks", p.num_sinks, ">= 0");
-  check_argument(p.logit_softcap >= 0.0f, where, "logit_softcap", p.logit_softcap,
-                 ">= 0 (0: no soft-cap)");
-  check_argument(p.kv_begin >= 0 && p.kv_begin <= p.kv_end, where, "kv_begin", p.kv_begin,
-                 ">= 0 and <= kv_end (", p.kv_end, ")");
-  const PaddedPageTable& t = p.page_table;
-  check_argument(t.batch_size >= 0, where, "page_table.batch_size", t.batch_size, ">= 0");
-  check_argument(t.max_blocks >= 0, where, "page_table.max_blocks", t.max_blocks, ">= 0");
-  check_argument(t.stride_batch >= t.max_blocks, where, "page_table.stride_batch", t.stride_batch,
-                 ">= max_blocks (", t.max_blocks, ")");
-  dispatch_decode(head_dim, p.q_dtype, p.kv_dtype, where, [](auto, auto, auto) {});
-  const std::int64_t rows = t.batch_size * p.q_len;
-  if (rows == 0) return;
-  check_argument(t.seq_lens != nullptr, where, "page_table.seq_lens", t.seq_lens, "a non-null pointer");
-  check_argument(t.block_table != nullptr || t.max_blocks == 0, where, "page_table.block_table",
-                 t.block_table, "a non-null pointer");
-  check_argument(p.q != nullptr, where, "q", p.q, "a non-null pointer");
-  check_argument(p.o != nullptr, where, "o", p.o, "a non-null pointer");
-  check_argument(p.k_cache != nullptr, where, "k_cache", p.k_cache, "a non-null pointer");
-  check_argument(p.v_cache != nullptr, where, "v_cache", p.v_cache, "a non-null pointer");
-  check_argument(p.q_stride_head >= head_dim, where, "q_stride_head", p.q_stride_head,
-                 ">= head_dim (", head_dim, ")");
-  check_argument(p.q_stride_token >= p.num_q_heads * p.q_stride_head || rows == 1, where,
-                 "q_stride_token", p.q_stride_token, ">= num_q_heads * q_stride_head (",
-                 p.num_q_heads * p.q_stride_head, ")");
-  check_argument(p.o_stride_head >= head_dim, where, "o_stride_head", p.o_stride_head,
-                 ">= head_dim (", head_dim, ")");
-  check_argument(p.o_stride_token >= p.num_q_heads * p.o_stride_head || rows == 1, where,
-                 "o_stride_token", p.o_stride_token, ">= num_q_heads * o_stride_head (",
-                 p.num_q_heads * p.o_stride_head, ")");
+/// The CPU op's shape checks plus the head_dim / dtype combinations the
+/// CUDA kernels are compiled for.
+inline void validate_cuda_decode_shapes(const PagedDecodeParams& p, const char* where) {
+  ::kvkit::detail::validate_decode_shapes(p, where);
+  dispatch_decode(p.layout.head_dim, p.q_dtype, p.kv_dtype, where, [](auto, auto, auto) {});
 }
 
 }  // namespace detail
@@ -188,7 +154,7 @@ inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where
 inline DecodePlan plan_decode(const PagedDecodeParams& p, const std::int32_t* host_seq_lens, int num_sms,
                               const DecodePlanOptions& options = {}) {
   constexpr const char* kWhere = "kvkit::cuda::plan_decode";
-  detail::validate_decode_shapes(p, kWhere);
+  detail::validate_cuda_decode_shapes(p, kWhere);
   check_argument(num_sms > 0, kWhere, "num_sms", num_sms, "> 0");
   check_argument(options.blocks_per_sm > 0, kWhere, "options.blocks_per_sm", options.blocks_per_sm, "> 0");
   check_argument(options.min_chunk_keys > 0, kWhere, "options.min_chunk_keys", options.min_chunk_keys, "> 0");
@@ -201,10 +167,7 @@ inline DecodePlan plan_decode(const PagedDecodeParams& p, const std::int32_t* ho
                  "a non-null pointer to batch_size (", t.batch_size, ") lengths in host memory");
   for (std::int64_t b = 0; b < t.batch_size; ++b) {
     const std::int64_t len = host_seq_lens[b];
-    if (len < p.q_len) {
-      fail(kWhere, "sequence ", b, " has seq_len ", len, " < q_len (", p.q_len,
-           "); expected the new tokens to be in the cache already");
-    }
+    ::kvkit::detail::check_decode_seq_len(p, b, len, kWhere);
     if (len > t.max_blocks * p.layout.page_size) {
       fail(kWhere, "host_seq_lens[", b, "] = ", len, ": expected at most max_blocks x page_size (",
            t.max_blocks * p.layout.page_size, ")");

@@ -115,20 +115,20 @@ inline unsigned merge_blocks(std::int64_t rows) {
 /// of o_a, o_b, out_o are [num_rows, head_dim] float32, contiguous; lse
 /// arrays are [num_rows]. out_o/out_lse may alias either input. All pointers
 /// are device pointers. Throws kvkit::Error on bad sizes or null pointers
-/// (nothing is launched); returns the launch status.
-inline cudaError_t merge_states(const float* o_a, const float* lse_a, const float* o_b,
+/// (nothing is launched); or a failed launch.
+inline void merge_states(const float* o_a, const float* lse_a, const float* o_b,
                                 const float* lse_b, float* out_o, float* out_lse,
                                 std::int64_t num_rows, int head_dim, cudaStream_t stream = nullptr) {
   constexpr const char* kWhere = "kvkit::cuda::merge_states";
   check_argument(num_rows >= 0, kWhere, "num_rows", num_rows, ">= 0");
   check_argument(num_rows < (std::int64_t(1) << 32), kWhere, "num_rows", num_rows, "< 2^32 on the GPU");
   check_argument(head_dim > 0, kWhere, "head_dim", head_dim, "> 0");
-  if (num_rows == 0) return cudaSuccess;
+  if (num_rows == 0) return;
   check(o_a && lse_a && o_b && lse_b && out_o && out_lse, kWhere,
         "a null pointer among o_a, lse_a, o_b, lse_b, out_o, out_lse; expected all non-null");
   detail::merge_states_kernel<<<detail::merge_blocks(num_rows), detail::kMergeThreads, 0, stream>>>(
       o_a, lse_a, o_b, lse_b, out_o, out_lse, num_rows, head_dim);
-  return cudaGetLastError();
+  KVKIT_CUDA_CHECK(cudaGetLastError());
 }
 
 /// Merges a variable number of states per row on `stream` (see
@@ -137,20 +137,20 @@ inline cudaError_t merge_states(const float* o_a, const float* lse_a, const floa
 /// states gets o = 0, lse = −inf. `indptr` ([num_rows + 1], int64) is in
 /// device memory and is not read by the launcher, so it is not validated:
 /// it must start at 0 and not decrease. Outputs must not alias the inputs.
-/// Throws kvkit::Error on bad sizes or null pointers; returns the launch status.
-inline cudaError_t merge_states_varlen(const float* o, const float* lse, const std::int64_t* indptr,
+/// Throws kvkit::Error on bad sizes or null pointers; or a failed launch.
+inline void merge_states_varlen(const float* o, const float* lse, const std::int64_t* indptr,
                                        std::int64_t num_rows, int head_dim, float* out_o,
                                        float* out_lse, cudaStream_t stream = nullptr) {
   constexpr const char* kWhere = "kvkit::cuda::merge_states_varlen";
   check_argument(num_rows >= 0, kWhere, "num_rows", num_rows, ">= 0");
   check_argument(num_rows < (std::int64_t(1) << 32), kWhere, "num_rows", num_rows, "< 2^32 on the GPU");
   check_argument(head_dim > 0, kWhere, "head_dim", head_dim, "> 0");
-  if (num_rows == 0) return cudaSuccess;
+  if (num_rows == 0) return;
   check(o && lse && indptr && out_o && out_lse, kWhere,
         "a null pointer among o, lse, indptr, out_o, out_lse; expected all non-null");
   detail::merge_states_varlen_kernel<<<detail::merge_blocks(num_rows), detail::kMergeThreads, 0,
                                        stream>>>(o, lse, indptr, num_rows, head_dim, out_o, out_lse);
-  return cudaGetLastError();
+  KVKIT_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace kvkit::cuda

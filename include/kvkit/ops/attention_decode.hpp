@@ -37,7 +37,10 @@ inline float dot_product(const float* a, const float* b, int n) {
   return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
 }
 
-inline void validate_decode_params(const PagedDecodeParams& p, const char* where) {
+/// Checks everything about a decode call that needs no memory reads (shapes,
+/// strides, flags, pointers, dtypes). Shared by the CPU op and the CUDA plan,
+/// whose page tables live on the device.
+inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where) {
   p.layout.validate(where);
   const std::int64_t kv_heads = p.layout.num_heads;
   const std::int64_t head_dim = p.layout.head_dim;
@@ -54,9 +57,18 @@ inline void validate_decode_params(const PagedDecodeParams& p, const char* where
                  ">= 0 and <= kv_end (", p.kv_end, ")");
   check_argument(p.causal || p.window == 0, where, "window", p.window,
                  "0 when causal is false (a window needs query positions)");
-  validate_page_table(p.page_table, p.layout.page_size, p.layout.num_pages);
-  const std::int64_t rows = p.page_table.batch_size * p.q_len;
+  const PaddedPageTable& t = p.page_table;
+  check_argument(t.batch_size >= 0, where, "page_table.batch_size", t.batch_size, ">= 0");
+  check_argument(t.max_blocks >= 0, where, "page_table.max_blocks", t.max_blocks, ">= 0");
+  check_argument(t.stride_batch >= t.max_blocks, where, "page_table.stride_batch", t.stride_batch,
+                 ">= max_blocks (", t.max_blocks, ")");
+  dispatch_dtype<FloatTypes>(p.q_dtype, where, "q_dtype", [](auto) {});
+  dispatch_dtype<FloatTypes>(p.kv_dtype, where, "kv_dtype", [](auto) {});
+  const std::int64_t rows = t.batch_size * p.q_len;
   if (rows == 0) return;
+  check_argument(t.seq_lens != nullptr, where, "page_table.seq_lens", t.seq_lens, "a non-null pointer");
+  check_argument(t.block_table != nullptr || t.max_blocks == 0, where, "page_table.block_table",
+                 t.block_table, "a non-null pointer");
   check_argument(p.q != nullptr, where, "q", p.q, "a non-null pointer");
   check_argument(p.o != nullptr, where, "o", p.o, "a non-null pointer");
   check_argument(p.k_cache != nullptr, where, "k_cache", p.k_cache, "a non-null pointer");
@@ -71,14 +83,24 @@ inline void validate_decode_params(const PagedDecodeParams& p, const char* where
   check_argument(p.o_stride_token >= p.num_q_heads * p.o_stride_head || rows == 1, where,
                  "o_stride_token", p.o_stride_token, ">= num_q_heads * o_stride_head (",
                  p.num_q_heads * p.o_stride_head, ")");
-  for (std::int64_t b = 0; b < p.page_table.batch_size && p.causal; ++b) {
-    if (p.page_table.seq_len(b) < p.q_len) {
-      fail(where, "sequence ", b, " has seq_len ", p.page_table.seq_len(b), " < q_len (", p.q_len,
-           "); expected the new tokens to be in the cache already");
-    }
+}
+
+/// Checks one sequence length (host memory): with causal attention the q_len
+/// new tokens must already be in the cache.
+inline void check_decode_seq_len(const PagedDecodeParams& p, std::int64_t b, std::int64_t len,
+                                 const char* where) {
+  if (p.causal && len < p.q_len) {
+    fail(where, "sequence ", b, " has seq_len ", len, " < q_len (", p.q_len,
+         "); expected the new tokens to be in the cache already");
   }
-  dispatch_dtype<FloatTypes>(p.q_dtype, where, "q_dtype", [](auto) {});
-  dispatch_dtype<FloatTypes>(p.kv_dtype, where, "kv_dtype", [](auto) {});
+}
+
+inline void validate_decode_params(const PagedDecodeParams& p, const char* where) {
+  validate_decode_shapes(p, where);
+  validate_page_table(p.page_table, p.layout.page_size, p.layout.num_pages);
+  for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
+    check_decode_seq_len(p, b, p.page_table.seq_len(b), where);
+  }
 }
 
 /// All query rows (q_len tokens x all q heads) of one sequence. A tile of
