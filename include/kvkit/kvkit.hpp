@@ -20,3 +20,4 @@
 #include "kvkit/ops/copy_blocks.hpp"
 #include "kvkit/ops/gather.hpp"
 #include "kvkit/ops/quantize.hpp"
+#include "kvkit/ops/swap_blocks.hpp"
