@@ -12,6 +12,7 @@
 #include "kvkit/core/tensor_view.hpp"
 #include "kvkit/layout/capacity.hpp"
 #include "kvkit/layout/contiguous_kv_layout.hpp"
+#include "kvkit/layout/virtual_kv_cache.hpp"
 #include "kvkit/layout/kv_scales.hpp"
 #include "kvkit/layout/latent_kv_layout.hpp"
 #include "kvkit/layout/page_table.hpp"
