@@ -23,6 +23,7 @@
 // layout: where each cache element lives
 #include "kvkit/layout/capacity.hpp"
 #include "kvkit/layout/contiguous_kv_layout.hpp"
+#include "kvkit/layout/virtual_kv_cache.hpp"
 #include "kvkit/layout/kv_scales.hpp"
 #include "kvkit/layout/latent_kv_layout.hpp"
 #include "kvkit/layout/page_table.hpp"
@@ -41,3 +42,4 @@
 #include "kvkit/ops/quantize.hpp"
 #include "kvkit/ops/rope.hpp"
 #include "kvkit/ops/rope_append.hpp"
+#include "kvkit/ops/swap_blocks.hpp"

@@ -1,0 +1,173 @@
+#pragma once
+/// @file quantize_row.hpp
+/// Host row kernels behind kvkit::quantize_append_kv: one head row
+/// [head_dim] of float32 / float16 / bfloat16 in, fp8 e4m3 / e5m2 / int8
+/// bytes out. Every step is written without data-dependent branches (selects
+/// on integer bit patterns, float rounding done by the FPU with magic
+/// constants), so that the compiler vectorizes the loops over head_dim; the
+/// results equal kvkit::quantize_value, fold_amax and the element types'
+/// conversions bit for bit (tests/test_layout_quantize_fast.cpp compares them
+/// over a sweep of float bit patterns).
+///
+/// Assumes the default floating-point environment (round to nearest even;
+/// flush-to-zero and denormals-are-zero off), as the scalar rules do.
+
+#include <cstdint>
+
+#include "kvkit/core/bfloat16.hpp"
+#include "kvkit/core/bits.hpp"
+#include "kvkit/core/config.hpp"
+#include "kvkit/core/dtype.hpp"
+#include "kvkit/core/half.hpp"
+
+/// KVKIT_QUANTIZE_X86_DISPATCH: 1 where quantize_append_kv also compiles its
+/// loop for AVX2 and AVX-512 and picks one at run time (GCC or Clang on
+/// x86-64, not already built for AVX-512, not inside nvcc, which compiles the
+/// CPU op only as a test reference). Define it to 0 to disable.
+#ifndef KVKIT_QUANTIZE_X86_DISPATCH
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(__AVX512BW__) && !defined(__CUDACC__)
+#define KVKIT_QUANTIZE_X86_DISPATCH 1
+#else
+#define KVKIT_QUANTIZE_X86_DISPATCH 0
+#endif
+#endif
+
+namespace kvkit::detail {
+
+#if KVKIT_QUANTIZE_X86_DISPATCH
+/// The widest vector ISA of the CPU running us that the quantize loop uses.
+enum class X86Level { kBaseline, kAvx2, kAvx512 };
+
+/// Asked once per process.
+inline X86Level x86_level() {
+  static const X86Level level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+      return X86Level::kAvx512;
+    }
+    return __builtin_cpu_supports("avx2") ? X86Level::kAvx2 : X86Level::kBaseline;
+  }();
+  return level;
+}
+#endif
+
+/// All ones when x < y, else 0, for x and y in [0, 2^31) (patterns of |x|):
+/// the sign of the difference, spread by an arithmetic shift.
+KVKIT_FORCEINLINE std::int32_t mask_less(std::int32_t x, std::int32_t y) { return (x - y) >> 31; }
+
+/// mask ? x : y, bitwise. Selects are written as masks because compilers
+/// keep a ternary whose operands involve float operations as a branch (they
+/// may trap under the default -ftrapping-math) and then do not vectorize.
+KVKIT_FORCEINLINE std::int32_t blend(std::int32_t mask, std::int32_t x, std::int32_t y) {
+  return (x & mask) | (y & ~mask);
+}
+
+/// Source element -> float, exact. Branch-free versions of the element
+/// types' conversions (the half one avoids half_bits_to_float's branches).
+KVKIT_FORCEINLINE float load_source(float v) { return v; }
+KVKIT_FORCEINLINE float load_source(bfloat16 v) { return bits_to_float(std::uint32_t(v.bits) << 16); }
+KVKIT_FORCEINLINE float load_source(half v) {
+  const std::uint32_t h = v.bits;
+  const std::uint32_t sign = (h & 0x8000u) << 16;
+  const std::uint32_t em = h & 0x7fffu;
+  // Normal: rebias the exponent 15 -> 127. Subnormal: mantissa * 2^-24, exact
+  // and computed on an integer so that no float subnormal is involved.
+  const std::uint32_t normal = (em << 13) + (112u << 23);
+  const std::uint32_t subnormal = float_to_bits(float(std::int32_t(em)) * 5.9604644775390625e-08f);
+  // inf stays inf; NaN keeps its payload and becomes quiet (as half_bits_to_float).
+  const auto e = std::int32_t(em);
+  const std::int32_t special = e > 0x7c00 ? std::int32_t(0x7fc00000u | ((em & 0x3ffu) << 13)) : 0x7f800000;
+  const std::int32_t large = e < 0x7c00 ? std::int32_t(normal) : special;
+  const auto magnitude = std::uint32_t(blend(mask_less(e, 0x400), std::int32_t(subnormal), large));
+  return bits_to_float(sign | magnitude);
+}
+
+/// float -> e4m3 bits, saturating to ±448 (float_to_e4m3_bits, Saturation::kFinite).
+KVKIT_FORCEINLINE std::int32_t encode_e4m3(float v) {
+  const std::uint32_t x = float_to_bits(v);
+  const auto sign = std::int32_t((x >> 24) & 0x80u);
+  const auto a = std::int32_t(x & 0x7fffffffu);
+  // Clamping |v| to 448 first saturates (inf included), and nothing can
+  // round up to the NaN code 0x7f any more. NaN is replaced at the end.
+  const std::int32_t c = a < 0x43e00000 ? a : 0x43e00000;
+  // |v| >= 2^-6 (normal e4m3): keep 3 mantissa bits, rounding to nearest even
+  // by adding just under half a unit plus the kept lowest bit; a carry bumps
+  // the exponent. 960 = (127 - 7) << 3 rebiases the exponent.
+  const std::int32_t normal = ((c + 0x7ffff + ((c >> 20) & 1)) >> 20) - 960;
+  // |v| < 2^-6 (subnormal e4m3, units of 2^-9): adding 2^14, whose float ulp
+  // is 2^-9, makes the FPU round |v| to a multiple of 2^-9 (nearest even);
+  // the count lands in the low bits (8 = 2^-6, the smallest normal, is right too).
+  const std::int32_t subnormal =
+      std::int32_t(float_to_bits(bits_to_float(std::uint32_t(c)) + 16384.0f)) - 0x46800000;
+  return blend(mask_less(0x7f800000, a), 0x7f, sign | blend(mask_less(c, 0x3c800000), subnormal, normal));
+}
+
+/// float -> e5m2 bits, saturating to ±57344 (float_to_e5m2_bits, Saturation::kFinite).
+KVKIT_FORCEINLINE std::int32_t encode_e5m2(float v) {
+  const std::uint32_t x = float_to_bits(v);
+  const auto sign = std::int32_t((x >> 24) & 0x80u);
+  const auto a = std::int32_t(x & 0x7fffffffu);
+  // As encode_e4m3 with 2 mantissa bits: clamp to 57344 (0x47600000);
+  // 448 = (127 - 15) << 2; subnormal units of 2^-16 = the float ulp of 2^7.
+  const std::int32_t c = a < 0x47600000 ? a : 0x47600000;
+  const std::int32_t normal = ((c + 0xfffff + ((c >> 21) & 1)) >> 21) - 448;
+  const std::int32_t subnormal =
+      std::int32_t(float_to_bits(bits_to_float(std::uint32_t(c)) + 128.0f)) - 0x43000000;
+  return blend(mask_less(0x7f800000, a), 0x7f, sign | blend(mask_less(c, 0x38800000), subnormal, normal));
+}
+
+/// float -> int8 (as a byte): clamp to ±127, round to nearest even, NaN -> 0.
+KVKIT_FORCEINLINE std::int32_t encode_int8(float v) {
+  const std::uint32_t x = float_to_bits(v);
+  const auto a = std::int32_t(x & 0x7fffffffu);
+  // Clamp |v| to 127 on the bit pattern (inf and NaN too; NaN is replaced below).
+  const std::int32_t c = a < 0x42fe0000 ? a : 0x42fe0000;
+  const float clamped = bits_to_float((x & 0x80000000u) | std::uint32_t(c));
+  // Adding 1.5 * 2^23 (float ulp 1) rounds to an integer, nearest even; the
+  // integer is then the low bits of the sum's pattern.
+  return ~mask_less(0x7f800000, a) & (std::int32_t(float_to_bits(clamped + 12582912.0f)) - 0x4b400000);
+}
+
+/// Encoder for a cache dtype, chosen at compile time.
+template <DType kCache>
+KVKIT_FORCEINLINE std::uint8_t encode_quantized(float v) {
+  static_assert(kCache == DType::kFloat8E4M3 || kCache == DType::kFloat8E5M2 ||
+                    kCache == DType::kInt8,
+                "quantized caches are float8_e4m3, float8_e5m2 or int8");
+  if constexpr (kCache == DType::kFloat8E4M3) return std::uint8_t(encode_e4m3(v));
+  if constexpr (kCache == DType::kFloat8E5M2) return std::uint8_t(encode_e5m2(v));
+  if constexpr (kCache == DType::kInt8) return std::uint8_t(encode_int8(v));
+}
+
+/// Pattern of |x| when x is finite, else 0 (an int32: |x| patterns fit).
+template <class Src>
+KVKIT_FORCEINLINE std::int32_t finite_magnitude_bits(Src x) {
+  const auto a = std::int32_t(float_to_bits(load_source(x)) & 0x7fffffffu);
+  return a < 0x7f800000 ? a : 0;
+}
+
+/// Largest finite |x| of a row, 0 when there is none (= fold_amax over the
+/// row). Compared as bit patterns: for non-negative floats their order is
+/// the order of the values, and an int32 max reduction vectorizes (with
+/// SSE4.1 / AVX2 / AVX-512 / NEON; plain SSE2 has no vector int32 max).
+template <class Src>
+KVKIT_FORCEINLINE float row_amax(const Src* __restrict__ src, std::int64_t n) {
+  std::int32_t m = 0;
+  for (std::int64_t d = 0; d < n; ++d) {
+    const std::int32_t a = finite_magnitude_bits(src[d]);
+    m = m > a ? m : a;
+  }
+  return bits_to_float(std::uint32_t(m));
+}
+
+/// out[d] = quantize_value(src[d], scale, kCache) for d < n. Divides (rather
+/// than multiplying by 1 / scale) so that the bytes equal the scalar rule's.
+template <class Src, DType kCache>
+KVKIT_FORCEINLINE void quantize_row(const Src* __restrict__ src, std::int64_t n, float scale,
+                                    std::uint8_t* __restrict__ out) {
+  for (std::int64_t d = 0; d < n; ++d) out[d] = encode_quantized<kCache>(load_source(src[d]) / scale);
+}
+
+}  // namespace kvkit::detail
