@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -12,6 +13,8 @@
 
 #include "kvkit/ops/mla_compress.hpp"
 #include "kvkit/ops/mla_config.hpp"
+#include "kvkit/ops/mla_decode.hpp"
+#include "kvkit/ops/merge_states.hpp"
 
 using Catch::Matchers::Contains;
 using kvkit::MlaConfig;
@@ -176,4 +179,132 @@ TEST_CASE("bad mla input raises a clear error and writes nothing") {
     CHECK_THROWS_WITH(c.validate(), Contains("'qk_rope_head_dim' = 32"));
   }
   CHECK(p.cache == before);
+}
+
+namespace {
+
+// Random latent cache + queries; compares absorbed decode (kvkit) with the
+// naive path (decompress K_nope and V per head, standard attention) in float64.
+template <class KVT>
+void check_absorbed_equals_naive(const MlaConfig& c, std::vector<int> seq_lens, int page_size,
+                                 double tol, std::uint64_t seed, std::int64_t split = -1) {
+  std::mt19937 rng(static_cast<unsigned>(seed));
+  std::normal_distribution<float> normal;
+  const int rank = c.kv_lora_rank, rope = c.qk_rope_head_dim, lat = c.latent_dim();
+  const int batch = int(seq_lens.size());
+  std::int64_t max_blocks = 0, pages = 0;
+  for (int len : seq_lens) {
+    max_blocks = std::max<std::int64_t>(max_blocks, (len + page_size - 1) / page_size);
+    pages += (len + page_size - 1) / page_size;
+  }
+  const auto layout = kvkit::LatentKVLayout::dense(pages, page_size, rank, rope);
+  std::vector<KVT> cache(std::size_t(pages * layout.stride_page));
+  for (auto& x : cache) x = kvkit::from_float<KVT>(0.3f * normal(rng));
+  std::vector<std::int32_t> table(std::size_t(batch * max_blocks), 0), lens(seq_lens.begin(), seq_lens.end());
+  std::int32_t next = 0;
+  for (int b = 0; b < batch; ++b)
+    for (std::int64_t i = 0; i < (seq_lens[b] + page_size - 1) / page_size; ++i) table[b * max_blocks + i] = next++;
+  std::vector<float> w_uk(std::size_t(c.n_heads) * c.qk_nope_head_dim * rank), w_uv(std::size_t(c.n_heads) * c.v_head_dim * rank);
+  for (auto& x : w_uk) x = normal(rng) / std::sqrt(float(rank));
+  for (auto& x : w_uv) x = normal(rng) / std::sqrt(float(rank));
+  std::vector<float> q_nope(std::size_t(batch) * c.n_heads * c.qk_nope_head_dim), q_pe(std::size_t(batch) * c.n_heads * rope);
+  for (auto& x : q_nope) x = normal(rng);
+  for (auto& x : q_pe) x = normal(rng);
+
+  // Absorbed: q = [W_UKᵀ q_nope | q_pe] per head, attention over the latent cache, then W_UV.
+  std::vector<float> q(std::size_t(batch) * c.n_heads * lat);
+  kvkit::mla_absorb_query(c, q_nope.data(), batch, w_uk.data(), q.data(), std::int64_t(c.n_heads) * lat, lat);
+  for (int t = 0; t < batch; ++t)
+    for (int h = 0; h < c.n_heads; ++h)
+      for (int d = 0; d < rope; ++d) q[(std::size_t(t) * c.n_heads + h) * lat + rank + d] = q_pe[(std::size_t(t) * c.n_heads + h) * rope + d];
+  std::vector<float> o_lat(std::size_t(batch) * c.n_heads * rank), lse(std::size_t(batch) * c.n_heads);
+  kvkit::PagedDecodeParams p = kvkit::mla_decode_params(c, layout, cache.data(), kvkit::dtype_of<KVT>);
+  p.q = q.data();
+  p.q_stride_head = lat;
+  p.q_stride_token = std::int64_t(c.n_heads) * lat;
+  p.page_table = {table.data(), lens.data(), batch, max_blocks, max_blocks};
+  p.o = o_lat.data();
+  p.o_stride_head = rank;
+  p.o_stride_token = std::int64_t(c.n_heads) * rank;
+  p.lse = lse.data();
+  p.q_dtype = kvkit::DType::kFloat32;
+  if (split < 0) {
+    kvkit::paged_decode_attention(p);
+  } else {  // split-KV: [0, split) and [split, end), merged
+    std::vector<float> o2(o_lat.size()), lse2(lse.size());
+    p.kv_end = split;
+    kvkit::paged_decode_attention(p);
+    p.kv_begin = split;
+    p.kv_end = INT64_MAX;
+    p.o = o2.data();
+    p.lse = lse2.data();
+    kvkit::paged_decode_attention(p);
+    kvkit::merge_states(o_lat.data(), lse.data(), o2.data(), lse2.data(), o_lat.data(), lse.data(),
+                        std::int64_t(lse.size()), rank);
+  }
+  std::vector<float> out(std::size_t(batch) * c.n_heads * c.v_head_dim);
+  kvkit::mla_project_output(c, o_lat.data(), std::int64_t(c.n_heads) * rank, rank, batch, w_uv.data(), out.data());
+
+  // Naive, float64: decompress every cached token per head.
+  const double scale = c.softmax_scale();
+  for (int b = 0; b < batch; ++b) {
+    for (int h = 0; h < c.n_heads; ++h) {
+      std::vector<double> s(static_cast<std::size_t>(seq_lens[b]));
+      std::vector<std::vector<double>> v(s.size(), std::vector<double>(static_cast<std::size_t>(c.v_head_dim)));
+      double m = -1e300;
+      for (int t = 0; t < seq_lens[b]; ++t) {
+        const std::int64_t row = layout.slot_offset(std::int64_t(table[b * max_blocks + t / page_size]) * page_size + t % page_size);
+        auto ckv = [&](int k) { return double(kvkit::to_float(cache[row + k])); };
+        double dot = 0;
+        for (int d = 0; d < c.qk_nope_head_dim; ++d) {
+          double k_nope = 0;
+          for (int k = 0; k < rank; ++k) k_nope += double(w_uk[(std::size_t(h) * c.qk_nope_head_dim + d) * rank + k]) * ckv(k);
+          dot += double(q_nope[(std::size_t(b) * c.n_heads + h) * c.qk_nope_head_dim + d]) * k_nope;
+        }
+        for (int d = 0; d < rope; ++d) dot += double(q_pe[(std::size_t(b) * c.n_heads + h) * rope + d]) * ckv(rank + d);
+        for (int d = 0; d < c.v_head_dim; ++d) {
+          double val = 0;
+          for (int k = 0; k < rank; ++k) val += double(w_uv[(std::size_t(h) * c.v_head_dim + d) * rank + k]) * ckv(k);
+          v[t][d] = val;
+        }
+        s[t] = dot * scale;
+        m = std::max(m, s[t]);
+      }
+      double sum = 0;
+      for (double& e : s) sum += (e = std::exp(e - m));
+      double worst = 0, norm = 0;
+      for (int d = 0; d < c.v_head_dim; ++d) {
+        double want = 0;
+        for (int t = 0; t < seq_lens[b]; ++t) want += s[t] / sum * v[t][d];
+        norm = std::max(norm, std::fabs(want));
+        worst = std::max(worst, std::fabs(double(out[(std::size_t(b) * c.n_heads + h) * c.v_head_dim + d]) - want));
+      }
+      if (!(worst <= tol * std::max(norm, 0.1))) FAIL("seq " << b << " head " << h << ": max |o - naive| = " << worst << " (scale " << norm << ")");
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("absorbed MLA decode over the latent cache equals the naive decompress path") {
+  SECTION("DeepSeek-V2-Lite dims, fp32 cache, page 64") {
+    check_absorbed_equals_naive<float>(MlaConfig::deepseek_v2_lite(), {1, 65, 130}, 64, 1e-5, 1);
+  }
+  SECTION("V2-Lite dims, bf16 cache") {
+    check_absorbed_equals_naive<kvkit::bfloat16>(MlaConfig::deepseek_v2_lite(), {3, 64, 200}, 64, 1e-2, 2);
+  }
+  SECTION("small random dims, page 1 and 16") {
+    MlaConfig c;
+    c.n_heads = 3;
+    c.kv_lora_rank = 32;
+    c.qk_nope_head_dim = 16;
+    c.qk_rope_head_dim = 8;
+    c.v_head_dim = 24;
+    c.rope.head_dim = c.rope.rotary_dim = 8;
+    check_absorbed_equals_naive<float>(c, {1, 2, 17, 300}, 1, 1e-5, 3);
+    check_absorbed_equals_naive<float>(c, {1, 2, 17, 300}, 16, 1e-5, 4);
+  }
+  SECTION("split-KV equals unsplit") {
+    check_absorbed_equals_naive<float>(MlaConfig::deepseek_v2_lite(), {1, 65, 130}, 64, 1e-5, 1, 64);
+  }
 }

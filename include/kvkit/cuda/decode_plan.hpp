@@ -136,6 +136,8 @@ inline int decode_rows_per_block(std::int64_t head_dim, DType kv_dtype) {
 /// CUDA kernels are compiled for.
 inline void validate_cuda_decode_shapes(const PagedDecodeParams& p, const char* where) {
   ::kvkit::detail::validate_decode_shapes(p, where);
+  check_argument(p.v_head_dim == 0 || p.v_head_dim == p.layout.head_dim, where, "v_head_dim",
+                 p.v_head_dim, "0 or head_dim on the GPU (the MLA kernel with narrower values is not written yet)");
   dispatch_decode(p.layout.head_dim, p.q_dtype, p.kv_dtype, where, [](auto, auto, auto) {});
 }
 

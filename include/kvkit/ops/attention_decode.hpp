@@ -78,8 +78,11 @@ inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where
   check_argument(p.q_stride_token >= p.num_q_heads * p.q_stride_head || rows == 1, where,
                  "q_stride_token", p.q_stride_token, ">= num_q_heads * q_stride_head (",
                  p.num_q_heads * p.q_stride_head, ")");
-  check_argument(p.o_stride_head >= head_dim, where, "o_stride_head", p.o_stride_head,
-                 ">= head_dim (", head_dim, ")");
+  check_argument(p.v_head_dim >= 0 && p.v_head_dim <= head_dim, where, "v_head_dim", p.v_head_dim,
+                 "in [0, head_dim (", head_dim, ")] (0: head_dim)");
+  const std::int64_t v_dim = attention_v_dim(p);
+  check_argument(p.o_stride_head >= v_dim, where, "o_stride_head", p.o_stride_head,
+                 ">= the value width (", v_dim, ")");
   check_argument(p.o_stride_token >= p.num_q_heads * p.o_stride_head || rows == 1, where,
                  "o_stride_token", p.o_stride_token, ">= num_q_heads * o_stride_head (",
                  p.num_q_heads * p.o_stride_head, ")");
@@ -111,20 +114,23 @@ template <class QT, class KVT>
 void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector<float>& scratch,
                          std::vector<OnlineSoftmax>& softmax, std::vector<std::int64_t>& q_pos) {
   const int head_dim = int(p.layout.head_dim);
+  const int v_dim = attention_v_dim(p);
   const int kv_heads = int(p.layout.num_heads);
   const int group = p.num_q_heads / kv_heads;
   const int rows = p.q_len * p.num_q_heads;  // row r: token r / num_q_heads, q head r % num_q_heads
   const std::int64_t seq_len = p.page_table.seq_len(b);
   const std::int32_t* pages = p.page_table.pages(b);
   const std::size_t row_floats = std::size_t(rows) * head_dim;
-  const std::size_t tile_floats = std::size_t(kDecodeTile) * kv_heads * head_dim;
+  const std::size_t acc_floats = std::size_t(rows) * v_dim;
+  const std::size_t k_tile_floats = std::size_t(kDecodeTile) * kv_heads * head_dim;
+  const std::size_t v_tile_floats = std::size_t(kDecodeTile) * kv_heads * v_dim;
 
-  scratch.assign(2 * row_floats + 2 * tile_floats + std::size_t(rows) * kDecodeTile, 0.0f);
-  float* q = scratch.data();            // [rows, head_dim]
-  float* acc = q + row_floats;          // [rows, head_dim]
-  float* k_tile = acc + row_floats;     // [tile, kv_heads, head_dim]
-  float* v_tile = k_tile + tile_floats; // [tile, kv_heads, head_dim]
-  float* scores = v_tile + tile_floats; // [rows, tile]
+  scratch.assign(row_floats + acc_floats + k_tile_floats + v_tile_floats + std::size_t(rows) * kDecodeTile, 0.0f);
+  float* q = scratch.data();               // [rows, head_dim]
+  float* acc = q + row_floats;             // [rows, v_dim]
+  float* k_tile = acc + acc_floats;        // [tile, kv_heads, head_dim]
+  float* v_tile = k_tile + k_tile_floats;  // [tile, kv_heads, v_dim]
+  float* scores = v_tile + v_tile_floats;  // [rows, tile]
   softmax.assign(std::size_t(rows), OnlineSoftmax{});
   q_pos.resize(std::size_t(rows));
 
@@ -151,9 +157,9 @@ void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector
       for (int h = 0; h < kv_heads; ++h) {
         const std::int64_t off = p.layout.slot_offset(slot, h);
         float* kd = k_tile + (std::size_t(j) * kv_heads + h) * head_dim;
-        float* vd = v_tile + (std::size_t(j) * kv_heads + h) * head_dim;
+        float* vd = v_tile + (std::size_t(j) * kv_heads + h) * v_dim;
         for (int d = 0; d < head_dim; ++d) kd[d] = to_float(k_cache[off + d]);
-        for (int d = 0; d < head_dim; ++d) vd[d] = to_float(v_cache[off + d]);
+        for (int d = 0; d < v_dim; ++d) vd[d] = to_float(v_cache[off + d]);
       }
     }
     for (int r = 0; r < rows; ++r) {
@@ -171,15 +177,15 @@ void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector
         block_max = std::max(block_max, sr[j]);
       }
       if (block_max == -INFINITY) continue;
-      float* ar = acc + std::size_t(r) * head_dim;
+      float* ar = acc + std::size_t(r) * v_dim;
       const float factor = softmax[r].rescale_for(block_max);
-      for (int d = 0; d < head_dim; ++d) ar[d] *= factor;
+      for (int d = 0; d < v_dim; ++d) ar[d] *= factor;
       for (int j = 0; j < n; ++j) {
         if (sr[j] == -INFINITY) continue;
         const float w = expf(sr[j] - softmax[r].max);
         softmax[r].sum += w;
-        const float* vd = v_tile + (std::size_t(j) * kv_heads + kv_head) * head_dim;
-        for (int d = 0; d < head_dim; ++d) ar[d] += w * vd[d];
+        const float* vd = v_tile + (std::size_t(j) * kv_heads + kv_head) * v_dim;
+        for (int d = 0; d < v_dim; ++d) ar[d] += w * vd[d];
       }
     }
   }
@@ -190,7 +196,7 @@ void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector
     const std::int64_t h = r % p.num_q_heads;
     QT* dst = o_base + t * p.o_stride_token + h * p.o_stride_head;
     const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
-    for (int d = 0; d < head_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * head_dim + d] * inv);
+    for (int d = 0; d < v_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * v_dim + d] * inv);
     if (p.lse != nullptr) p.lse[t * p.num_q_heads + h] = softmax[r].lse();
   }
 }

@@ -42,7 +42,12 @@ struct PagedDecodeParams {
   bool causal = true;
   std::int64_t kv_begin = 0;        ///< only keys at positions in [kv_begin, kv_end) are
   std::int64_t kv_end = INT64_MAX;  ///<   attended (split-KV); merge the parts with merge_states
-  void* o = nullptr;                ///< [batch * q_len, num_q_heads, head_dim], dtype q_dtype
+  /// Width of the value rows: 0 means layout.head_dim. A smaller width reads
+  /// V as the first v_head_dim elements at each K row's offset in v_cache:
+  /// MLA's absorbed decode attends with 576-wide keys [c_kv | k_pe] and
+  /// 512-wide values c_kv sharing the same storage (v_cache = k_cache).
+  int v_head_dim = 0;
+  void* o = nullptr;                ///< [batch * q_len, num_q_heads, v_head_dim], dtype q_dtype
   std::int64_t o_stride_token = 0;
   std::int64_t o_stride_head = 0;
   float* lse = nullptr;             ///< optional [batch * q_len, num_q_heads], natural log
@@ -61,6 +66,11 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE bool attention_visible(const PagedDecodePara
 }
 
 /// Score after scaling and the optional soft-cap.
+/// The value width of a call (v_head_dim, or head_dim when it is 0).
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE int attention_v_dim(const PagedDecodeParams& p) {
+  return p.v_head_dim > 0 ? p.v_head_dim : int(p.layout.head_dim);
+}
+
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float attention_logit(const PagedDecodeParams& p, float dot) {
   const float s = dot * p.sm_scale;
   return p.logit_softcap > 0.0f ? p.logit_softcap * tanhf(s / p.logit_softcap) : s;
