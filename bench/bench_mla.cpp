@@ -3,12 +3,14 @@
 // (kv_a) + written (cache rows), pct_of_memcpy.
 
 #include <cstdint>
+#include <algorithm>
 #include <numeric>
 #include <random>
 #include <vector>
 
 #include "harness/harness.hpp"
 #include "kvkit/ops/mla_compress.hpp"
+#include "kvkit/ops/mla_decode.hpp"
 
 namespace {
 
@@ -45,5 +47,47 @@ void BM_mla_compress(benchmark::State& state) {
   kvkit::bench::report_host_bandwidth(state, 2.0 * double(tokens) * (rank + rope_dim) * sizeof(T));
 }
 BENCHMARK(BM_mla_compress)->Name("mla/compress/deepseek_576/bf16/8192_tokens")->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+namespace {
+
+// Absorbed MLA decode attention over the latent cache, DeepSeek-V3 shape (128
+// heads, 576/512, bf16 cache, page 64), batch 1 x 8,192 on the CPU. Counts the
+// latent bytes read once for all heads, plus Q and O.
+void BM_mla_decode(benchmark::State& state) {
+  using T = kvkit::bfloat16;
+  const kvkit::MlaConfig cfg = kvkit::MlaConfig::deepseek_v3();
+  const std::int64_t context = kvkit::bench::full_or_smoke<std::int64_t>(8192, 128);
+  const int page = 64, lat = cfg.latent_dim(), rank = cfg.kv_lora_rank;
+  const std::int64_t pages = context / page;
+  const auto layout = kvkit::LatentKVLayout::dense(pages, page, rank, cfg.qk_rope_head_dim);
+  std::vector<T> cache(std::size_t(pages * layout.stride_page));
+  std::mt19937 rng(2);
+  std::normal_distribution<float> normal;
+  for (auto& x : cache) x = T(0.3f * normal(rng));
+  std::vector<std::int32_t> table(static_cast<std::size_t>(pages));
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), rng);
+  const std::int32_t len = std::int32_t(context);
+  std::vector<float> q(std::size_t(cfg.n_heads) * lat), o(std::size_t(cfg.n_heads) * rank);
+  for (auto& x : q) x = normal(rng);
+  kvkit::PagedDecodeParams p = kvkit::mla_decode_params(cfg, layout, cache.data(), kvkit::DType::kBFloat16);
+  p.q = q.data();
+  p.q_stride_head = lat;
+  p.q_stride_token = std::int64_t(cfg.n_heads) * lat;
+  p.page_table = {table.data(), &len, 1, pages, pages};
+  p.o = o.data();
+  p.o_stride_head = rank;
+  p.o_stride_token = std::int64_t(cfg.n_heads) * rank;
+  p.q_dtype = kvkit::DType::kFloat32;
+  for (auto _ : state) {
+    kvkit::paged_decode_attention(p);
+    benchmark::DoNotOptimize(o.data());
+  }
+  kvkit::bench::report_host_bandwidth(state, double(context) * lat * sizeof(T) + 4.0 * double(q.size() + o.size()));
+  kvkit::bench::report_flops(state, 2.0 * double(context) * cfg.n_heads * (lat + rank));
+}
+BENCHMARK(BM_mla_decode)->Name("mla/absorbed_decode/deepseek_v3/bf16_page64/batch1_ctx8192")->Unit(benchmark::kMillisecond);
 
 }  // namespace
