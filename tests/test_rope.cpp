@@ -12,6 +12,7 @@
 
 #include "kvkit/ops/rope.hpp"
 #include "kvkit/ops/rope_append.hpp"
+#include "kvkit/ops/rope_shift_cache.hpp"
 
 using Catch::Matchers::Contains;
 using kvkit::RopeConfig;
@@ -393,4 +394,178 @@ TEST_CASE("fused rope + append equals apply_rope then append_kv bit for bit") {
       CHECK(same(key, key_before));  // the key source is not modified
     }
   }
+}
+
+namespace {
+
+// Keys of `n` tokens rotated at `pos` and written into a paged cache at `slots`
+// (float math; returned as float rows [n, heads, hd]).
+std::vector<float> rotated_keys(const std::vector<float>& raw, const std::vector<std::int64_t>& pos, int heads,
+                                const RopeConfig& cfg, const kvkit::RopeCache& cache) {
+  std::vector<float> k = raw;
+  RopeParams p;
+  p.k = k.data(); p.num_k_heads = heads; p.k_head_stride = cfg.head_dim; p.k_token_stride = heads * cfg.head_dim;
+  p.positions = pos.data(); p.num_tokens = std::int64_t(pos.size());
+  p.head_dim = cfg.head_dim; p.rotary_dim = cfg.rotary_dim; p.style = cfg.style;
+  cache.attach(p);
+  kvkit::apply_rope(p);
+  return k;
+}
+
+RopeParams shift_params(const std::vector<std::int64_t>& deltas, const RopeConfig& cfg, const kvkit::RopeCache& cache) {
+  RopeParams p;
+  p.positions = deltas.data(); p.num_tokens = std::int64_t(deltas.size());
+  p.head_dim = cfg.head_dim; p.rotary_dim = cfg.rotary_dim; p.style = cfg.style;
+  cache.attach(p);
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("K-shift inside a paged cache equals rotating at the shifted positions") {
+  RopeConfig cfg = RopeConfig::llama3();
+  cfg.head_dim = 96;
+  cfg.rotary_dim = 64;  // partial rotary: the tail must survive the shift
+  const int heads = 3, n = 40, page = 16;
+  const kvkit::RopeCache table(cfg, 8192);
+  std::mt19937 rng(41);
+  std::normal_distribution<float> normal;
+  std::vector<float> raw(std::size_t(n * heads * cfg.head_dim));
+  for (float& x : raw) x = normal(rng);
+  std::vector<std::int64_t> pos(n), delta(n), moved(n), slots(n);
+  for (int t = 0; t < n; ++t) {
+    pos[t] = 2000 + t;
+    delta[t] = -1000 - std::int64_t(rng() % 500);  // context shift moves keys back
+    moved[t] = pos[t] + delta[t];
+    slots[t] = t == 7 ? -1 : std::int64_t((t * 37) % (8 * page));  // scattered over 8 pages, one padding token
+  }
+  const std::vector<float> at_pos = rotated_keys(raw, pos, heads, cfg, table);
+  const std::vector<float> at_moved = rotated_keys(raw, moved, heads, cfg, table);
+  for (bool hnd : {false, true}) {
+    const auto layout = hnd ? kvkit::PagedKVLayout::hnd(8, page, heads, cfg.head_dim)
+                            : kvkit::PagedKVLayout::nhd(8, page, heads, cfg.head_dim);
+    const float poison = -555.0f;
+    SECTION(hnd ? "float32 HND" : "float32 NHD") {
+      std::vector<float> kc(std::size_t(8 * layout.page_elements()), poison), vc = kc;
+      kvkit::append_kv(layout, kvkit::AppendKVArgs::dense(at_pos.data(), at_pos.data(), slots.data(), n, heads,
+                                                          cfg.head_dim, kc.data(), vc.data(), kvkit::DType::kFloat32));
+      kvkit::RopeShiftCacheArgs a;
+      a.k_cache = kc.data();
+      a.cache_dtype = kvkit::DType::kFloat32;
+      a.slots = slots.data();
+      kvkit::rope_shift_cache_keys(shift_params(delta, cfg, table), layout, a);
+      std::vector<bool> seen(kc.size(), false);
+      for (int t = 0; t < n; ++t) {
+        if (slots[t] < 0) continue;
+        for (int h = 0; h < heads; ++h)
+          for (int d = 0; d < cfg.head_dim; ++d) {
+            const std::int64_t i = layout.slot_offset(slots[t], h) + d;
+            seen[std::size_t(i)] = true;
+            const float want = at_moved[(std::size_t(t) * heads + h) * cfg.head_dim + d];
+            if (d >= cfg.rotary_dim) {
+              REQUIRE(kc[std::size_t(i)] == want);  // the unrotated tail is bit-exact
+            } else {
+              REQUIRE(kc[std::size_t(i)] == Approx(want).margin(3e-5));
+            }
+          }
+      }
+      for (std::size_t i = 0; i < kc.size(); ++i) {
+        if (!seen[i]) REQUIRE(kc[i] == poison);
+      }
+    }
+  }
+}
+
+TEST_CASE("K-shift of an fp8/int8 cache re-quantizes within one extra rounding") {
+  const RopeConfig cfg = RopeConfig::llama3();
+  const int heads = 2, n = 33, hd = cfg.head_dim;
+  const kvkit::RopeCache table(cfg, 8192);
+  std::mt19937 rng(43);
+  std::normal_distribution<float> normal;
+  std::vector<float> raw(std::size_t(n * heads * hd));
+  for (float& x : raw) x = 3.0f * normal(rng);
+  std::vector<std::int64_t> pos(n), delta(n), moved(n), slots(n);
+  for (int t = 0; t < n; ++t) {
+    pos[t] = 5000 + 3 * t;
+    delta[t] = std::int64_t(rng() % 3000) - 1500;
+    moved[t] = pos[t] + delta[t];
+    slots[t] = n - 1 - t;
+  }
+  const auto at_pos = rotated_keys(raw, pos, heads, cfg, table);
+  const auto at_moved = rotated_keys(raw, moved, heads, cfg, table);
+  const auto layout = kvkit::PagedKVLayout::nhd(4, 16, heads, hd);
+  struct Format { kvkit::DType dtype; double half_ulp; };  // relative half-ulp (int8: of the scale)
+  for (Format f : {Format{kvkit::DType::kFloat8E4M3, 0x1p-4}, Format{kvkit::DType::kFloat8E5M2, 0x1p-3},
+                   Format{kvkit::DType::kInt8, 0.5}}) {
+    for (auto g : {kvkit::ScaleGranularity::kPerTensor, kvkit::ScaleGranularity::kPerTokenHead}) {
+      INFO("dtype " << kvkit::dtype_name(f.dtype) << " granularity " << int(g));
+      std::vector<std::uint8_t> kc(std::size_t(4 * layout.page_elements()), 0xAB), vc = kc;
+      const float static_scale = 16.0f / kvkit::quantized_max(f.dtype);  // room above |k| ~ 3 sigma
+      std::vector<float> scale_cache(std::size_t(layout.num_slots() * heads), -1.0f), v_scale_cache = scale_cache;
+      kvkit::QuantizeAppendArgs q;
+      q.key = at_pos.data(); q.value = at_pos.data();
+      q.key_stride_token = q.value_stride_token = heads * hd;
+      q.key_stride_head = q.value_stride_head = hd;
+      q.slot_mapping = slots.data(); q.num_tokens = n;
+      q.k_cache = kc.data(); q.v_cache = vc.data();
+      q.src_dtype = kvkit::DType::kFloat32; q.cache_dtype = f.dtype; q.granularity = g;
+      q.k_scale = q.v_scale = &static_scale;
+      q.k_scale_cache = scale_cache.data(); q.v_scale_cache = v_scale_cache.data();
+      kvkit::quantize_append_kv(layout, q);
+      // What one more quantization of the rotated stored values gives, per row.
+      std::vector<float> before_scale = scale_cache;
+      kvkit::RopeShiftCacheArgs a;
+      a.k_cache = kc.data(); a.cache_dtype = f.dtype; a.slots = slots.data(); a.granularity = g;
+      a.k_scale = &static_scale; a.k_scale_cache = scale_cache.data();
+      kvkit::rope_shift_cache_keys(shift_params(delta, cfg, table), layout, a);
+      for (int t = 0; t < n; ++t)
+        for (int h = 0; h < heads; ++h) {
+          const std::int64_t off = layout.slot_offset(slots[t], h);
+          const std::int64_t si = kvkit::scale_index(g, slots[t], h, heads);
+          const float s_old = g == kvkit::ScaleGranularity::kPerTensor ? static_scale : before_scale[std::size_t(si)];
+          const float s_new = g == kvkit::ScaleGranularity::kPerTensor ? static_scale : scale_cache[std::size_t(si)];
+          double row_max = 0;
+          for (int d = 0; d < hd; ++d) row_max = std::max(row_max, std::fabs(double(at_moved[(std::size_t(t) * heads + h) * hd + d])));
+          for (int d = 0; d < hd; ++d) {
+            const double got = kvkit::dequantize_value(kc[std::size_t(off + d)], s_new, f.dtype);
+            const double want = at_moved[(std::size_t(t) * heads + h) * hd + d];
+            // Stored error (one rounding at s_old) rotated (a pair's error grows by at most sqrt 2)
+            // plus the new rounding at s_new; fp8 rounding is relative to the value, int8 to the scale.
+            const double u_old = f.dtype == kvkit::DType::kInt8 ? 0.5 * s_old : f.half_ulp * row_max;
+            const double u_new = f.dtype == kvkit::DType::kInt8 ? 0.5 * s_new : f.half_ulp * row_max;
+            REQUIRE(std::fabs(got - want) <= std::sqrt(2.0) * u_old + u_new + 1e-6);
+          }
+        }
+    }
+  }
+}
+
+TEST_CASE("bad K-shift input raises a clear error and changes nothing") {
+  const RopeConfig cfg = RopeConfig::llama3();
+  const kvkit::RopeCache table(cfg, 100);
+  const auto layout = kvkit::PagedKVLayout::nhd(2, 16, 1, 128);
+  std::vector<float> kc(std::size_t(2 * layout.page_elements()), 1.0f);
+  const std::vector<float> before = kc;
+  std::vector<std::int64_t> delta = {5, -7}, slots = {0, 31};
+  kvkit::RopeShiftCacheArgs a;
+  a.k_cache = kc.data();
+  a.cache_dtype = kvkit::DType::kFloat32;
+  a.slots = slots.data();
+  SECTION("slot beyond the cache") {
+    slots[1] = 32;
+    CHECK_THROWS_WITH(kvkit::rope_shift_cache_keys(shift_params(delta, cfg, table), layout, a), Contains("slot_mapping[1] = 32"));
+  }
+  SECTION("delta beyond the table") {
+    delta[0] = -100;
+    CHECK_THROWS_WITH(kvkit::rope_shift_cache_keys(shift_params(delta, cfg, table), layout, a), Contains("'positions[0]' = -100"));
+  }
+  SECTION("quantized cache without a scale") {
+    a.cache_dtype = kvkit::DType::kFloat8E4M3;
+    CHECK_THROWS_WITH(kvkit::rope_shift_cache_keys(shift_params(delta, cfg, table), layout, a), Contains("'k_scale' = nullptr"));
+  }
+  SECTION("head_dim mismatch") {
+    const auto other = kvkit::PagedKVLayout::nhd(2, 16, 1, 64);
+    CHECK_THROWS_WITH(kvkit::rope_shift_cache_keys(shift_params(delta, cfg, table), other, a), Contains("'rope.head_dim' = 128"));
+  }
+  CHECK(kc == before);
 }

@@ -1,0 +1,108 @@
+#pragma once
+/// @file rope_shift_cache.hpp
+/// K-shift inside a cache (CPU): re-rotates the keys stored at given slots of
+/// a paged or contiguous cache by per-token position deltas — llama.cpp's
+/// context shift (drop old tokens, move the rest back) and StreamingLLM's
+/// position remapping — without gathering them out. Works on float32/16/bf16
+/// caches and on fp8/int8 caches written by quantize_append_kv.
+///
+/// Quantized caches: each key row is dequantized, rotated in float32 and
+/// quantized again. With a static scale (per tensor or per head) the stored
+/// value becomes quantize(rotate(dequantize(k))): one more rounding of the
+/// format (half an ulp: 2⁻⁴ relative for e4m3, 2⁻³ for e5m2, scale/2 for
+/// int8) on top of the error already stored; rotation can raise a component
+/// by up to √2 times the pair's largest, so values near the format's maximum
+/// saturate there. With per-(token, head) scales the scale is recomputed from
+/// the rotated row (no saturation) and the whole row is re-quantized with it.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "kvkit/core/dispatch.hpp"
+#include "kvkit/layout/kv_scales.hpp"
+#include "kvkit/ops/append.hpp"
+#include "kvkit/ops/quantize.hpp"
+#include "kvkit/ops/rope.hpp"
+
+namespace kvkit {
+
+/// Where the keys to shift are. `rope` (separately) gives the rotation: its
+/// positions are the deltas, its num_tokens the number of slots; its q/k
+/// pointers and strides are ignored.
+struct RopeShiftCacheArgs {
+  void* k_cache = nullptr;                      ///< laid out by the layout
+  DType cache_dtype = DType::kBFloat16;         ///< float32/16/bf16, or fp8 e4m3/e5m2 / int8
+  const std::int64_t* slots = nullptr;          ///< [rope.num_tokens]; < 0: skipped
+  ScaleGranularity granularity = ScaleGranularity::kPerTensor;  ///< quantized caches only
+  const float* k_scale = nullptr;               ///< kPerTensor: [1]; kPerHead: [num_heads]
+  float* k_scale_cache = nullptr;               ///< kPerTokenHead: [num_slots, num_heads], rewritten
+};
+
+/// Re-rotates the keys at each slot by its delta (see the file comment).
+/// Throws kvkit::Error before changing anything on bad input: sizes, dtypes,
+/// missing scales, a slot beyond the cache, a |delta| beyond the table.
+template <class Layout>
+void rope_shift_cache_keys(const RopeParams& rope, const Layout& layout, const RopeShiftCacheArgs& a) {
+  constexpr const char* kWhere = "kvkit::rope_shift_cache_keys";
+  layout.validate(kWhere);
+  check_argument(rope.head_dim == layout.head_dim, kWhere, "rope.head_dim", rope.head_dim,
+                 "the layout's head_dim (", layout.head_dim, ")");
+  RopeParams keys = rope;  // validated as an in-place shift of the cache's rows
+  keys.q = nullptr;
+  keys.k = a.k_cache;
+  keys.num_k_heads = int(layout.num_heads);
+  keys.k_head_stride = layout.stride_head;
+  keys.dtype = DType::kFloat32;  // the rotation runs in float32 whatever the cache holds
+  detail::validate_rope_params(keys, kWhere);
+  const bool quantized = is_quantized_cache_dtype(a.cache_dtype);
+  check_argument(quantized || a.cache_dtype == DType::kFloat32 || a.cache_dtype == DType::kFloat16 ||
+                     a.cache_dtype == DType::kBFloat16,
+                 kWhere, "cache_dtype", a.cache_dtype, "float32, float16, bfloat16, float8_e4m3, float8_e5m2 or int8");
+  if (rope.num_tokens == 0) return;
+  check_argument(a.slots != nullptr, kWhere, "slots", a.slots, "a non-null pointer");
+  if (quantized) {
+    if (a.granularity == ScaleGranularity::kPerTokenHead) {
+      check_argument(a.k_scale_cache != nullptr, kWhere, "k_scale_cache", a.k_scale_cache,
+                     "a non-null [num_slots, num_heads] array for per-(token, head) scales");
+    } else {
+      check_argument(a.k_scale != nullptr, kWhere, "k_scale", a.k_scale, "a non-null static scale");
+    }
+  }
+  detail::check_positions(keys, kWhere, /*allow_negative=*/true);
+  detail::check_slots(a.slots, rope.num_tokens, layout.num_slots(), kWhere);
+
+  const int head_dim = int(layout.head_dim), half_rot = rope.rotary_dim / 2;
+  std::vector<float> cos_row(static_cast<std::size_t>(half_rot)), sin_row(cos_row.size());
+  std::vector<float> row(static_cast<std::size_t>(head_dim));
+  for (std::int64_t t = 0; t < rope.num_tokens; ++t) {
+    const std::int64_t slot = a.slots[t];
+    if (slot < 0) continue;
+    for (int i = 0; i < half_rot; ++i) rope_cos_sin(rope, rope.positions[t], i, cos_row[i], sin_row[i]);
+    for (std::int64_t h = 0; h < layout.num_heads; ++h) {
+      const std::int64_t off = layout.slot_offset(slot, h);
+      if (!quantized) {
+        dispatch_dtype<FloatTypes>(a.cache_dtype, kWhere, "cache_dtype", [&](auto tag) {
+          using T = typename decltype(tag)::type;
+          detail::rotate_heads(static_cast<T*>(a.k_cache) + off, 0, 1, rope, cos_row.data(), sin_row.data());
+        });
+        continue;
+      }
+      auto* bytes = static_cast<std::uint8_t*>(a.k_cache) + off;
+      const std::int64_t si = scale_index(a.granularity, slot, h, layout.num_heads);
+      const float old_scale = a.granularity == ScaleGranularity::kPerTokenHead ? a.k_scale_cache[si] : a.k_scale[si];
+      for (int d = 0; d < head_dim; ++d) row[d] = dequantize_value(bytes[d], old_scale, a.cache_dtype);
+      detail::rotate_heads(row.data(), 0, 1, rope, cos_row.data(), sin_row.data());
+      float scale = old_scale;
+      if (a.granularity == ScaleGranularity::kPerTokenHead) {
+        float amax = 0.0f;
+        for (int d = 0; d < head_dim; ++d) amax = fold_amax(amax, row[d]);
+        scale = dynamic_scale(amax, a.cache_dtype);
+        a.k_scale_cache[si] = scale;
+      }
+      for (int d = 0; d < head_dim; ++d) bytes[d] = quantize_value(row[d], scale, a.cache_dtype);
+    }
+  }
+}
+
+}  // namespace kvkit
