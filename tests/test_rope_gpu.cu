@@ -11,6 +11,7 @@
 
 #include "kvkit/cuda/device_buffer.hpp"
 #include "kvkit/cuda/rope.cuh"
+#include "kvkit/cuda/rope_shift_cache.cuh"
 
 using kvkit::RopeConfig;
 using kvkit::RopeParams;
@@ -189,6 +190,64 @@ TEST_CASE("GPU fused rope + append equals the CPU fused op bit for bit") {
       CHECK(same(d_q.to_host<kvkit::bfloat16>(), q));
       CHECK(same(d_kc.to_host<kvkit::bfloat16>(), kc));
       CHECK(same(d_vc.to_host<kvkit::bfloat16>(), vc));
+    }
+  }
+}
+
+TEST_CASE("GPU K-shift inside a cache equals the CPU op (float and quantized caches)") {
+  RopeConfig cfg = RopeConfig::llama3();
+  cfg.head_dim = 96;
+  cfg.rotary_dim = 64;
+  const int heads = 3, n = 45;
+  const kvkit::RopeCache table(cfg, 8192);
+  const auto layout = kvkit::PagedKVLayout::hnd(8, 16, heads, cfg.head_dim);
+  std::mt19937 rng(47);
+  std::vector<std::int64_t> delta(n), slots(n);
+  for (int t = 0; t < n; ++t) {
+    delta[t] = std::int64_t(rng() % 6000) - 3000;
+    slots[t] = t == 4 ? -1 : std::int64_t((t * 37) % layout.num_slots());
+  }
+  auto d_delta = DeviceBuffer::from_host(delta);
+  auto d_slots = DeviceBuffer::from_host(slots);
+  auto d_table = DeviceBuffer::from_host(std::vector<float>(table.data(), table.data() + 8192 * cfg.rotary_dim));
+  RopeParams cpu;
+  cpu.positions = delta.data(); cpu.num_tokens = n;
+  cpu.head_dim = cfg.head_dim; cpu.rotary_dim = cfg.rotary_dim; cpu.style = cfg.style;
+  table.attach(cpu);
+  RopeParams gpu = cpu;
+  gpu.positions = d_delta.as<std::int64_t>();
+  gpu.cos_sin_cache = d_table.as<float>();
+  for (kvkit::DType dt : {kvkit::DType::kBFloat16, kvkit::DType::kFloat8E4M3, kvkit::DType::kInt8}) {
+    for (auto g : {kvkit::ScaleGranularity::kPerTensor, kvkit::ScaleGranularity::kPerTokenHead}) {
+      const std::size_t bytes = std::size_t(8 * layout.page_elements()) * kvkit::dtype_size(dt);
+      std::vector<std::uint8_t> kc(bytes);
+      for (auto& b : kc) b = std::uint8_t(rng());
+      if (dt == kvkit::DType::kBFloat16) {  // keep bf16 values finite and moderate
+        auto* v = reinterpret_cast<kvkit::bfloat16*>(kc.data());
+        for (std::size_t i = 0; i < bytes / 2; ++i) v[i] = kvkit::bfloat16(float(int(rng() % 2001) - 1000) / 300.0f);
+      }
+      std::vector<float> scales(std::size_t(layout.num_slots() * heads));
+      for (auto& s : scales) s = 0.01f + float(rng() % 100) / 1000.0f;
+      const float static_scale = 0.05f;
+      auto d_kc = DeviceBuffer::from_host(kc);
+      auto d_scales = DeviceBuffer::from_host(scales);
+      auto d_static = DeviceBuffer::from_host(std::vector<float>{static_scale});
+      kvkit::RopeShiftCacheArgs a;
+      a.k_cache = kc.data(); a.cache_dtype = dt; a.slots = slots.data(); a.granularity = g;
+      a.k_scale = &static_scale; a.k_scale_cache = scales.data();
+      kvkit::rope_shift_cache_keys(cpu, layout, a);
+      kvkit::RopeShiftCacheArgs ga = a;
+      ga.k_cache = d_kc.data(); ga.slots = d_slots.as<std::int64_t>();
+      ga.k_scale = d_static.as<float>(); ga.k_scale_cache = d_scales.as<float>();
+      kvkit::cuda::rope_shift_cache_keys(gpu, layout, ga);
+      INFO("dtype " << kvkit::dtype_name(dt) << " granularity " << int(g));
+      const auto got = d_kc.to_host<std::uint8_t>();
+      std::size_t diffs = 0;
+      for (std::size_t i = 0; i < got.size(); ++i) diffs += got[i] != kc[i];
+      CHECK(diffs == 0);
+      if (dt != kvkit::DType::kBFloat16 && g == kvkit::ScaleGranularity::kPerTokenHead) {
+        CHECK(d_scales.to_host<float>() == scales);
+      }
     }
   }
 }

@@ -39,38 +39,58 @@ struct RopeShiftCacheArgs {
   float* k_scale_cache = nullptr;               ///< kPerTokenHead: [num_slots, num_heads], rewritten
 };
 
+namespace detail {
+
+/// The rotation described as an in-place shift of the cache's key rows, for validation.
+template <class Layout>
+RopeParams rope_shift_keys_in_cache(const RopeParams& rope, const Layout& layout, const RopeShiftCacheArgs& a) {
+  RopeParams keys = rope;
+  keys.q = nullptr;
+  keys.k = a.k_cache;
+  keys.num_k_heads = int(layout.num_heads);
+  keys.k_head_stride = layout.stride_head;
+  keys.dtype = DType::kFloat32;  // the rotation runs in float32 whatever the cache holds
+  return keys;
+}
+
+/// Everything that can be checked without reading slots or deltas (shared
+/// with the CUDA launcher). Throws kvkit::Error.
+template <class Layout>
+void validate_rope_shift_cache(const RopeParams& rope, const Layout& layout, const RopeShiftCacheArgs& a,
+                               const char* where) {
+  layout.validate(where);
+  check_argument(rope.head_dim == layout.head_dim, where, "rope.head_dim", rope.head_dim,
+                 "the layout's head_dim (", layout.head_dim, ")");
+  validate_rope_params(rope_shift_keys_in_cache(rope, layout, a), where);
+  const bool quantized = is_quantized_cache_dtype(a.cache_dtype);
+  check_argument(quantized || a.cache_dtype == DType::kFloat32 || a.cache_dtype == DType::kFloat16 ||
+                     a.cache_dtype == DType::kBFloat16,
+                 where, "cache_dtype", a.cache_dtype, "float32, float16, bfloat16, float8_e4m3, float8_e5m2 or int8");
+  if (rope.num_tokens == 0) return;
+  check_argument(a.slots != nullptr, where, "slots", a.slots, "a non-null pointer");
+  if (quantized) {
+    if (a.granularity == ScaleGranularity::kPerTokenHead) {
+      check_argument(a.k_scale_cache != nullptr, where, "k_scale_cache", a.k_scale_cache,
+                     "a non-null [num_slots, num_heads] array for per-(token, head) scales");
+    } else {
+      check_argument(a.k_scale != nullptr, where, "k_scale", a.k_scale, "a non-null static scale");
+    }
+  }
+}
+
+}  // namespace detail
+
 /// Re-rotates the keys at each slot by its delta (see the file comment).
 /// Throws kvkit::Error before changing anything on bad input: sizes, dtypes,
 /// missing scales, a slot beyond the cache, a |delta| beyond the table.
 template <class Layout>
 void rope_shift_cache_keys(const RopeParams& rope, const Layout& layout, const RopeShiftCacheArgs& a) {
   constexpr const char* kWhere = "kvkit::rope_shift_cache_keys";
-  layout.validate(kWhere);
-  check_argument(rope.head_dim == layout.head_dim, kWhere, "rope.head_dim", rope.head_dim,
-                 "the layout's head_dim (", layout.head_dim, ")");
-  RopeParams keys = rope;  // validated as an in-place shift of the cache's rows
-  keys.q = nullptr;
-  keys.k = a.k_cache;
-  keys.num_k_heads = int(layout.num_heads);
-  keys.k_head_stride = layout.stride_head;
-  keys.dtype = DType::kFloat32;  // the rotation runs in float32 whatever the cache holds
-  detail::validate_rope_params(keys, kWhere);
-  const bool quantized = is_quantized_cache_dtype(a.cache_dtype);
-  check_argument(quantized || a.cache_dtype == DType::kFloat32 || a.cache_dtype == DType::kFloat16 ||
-                     a.cache_dtype == DType::kBFloat16,
-                 kWhere, "cache_dtype", a.cache_dtype, "float32, float16, bfloat16, float8_e4m3, float8_e5m2 or int8");
+  detail::validate_rope_shift_cache(rope, layout, a, kWhere);
   if (rope.num_tokens == 0) return;
-  check_argument(a.slots != nullptr, kWhere, "slots", a.slots, "a non-null pointer");
-  if (quantized) {
-    if (a.granularity == ScaleGranularity::kPerTokenHead) {
-      check_argument(a.k_scale_cache != nullptr, kWhere, "k_scale_cache", a.k_scale_cache,
-                     "a non-null [num_slots, num_heads] array for per-(token, head) scales");
-    } else {
-      check_argument(a.k_scale != nullptr, kWhere, "k_scale", a.k_scale, "a non-null static scale");
-    }
-  }
-  detail::check_positions(keys, kWhere, /*allow_negative=*/true);
+  detail::check_positions(detail::rope_shift_keys_in_cache(rope, layout, a), kWhere, /*allow_negative=*/true);
   detail::check_slots(a.slots, rope.num_tokens, layout.num_slots(), kWhere);
+  const bool quantized = is_quantized_cache_dtype(a.cache_dtype);
 
   const int head_dim = int(layout.head_dim), half_rot = rope.rotary_dim / 2;
   std::vector<float> cos_row(static_cast<std::size_t>(half_rot)), sin_row(cos_row.size());
@@ -100,7 +120,10 @@ void rope_shift_cache_keys(const RopeParams& rope, const Layout& layout, const R
         scale = dynamic_scale(amax, a.cache_dtype);
         a.k_scale_cache[si] = scale;
       }
-      for (int d = 0; d < head_dim; ++d) bytes[d] = quantize_value(row[d], scale, a.cache_dtype);
+      // A static scale leaves the unrotated tail as it is; a new per-(token, head)
+      // scale re-quantizes the whole row.
+      const int written = a.granularity == ScaleGranularity::kPerTokenHead ? head_dim : rope.rotary_dim;
+      for (int d = 0; d < written; ++d) bytes[d] = quantize_value(row[d], scale, a.cache_dtype);
     }
   }
 }
