@@ -7,6 +7,8 @@
 
 #include <kvkit/core/error.hpp>
 
+#include "../common/model_math.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -178,26 +180,8 @@ inline void load_llama2c(const std::string& path, Config& c, Weights& w) {
 
 // ---------------------------------------------------------------- per-token math
 
-// out[o] = sum_i w[o * in + i] * x[i], o < out_dim.
-inline void matvec(float* out, const float* w, const float* x, int out_dim, int in_dim) {
-  for (int o = 0; o < out_dim; ++o) {
-    const float* row = w + std::size_t(o) * in_dim;
-    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int i = 0;
-    for (; i + 8 <= in_dim; i += 8)
-      for (int l = 0; l < 8; ++l) lanes[l] += row[i + l] * x[i + l];
-    float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    for (; i < in_dim; ++i) sum += row[i] * x[i];
-    out[o] = sum;
-  }
-}
-
-inline void rmsnorm(float* out, const float* x, const float* weight, int n) {
-  double ss = 0.0;
-  for (int i = 0; i < n; ++i) ss += double(x[i]) * x[i];
-  const float inv = 1.0f / std::sqrt(float(ss / n) + 1e-5f);
-  for (int i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inv);
-}
+using examples::matvec;
+using examples::rmsnorm;
 
 // The feed-forward block, in place on the residual x: x += W2 (silu(W1 n) * W3 n), n = rmsnorm(x).
 inline void ffn(const Config& c, const Weights& w, int layer, float* x) {
@@ -206,7 +190,7 @@ inline void ffn(const Config& c, const Weights& w, int layer, float* x) {
   const std::size_t hd = std::size_t(c.hidden_dim) * c.dim;
   matvec(a.data(), w.w1.data() + layer * hd, n.data(), c.hidden_dim, c.dim);
   matvec(b.data(), w.w3.data() + layer * hd, n.data(), c.hidden_dim, c.dim);
-  for (int i = 0; i < c.hidden_dim; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
+  for (int i = 0; i < c.hidden_dim; ++i) a[i] = examples::silu(a[i]) * b[i];
   std::vector<float> out(static_cast<std::size_t>(c.dim));
   matvec(out.data(), w.w2.data() + layer * hd, a.data(), c.dim, c.hidden_dim);
   for (int i = 0; i < c.dim; ++i) x[i] += out[i];
