@@ -15,6 +15,10 @@
 #include "kvkit/ops/attention_params.hpp"
 #include "kvkit/ops/attention_state.hpp"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace kvkit {
 
 namespace detail {
@@ -111,13 +115,17 @@ inline void validate_decode_params(const PagedDecodeParams& p, const char* where
 /// token's heads are contiguous, so the cache is read as a stream instead of
 /// one 2-KiB-strided row per head, which left the CPU waiting on memory.
 template <class QT, class KVT>
-void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector<float>& scratch,
-                         std::vector<OnlineSoftmax>& softmax, std::vector<std::int64_t>& q_pos) {
+void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
+                         std::vector<float>& scratch, std::vector<OnlineSoftmax>& softmax,
+                         std::vector<std::int64_t>& q_pos) {
   const int head_dim = int(p.layout.head_dim);
   const int v_dim = attention_v_dim(p);
-  const int kv_heads = int(p.layout.num_heads);
-  const int group = p.num_q_heads / kv_heads;
-  const int rows = p.q_len * p.num_q_heads;  // row r: token r / num_q_heads, q head r % num_q_heads
+  // This call covers kv heads [kv_head_begin, kv_head_end) and their q heads.
+  const int kv_heads = kv_head_end - kv_head_begin;
+  const int group = p.num_q_heads / int(p.layout.num_heads);
+  const int q_heads = kv_heads * group;
+  const int q_head0 = kv_head_begin * group;
+  const int rows = p.q_len * q_heads;  // row r: token r / q_heads, q head q_head0 + r % q_heads
   const std::int64_t seq_len = p.page_table.seq_len(b);
   const std::int32_t* pages = p.page_table.pages(b);
   const std::size_t row_floats = std::size_t(rows) * head_dim;
@@ -136,11 +144,11 @@ void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector
 
   const QT* q_base = static_cast<const QT*>(p.q);
   for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = b * p.q_len + r / p.num_q_heads;
-    const std::int64_t h = r % p.num_q_heads;
+    const std::int64_t t = b * p.q_len + r / q_heads;
+    const std::int64_t h = q_head0 + r % q_heads;
     const QT* src = q_base + t * p.q_stride_token + h * p.q_stride_head;
     for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * head_dim + d] = to_float(src[d]);
-    q_pos[r] = seq_len - p.q_len + r / p.num_q_heads;
+    q_pos[r] = seq_len - p.q_len + r / q_heads;
   }
 
   const std::int64_t first = std::max<std::int64_t>(p.kv_begin, 0);
@@ -155,7 +163,7 @@ void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector
     for (int j = 0; j < n; ++j) {
       const std::int64_t slot = token_slot(pages, start + j, p.layout.page_shift);
       for (int h = 0; h < kv_heads; ++h) {
-        const std::int64_t off = p.layout.slot_offset(slot, h);
+        const std::int64_t off = p.layout.slot_offset(slot, kv_head_begin + h);
         float* kd = k_tile + (std::size_t(j) * kv_heads + h) * head_dim;
         float* vd = v_tile + (std::size_t(j) * kv_heads + h) * v_dim;
         for (int d = 0; d < head_dim; ++d) kd[d] = to_float(k_cache[off + d]);
@@ -163,7 +171,7 @@ void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector
       }
     }
     for (int r = 0; r < rows; ++r) {
-      const int kv_head = (r % p.num_q_heads) / group;
+      const int kv_head = (r % q_heads) / group;  // relative to kv_head_begin
       const float* qr = q + std::size_t(r) * head_dim;
       float* sr = scores + std::size_t(r) * kDecodeTile;
       float block_max = -INFINITY;
@@ -192,8 +200,8 @@ void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector
 
   QT* o_base = static_cast<QT*>(p.o);
   for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = b * p.q_len + r / p.num_q_heads;
-    const std::int64_t h = r % p.num_q_heads;
+    const std::int64_t t = b * p.q_len + r / q_heads;
+    const std::int64_t h = q_head0 + r % q_heads;
     QT* dst = o_base + t * p.o_stride_token + h * p.o_stride_head;
     const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
     for (int d = 0; d < v_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * v_dim + d] * inv);
@@ -215,11 +223,36 @@ inline void paged_decode_attention(const PagedDecodeParams& p) {
     dispatch_dtype<FloatTypes>(p.kv_dtype, kWhere, "kv_dtype", [&](auto kvtag) {
       using QT = typename decltype(qtag)::type;
       using KVT = typename decltype(kvtag)::type;
-      std::vector<float> scratch;
-      std::vector<OnlineSoftmax> softmax;
-      std::vector<std::int64_t> q_pos;
-      for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
-        detail::decode_one_sequence<QT, KVT>(p, b, scratch, softmax, q_pos);
+      // Work items: (sequence, group of kv heads). With few sequences the kv
+      // heads are split so that every thread has work; each item reads its
+      // heads' part of every key row once. Threads: OpenMP where the program
+      // is built with it (kvkit adds no flags itself), else one.
+      const std::int64_t batch = p.page_table.batch_size;
+      const int kv_heads = int(p.layout.num_heads);
+      int threads = 1;
+#if defined(_OPENMP)
+      threads = omp_get_max_threads();
+#endif
+      int head_groups = 1;
+      while (batch * head_groups < threads && head_groups * 2 <= kv_heads) head_groups *= 2;
+      const std::int64_t items = batch * head_groups;
+#if defined(_OPENMP)
+#pragma omp parallel if (items > 1 && threads > 1)
+#endif
+      {
+        std::vector<float> scratch;
+        std::vector<OnlineSoftmax> softmax;
+        std::vector<std::int64_t> q_pos;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (std::int64_t item = 0; item < items; ++item) {
+          const std::int64_t b = item / head_groups;
+          const int g = int(item % head_groups);
+          const int h0 = int(std::int64_t(kv_heads) * g / head_groups);
+          const int h1 = int(std::int64_t(kv_heads) * (g + 1) / head_groups);
+          detail::decode_one_sequence<QT, KVT>(p, b, h0, h1, scratch, softmax, q_pos);
+        }
       }
     });
   });
