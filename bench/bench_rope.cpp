@@ -57,8 +57,8 @@ void BM_llama_bf16(benchmark::State& s) { BM_apply_rope<kvkit::bfloat16>(s, kLla
 void BM_llama_fp32(benchmark::State& s) { BM_apply_rope<float>(s, kLlama); }
 void BM_deepseek_bf16(benchmark::State& s) { BM_apply_rope<kvkit::bfloat16>(s, kDeepSeek); }
 
-BENCHMARK(BM_llama_bf16)->Name("rope/apply/llama3_8b/bf16/8192_tokens")->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_llama_fp32)->Name("rope/apply/llama3_8b/fp32/8192_tokens")->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_deepseek_bf16)->Name("rope/apply/deepseek_mla/bf16/8192_tokens")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_llama_bf16)->Name("rope/apply/llama3_8b/bf16/8192_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_llama_fp32)->Name("rope/apply/llama3_8b/fp32/8192_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_deepseek_bf16)->Name("rope/apply/deepseek_mla/bf16/8192_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace

@@ -117,7 +117,15 @@ void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopePa
 
 template <class T>
 void run_rope(const RopeParams& p) {
+  // Tokens are independent: OpenMP threads share them when the program enables OpenMP.
+#if defined(_OPENMP)
+#pragma omp parallel if (p.num_tokens >= 64)
+#endif
+  {
   std::vector<float> cos_row(std::size_t(p.rotary_dim / 2)), sin_row(cos_row.size());
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
   for (std::int64_t t = 0; t < p.num_tokens; ++t) {
     for (int i = 0; i < p.rotary_dim / 2; ++i) rope_cos_sin(p, p.positions[t], i, cos_row[i], sin_row[i]);
     if (p.q != nullptr) {
@@ -128,6 +136,7 @@ void run_rope(const RopeParams& p) {
       rotate_heads(static_cast<T*>(p.k) + t * p.k_token_stride, p.k_head_stride, p.num_k_heads, p,
                    cos_row.data(), sin_row.data());
     }
+  }
   }
 }
 
