@@ -15,6 +15,7 @@
 
 #include "kvkit/ops/attention_decode.hpp"
 #include "kvkit/ops/merge_states.hpp"
+#include "support/paged_decode_problem.hpp"
 
 using Catch::Matchers::Contains;
 using kvkit::PagedDecodeParams;
@@ -27,99 +28,30 @@ template <> double tolerance<float>() { return 1e-5; }
 template <> double tolerance<kvkit::half>() { return 2e-3; }
 template <> double tolerance<kvkit::bfloat16>() { return 1e-2; }
 
-struct DecodeCase {
-  int head_dim = 128;
-  int q_heads = 8;
-  int kv_heads = 2;
-  int page_size = 16;
-  std::vector<int> seq_lens{1};
-  int q_len = 1;
-  int window = 0;
-  int sinks = 0;
-  float softcap = 0.0f;
-  bool hnd = false;
-};
+using kvkit::testing::DecodeCase;
 
-// A paged cache with the sequences' pages scattered over a shuffled pool;
-// every slot no sequence owns holds NaN, so reading one would show.
+// The shared inputs plus this test's outputs and float64 reference.
 template <class QT, class KVT>
-struct DecodeProblem {
-  DecodeCase c;
-  PagedKVLayout layout;
-  std::vector<KVT> k, v;
-  std::vector<std::int32_t> block_table, seq_lens;
-  std::int64_t max_blocks = 0;
-  std::vector<QT> q, o;
+struct DecodeProblem : kvkit::testing::PagedDecodeInputs<QT, KVT> {
+  using Base = kvkit::testing::PagedDecodeInputs<QT, KVT>;
+  using Base::c;
+  using Base::k;
+  using Base::v;
+  using Base::q;
+  using Base::layout;
+  using Base::block_table;
+  using Base::seq_lens;
+  using Base::max_blocks;
+  using Base::kPad;
+  std::vector<QT> o;
   std::vector<float> lse;
-  static constexpr int kPad = 3;  // o rows are padded; the padding must stay untouched
 
-  DecodeProblem(const DecodeCase& cs, std::uint64_t seed) : c(cs) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> normal;
-    std::int64_t pages_needed = 0;
-    for (int len : c.seq_lens) {
-      const std::int64_t n = (len + c.page_size - 1) / c.page_size;
-      pages_needed += n;
-      max_blocks = std::max(max_blocks, n);
-    }
-    const std::int64_t num_pages = pages_needed + 3;
-    layout = c.hnd ? PagedKVLayout::hnd(num_pages, c.page_size, c.kv_heads, c.head_dim)
-                   : PagedKVLayout::nhd(num_pages, c.page_size, c.kv_heads, c.head_dim);
-    const KVT nan = kvkit::from_float<KVT>(std::numeric_limits<float>::quiet_NaN());
-    k.assign(std::size_t(num_pages * layout.page_elements()), nan);
-    v = k;
-    std::vector<std::int32_t> pool(static_cast<std::size_t>(num_pages));
-    std::iota(pool.begin(), pool.end(), 0);
-    std::shuffle(pool.begin(), pool.end(), rng);
-    block_table.assign(std::size_t(c.seq_lens.size() * max_blocks), -1);
-    std::size_t next = 0;
-    for (std::size_t b = 0; b < c.seq_lens.size(); ++b) {
-      seq_lens.push_back(c.seq_lens[b]);
-      for (int t = 0; t < c.seq_lens[b]; ++t) {
-        if (t % c.page_size == 0) block_table[b * max_blocks + t / c.page_size] = pool[next++];
-        const std::int64_t slot = std::int64_t(block_table[b * max_blocks + t / c.page_size]) * c.page_size + t % c.page_size;
-        for (int h = 0; h < c.kv_heads; ++h) {
-          for (int d = 0; d < c.head_dim; ++d) {
-            k[layout.slot_offset(slot, h) + d] = kvkit::from_float<KVT>(normal(rng));
-            v[layout.slot_offset(slot, h) + d] = kvkit::from_float<KVT>(normal(rng));
-          }
-        }
-      }
-    }
-    const std::int64_t rows = std::int64_t(c.seq_lens.size()) * c.q_len;
-    q.resize(std::size_t(rows * c.q_heads * c.head_dim));
-    for (auto& x : q) x = kvkit::from_float<QT>(normal(rng));
-    o.assign(std::size_t(rows * c.q_heads * (c.head_dim + kPad)), kvkit::from_float<QT>(-777.0f));
-    lse.assign(std::size_t(rows * c.q_heads), -777.0f);
+  DecodeProblem(const DecodeCase& cs, std::uint64_t seed) : Base(cs, seed) {
+    o.assign(std::size_t(this->rows() * c.q_heads * (c.head_dim + kPad)), kvkit::from_float<QT>(-777.0f));
+    lse.assign(std::size_t(this->rows() * c.q_heads), -777.0f);
   }
 
-  PagedDecodeParams params() {
-    PagedDecodeParams p;
-    p.q = q.data();
-    p.q_stride_head = c.head_dim;
-    p.q_stride_token = std::int64_t(c.q_heads) * c.head_dim;
-    p.k_cache = k.data();
-    p.v_cache = v.data();
-    p.layout = layout;
-    p.page_table.block_table = block_table.data();
-    p.page_table.seq_lens = seq_lens.data();
-    p.page_table.batch_size = std::int64_t(seq_lens.size());
-    p.page_table.max_blocks = max_blocks;
-    p.page_table.stride_batch = max_blocks;
-    p.q_len = c.q_len;
-    p.num_q_heads = c.q_heads;
-    p.sm_scale = float(1.0 / std::sqrt(double(c.head_dim)));
-    p.window = c.window;
-    p.num_sinks = c.sinks;
-    p.logit_softcap = c.softcap;
-    p.o = o.data();
-    p.o_stride_head = c.head_dim + kPad;
-    p.o_stride_token = std::int64_t(c.q_heads) * (c.head_dim + kPad);
-    p.lse = lse.data();
-    p.q_dtype = kvkit::dtype_of<QT>;
-    p.kv_dtype = kvkit::dtype_of<KVT>;
-    return p;
-  }
+  PagedDecodeParams params() { return Base::params(o.data(), lse.data()); }
 
   // float64 reference for row (t, head): o and lse.
   void reference(std::int64_t b, int i, int h, const PagedDecodeParams& p, std::vector<double>& out,

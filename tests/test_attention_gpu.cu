@@ -25,6 +25,7 @@
 #include "kvkit/cuda/merge_states.cuh"
 #include "kvkit/ops/attention_decode.hpp"
 #include "kvkit/ops/merge_states.hpp"
+#include "support/paged_decode_problem.hpp"
 
 using Catch::Matchers::Contains;
 using kvkit::PagedDecodeParams;
@@ -47,116 +48,34 @@ int num_sms() {
   return sms;
 }
 
-struct DecodeCase {
-  int head_dim = 128;
-  int q_heads = 8;
-  int kv_heads = 2;
-  int page_size = 16;
-  std::vector<int> seq_lens{1};
-  int q_len = 1;
-  int window = 0;
-  int sinks = 0;
-  float softcap = 0.0f;
-  std::int64_t kv_begin = 0;
-  std::int64_t kv_end = INT64_MAX;
-  bool hnd = false;
-  int head_pad = 0;     // > 0: kv head rows padded by this many elements (unaligned strides)
-  bool zero_q = false;  // every score 0: lse counts the visible keys
-};
+using kvkit::testing::DecodeCase;
 
-// A paged cache with the sequences' pages scattered over a shuffled pool;
-// every slot no sequence owns holds NaN, so reading one would show.
+// The shared inputs plus CPU and GPU outputs.
 template <class QT, class KVT>
-struct DecodeProblem {
-  DecodeCase c;
-  PagedKVLayout layout;
-  std::vector<KVT> k, v;
-  std::vector<std::int32_t> block_table, seq_lens;
-  std::int64_t max_blocks = 0;
-  std::vector<QT> q, o_cpu, o_gpu;
+struct DecodeProblem : kvkit::testing::PagedDecodeInputs<QT, KVT> {
+  using Base = kvkit::testing::PagedDecodeInputs<QT, KVT>;
+  using Base::c;
+  using Base::k;
+  using Base::v;
+  using Base::q;
+  using Base::layout;
+  using Base::block_table;
+  using Base::seq_lens;
+  using Base::max_blocks;
+  using Base::kPad;
+  std::vector<QT> o_cpu, o_gpu;
   std::vector<float> lse_cpu, lse_gpu;
-  static constexpr int kPad = 3;  // o rows are padded; the padding must stay untouched
   const QT poison = kvkit::from_float<QT>(-777.0f);
 
-  DecodeProblem(const DecodeCase& cs, std::uint64_t seed) : c(cs) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> normal;
-    std::int64_t pages_needed = 0;
-    for (int len : c.seq_lens) {
-      const std::int64_t n = (len + c.page_size - 1) / c.page_size;
-      pages_needed += n;
-      max_blocks = std::max(max_blocks, n);
-    }
-    const std::int64_t num_pages = pages_needed + 3;
-    if (c.head_pad > 0) {
-      const std::int64_t head = c.head_dim + c.head_pad;
-      layout = PagedKVLayout::strided(num_pages, c.page_size, c.kv_heads, c.head_dim,
-                                      c.page_size * c.kv_heads * head, c.kv_heads * head, head);
-    } else {
-      layout = c.hnd ? PagedKVLayout::hnd(num_pages, c.page_size, c.kv_heads, c.head_dim)
-                     : PagedKVLayout::nhd(num_pages, c.page_size, c.kv_heads, c.head_dim);
-    }
-    const KVT nan = kvkit::from_float<KVT>(std::numeric_limits<float>::quiet_NaN());
-    k.assign(std::size_t(layout.span_elements()), nan);
-    v = k;
-    std::vector<std::int32_t> pool(static_cast<std::size_t>(num_pages));
-    std::iota(pool.begin(), pool.end(), 0);
-    std::shuffle(pool.begin(), pool.end(), rng);
-    block_table.assign(std::size_t(std::max<std::int64_t>(1, c.seq_lens.size() * max_blocks)), -1);
-    std::size_t next = 0;
-    for (std::size_t b = 0; b < c.seq_lens.size(); ++b) {
-      seq_lens.push_back(c.seq_lens[b]);
-      for (int t = 0; t < c.seq_lens[b]; ++t) {
-        if (t % c.page_size == 0) block_table[b * max_blocks + t / c.page_size] = pool[next++];
-        const std::int64_t slot =
-            std::int64_t(block_table[b * max_blocks + t / c.page_size]) * c.page_size + t % c.page_size;
-        for (int h = 0; h < c.kv_heads; ++h) {
-          for (int d = 0; d < c.head_dim; ++d) {
-            k[layout.slot_offset(slot, h) + d] = kvkit::from_float<KVT>(normal(rng));
-            v[layout.slot_offset(slot, h) + d] = kvkit::from_float<KVT>(normal(rng));
-          }
-        }
-      }
-    }
-    const std::int64_t rows = std::int64_t(c.seq_lens.size()) * c.q_len;
-    q.resize(std::size_t(rows * c.q_heads * c.head_dim));
-    for (auto& x : q) x = kvkit::from_float<QT>(c.zero_q ? 0.0f : normal(rng));
-    o_cpu.assign(std::size_t(rows * c.q_heads * (c.head_dim + kPad)), poison);
+  DecodeProblem(const DecodeCase& cs, std::uint64_t seed) : Base(cs, seed) {
+    o_cpu.assign(std::size_t(this->rows() * c.q_heads * (c.head_dim + kPad)), poison);
     o_gpu = o_cpu;
-    lse_cpu.assign(std::size_t(rows * c.q_heads), -777.0f);
+    lse_cpu.assign(std::size_t(this->rows() * c.q_heads), -777.0f);
     lse_gpu = lse_cpu;
   }
 
   // Params with host pointers (the CPU op's).
-  PagedDecodeParams params() {
-    PagedDecodeParams p;
-    p.q = q.data();
-    p.q_stride_head = c.head_dim;
-    p.q_stride_token = std::int64_t(c.q_heads) * c.head_dim;
-    p.k_cache = k.data();
-    p.v_cache = v.data();
-    p.layout = layout;
-    p.page_table.block_table = block_table.data();
-    p.page_table.seq_lens = seq_lens.data();
-    p.page_table.batch_size = std::int64_t(seq_lens.size());
-    p.page_table.max_blocks = max_blocks;
-    p.page_table.stride_batch = max_blocks;
-    p.q_len = c.q_len;
-    p.num_q_heads = c.q_heads;
-    p.sm_scale = float(1.0 / std::sqrt(double(c.head_dim)));
-    p.window = c.window;
-    p.num_sinks = c.sinks;
-    p.logit_softcap = c.softcap;
-    p.kv_begin = c.kv_begin;
-    p.kv_end = c.kv_end;
-    p.o = o_cpu.data();
-    p.o_stride_head = c.head_dim + kPad;
-    p.o_stride_token = std::int64_t(c.q_heads) * (c.head_dim + kPad);
-    p.lse = lse_cpu.data();
-    p.q_dtype = kvkit::dtype_of<QT>;
-    p.kv_dtype = kvkit::dtype_of<KVT>;
-    return p;
-  }
+  PagedDecodeParams params() { return Base::params(o_cpu.data(), lse_cpu.data()); }
 
   void run_cpu() { kvkit::paged_decode_attention(params()); }
 
