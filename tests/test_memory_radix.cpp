@@ -414,3 +414,32 @@ TEST_CASE("radix bad input throws, names the argument and changes nothing") {
     pool.check_invariants();
   }
 }
+
+TEST_CASE("an indexed block whose copy is still pending and is evicted cancels that copy") {
+  const int bs = 4;
+  KVCacheManager m(radix_opts(6, bs));  // 5 usable blocks
+  Store store(6, bs);
+  const auto a = tokens(6, 40);
+  m.free_sequence(indexed_sequence(m, store, a));  // 2 blocks held by the index
+  // B takes 5 tokens: block 0 shared, block 1 copied (pending), and indexes
+  // them before the step runs (allowed: the copy runs before anything reads).
+  const auto b = concat(std::vector<std::int32_t>(a.begin(), a.begin() + 5), tokens(3, 41));
+  const SequenceId sb = m.create_sequence();
+  CHECK(m.attach_prefix_tokens(sb, b.data(), 5).num_copied_tokens == 1);
+  REQUIRE(m.reserve(sb, 1));
+  const std::int32_t pending = m.block_table(sb)[1];
+  CHECK(m.insert_prefix_tokens(sb, b.data(), 6) == 1);
+  CHECK(m.radix_index().holds(pending) == 1);
+  m.free_sequence(sb);
+  m.check_invariants();
+  // Pressure: the leaf holding the pending block goes, and so must its copy.
+  // (A's leaf stays: its block 1 is the pending copy's source.)
+  CHECK(m.device_pool().num_free_blocks() == 2);
+  const SequenceId c = m.create_sequence();
+  REQUIRE(m.reserve(c, 3 * bs));
+  CHECK(m.radix_index().holds(pending) == 0);
+  CHECK(m.radix_index().stats().num_nodes == 2);
+  m.check_invariants();
+  CHECK(m.take_transfers().copies.empty());
+  m.check_invariants();
+}

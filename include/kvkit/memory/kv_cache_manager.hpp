@@ -758,8 +758,9 @@ class KVCacheManager {
   /// index's holds; the radix tree's own structure (see
   /// RadixPrefixIndex::check_invariants); that tables cover their tokens,
   /// window-freed entries are exactly the null ones, committed hashes only
-  /// name full blocks, and pending-destination marks match the transfer
-  /// lists. Throws kvkit::Error naming the first violation.
+  /// name full blocks, pending-destination marks match the transfer lists
+  /// and every pending destination is in use. Throws kvkit::Error naming the
+  /// first violation.
   void check_invariants() const {
     const char* where = "kvkit::KVCacheManager::check_invariants";
     device_.check_invariants();
@@ -820,6 +821,9 @@ class KVCacheManager {
         check(mark == encode(l, e), where, "transfer ", c.src, "->", c.dst, " is not marked on its destination");
         const std::int64_t src_mark = (src_host ? pending_host_ : pending_device_)[static_cast<std::size_t>(c.src)];
         check(src_mark == kNone, where, "transfer source ", c.src, " is itself a pending destination");
+        // A freed destination must have cancelled its transfer (it may be reallocated).
+        check((dst_host ? host_ : device_).ref_count(c.dst) > 0, where, "transfer destination ", c.dst,
+              " is free");
       }
     }
     for (std::int64_t m : pending_device_) pending_marks += m != kNone;
