@@ -1,5 +1,6 @@
 // Host bookkeeping of kvkit::memory: block pool, one decode step for a batch,
-// prefix lookup, fork + copy-on-write. Reports ns_per_op and ops_per_second.
+// prefix lookup (block hashes and radix index), fork + copy-on-write.
+// Reports ns_per_op and ops_per_second.
 
 #include <cstdint>
 #include <vector>
@@ -94,6 +95,77 @@ void BM_prefix_lookup_4k_half_hit(benchmark::State& state) {
   report_ops(state, 1);
 }
 
+// The 4,096-token prompt of the prefix benchmarks (LCG token ids).
+std::vector<std::int32_t> prompt_4k(std::uint32_t x) {
+  std::vector<std::int32_t> prompt(4096);
+  for (auto& t : prompt) t = std::int32_t((x = x * 1664525u + 1013904223u) >> 16);
+  return prompt;
+}
+
+// A radix-indexed manager holding the first half of `prompt` plus 8
+// unrelated 4,096-token prompts that share its first 100 tokens (so that the
+// lookup walks through a split node, as with a shared system prompt).
+kvkit::KVCacheManager radix_manager(const std::vector<std::int32_t>& prompt) {
+  const int bs = 16, n = static_cast<int>(prompt.size());
+  kvkit::KVCacheManagerOptions o;
+  o.num_blocks = 4096;
+  o.block_size = bs;
+  o.radix_index = true;
+  kvkit::KVCacheManager m(o);
+  const auto warm = m.create_sequence();
+  m.reserve(warm, n / 2);
+  m.insert_prefix_tokens(warm, prompt.data(), n / 2);
+  m.free_sequence(warm);
+  for (int r = 0; r < 8; ++r) {
+    auto other = prompt;
+    for (int i = 100; i < n; ++i) other[i] += r + 1;
+    const auto s = m.create_sequence();
+    if (!m.reserve(s, n)) break;
+    m.insert_prefix_tokens(s, other.data(), n);
+    m.free_sequence(s);
+  }
+  return m;
+}
+
+// One op = radix lookup (match) of a 4,096-token prompt whose first 2,048
+// tokens are indexed: the token-granular counterpart of the hash lookup above
+// (no hashing needed; the tokens are compared along the tree).
+void BM_radix_lookup_4k_half_hit(benchmark::State& state) {
+  const auto prompt = prompt_4k(7);
+  const kvkit::KVCacheManager m = radix_manager(prompt);
+  kvkit::RadixMatch match;
+  for (auto _ : state) {
+    m.radix_index().match(prompt.data(), std::int64_t(prompt.size()), match);
+    benchmark::DoNotOptimize(match.num_tokens);
+  }
+  state.counters["hit_tokens"] = double(match.num_tokens);
+  report_ops(state, 1);
+}
+
+// One op = attach_prefix_tokens of a 4,096-token prompt with 2,053 indexed
+// tokens (128 shared blocks + a 5-token partial block copied), take the copy
+// list, free the sequence: what admitting a request costs with the radix index.
+void BM_radix_attach_4k_half_hit(benchmark::State& state) {
+  auto prompt = prompt_4k(7);
+  kvkit::KVCacheManager m = radix_manager(prompt);
+  {
+    const auto s = m.create_sequence();  // index 5 more tokens: the match ends inside a block
+    m.reserve(s, 2053);
+    m.insert_prefix_tokens(s, prompt.data(), 2053);
+    m.free_sequence(s);
+  }
+  std::int64_t hit = 0;
+  for (auto _ : state) {
+    const auto s = m.create_sequence();
+    hit = m.attach_prefix_tokens(s, prompt.data(), std::int64_t(prompt.size()) - 1).num_tokens;
+    auto t = m.take_transfers();
+    benchmark::DoNotOptimize(t.copies.data());
+    m.free_sequence(s);
+  }
+  state.counters["hit_tokens"] = double(hit);
+  report_ops(state, 1);
+}
+
 // One op = fork a 1,000-token sequence, write one token into the shared
 // partial block (copy-on-write), take the copy list, free the child.
 void BM_fork_cow(benchmark::State& state) {
@@ -117,6 +189,8 @@ void BM_fork_cow(benchmark::State& state) {
 BENCHMARK(BM_alloc_free_one_block)->Name("memory/alloc_free_one_block");
 BENCHMARK(BM_decode_step_256)->Name("memory/decode_step_256_seqs")->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_prefix_lookup_4k_half_hit)->Name("memory/prefix_lookup_4k_tokens_50pct_hit")->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_radix_lookup_4k_half_hit)->Name("memory/radix_lookup_4k_tokens_50pct_hit")->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_radix_attach_4k_half_hit)->Name("memory/radix_attach_4k_tokens_50pct_hit_free")->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_fork_cow)->Name("memory/fork_cow_free")->Unit(benchmark::kMicrosecond);
 
 }  // namespace

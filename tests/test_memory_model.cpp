@@ -17,6 +17,12 @@
 // (KVKIT_TEST_SANITIZED, set by tests/CMakeLists.txt): about 25 s there.
 // The environment variables KVKIT_MODEL_OPS and KVKIT_MODEL_SEED override
 // the operation count and the seed.
+//
+// Radix mode (a second test case, options.radix_index = true) adds token-
+// granular attaches (attach_prefix_tokens, with copy-on-partial-reuse),
+// inserts, lookups and clears of the radix index to the same mix; after every
+// flush every radix node's blocks must hold the node's tokens. 200,000
+// operations (60,000 under sanitizers).
 
 #include <catch2/catch.hpp>
 
@@ -40,8 +46,10 @@ namespace {
 
 #ifdef KVKIT_TEST_SANITIZED
 constexpr long kDefaultOps = 300000;
+constexpr long kDefaultRadixOps = 60000;
 #else
 constexpr long kDefaultOps = 1000000;
+constexpr long kDefaultRadixOps = 200000;
 #endif
 
 std::uint32_t seed() {
@@ -49,9 +57,9 @@ std::uint32_t seed() {
   return 20240607u;
 }
 
-long num_ops() {
+long num_ops(long default_ops = kDefaultOps) {
   if (const char* env = std::getenv("KVKIT_MODEL_OPS")) return std::atol(env);
-  return kDefaultOps;
+  return default_ops;
 }
 
 std::uint64_t mix(std::uint64_t x) {
@@ -101,7 +109,8 @@ class Model {
   static constexpr int kDeviceBlocks = 48;
   static constexpr int kHostBlocks = 24;
 
-  Model() : m_(options()), dev_(kDeviceBlocks * kBlockSize, -1), host_(kHostBlocks * kBlockSize, -1) {}
+  explicit Model(bool radix = false)
+      : radix_(radix), m_(options(radix)), dev_(kDeviceBlocks * kBlockSize, -1), host_(kHostBlocks * kBlockSize, -1) {}
 
   void run(long ops, std::uint32_t seed) {
     rng_.seed(seed);
@@ -115,6 +124,14 @@ class Model {
     seqs_.clear();
     m_.take_transfers();
     m_.check_invariants();
+    const auto radix_before_clear = m_.stats().radix;
+    if (radix_) {
+      // Only the index holds blocks now; dropping it must free every one.
+      CHECK(m_.device_pool().num_used_blocks() == m_.radix_index().stats().num_block_holds -
+                                                      duplicate_holds());
+      m_.clear_radix_index();
+      m_.check_invariants();
+    }
     const auto st = m_.stats();
     CHECK(st.num_sequences == 0);
     CHECK(st.device.num_used == 0);
@@ -134,11 +151,24 @@ class Model {
     CHECK(swap_ins_ > 0);
     CHECK(failed_reserves_ > 0);
     CHECK(bad_calls_ > 0);
+    if (radix_) {
+      INFO("radix: attaches " << radix_attaches_ << ", inserts " << radix_inserts_ << ", hit tokens "
+                              << radix_before_clear.hit_tokens << ", partial copies "
+                              << radix_before_clear.partial_hits << ", evicted nodes "
+                              << radix_before_clear.evicted_nodes << ", checked nodes " << radix_checked_nodes_);
+      CHECK(radix_before_clear.hit_tokens > 0);
+      CHECK(radix_before_clear.partial_hits > 0);
+      CHECK(radix_before_clear.evicted_nodes > radix_clears_);  // evictions under pressure, not only clears
+      CHECK(radix_inserts_ > 0);
+      CHECK(radix_checked_nodes_ > 0);
+      CHECK(radix_bad_calls_ > 0);
+    }
   }
 
  private:
-  static KVCacheManagerOptions options() {
+  static KVCacheManagerOptions options(bool radix) {
     KVCacheManagerOptions o;
+    o.radix_index = radix;
     o.num_blocks = kDeviceBlocks;
     o.block_size = kBlockSize;
     o.num_host_blocks = kHostBlocks;
@@ -167,7 +197,17 @@ class Model {
     log_.push_back(o.str());
   }
 
+  // Blocks named by several radix nodes count once in the pool.
+  std::int64_t duplicate_holds() const {
+    std::int64_t d = 0;
+    for (std::int32_t b = 0; b < kDeviceBlocks; ++b) {
+      if (m_.radix_index().holds(b) > 1) d += m_.radix_index().holds(b) - 1;
+    }
+    return d;
+  }
+
   void step() {
+    if (radix_) return step_radix();
     const int kind = pick(100);
     if (seqs_.empty() || (kind < 8 && seqs_.size() < 10)) return create();
     RefSeq& s = seqs_[static_cast<std::size_t>(pick(static_cast<int>(seqs_.size())))];
@@ -183,6 +223,69 @@ class Model {
     return bad_call(s);
   }
 
+  void step_radix() {
+    const int kind = pick(100);
+    if (seqs_.empty() || (kind < 8 && seqs_.size() < 10)) return create();
+    RefSeq& s = seqs_[static_cast<std::size_t>(pick(static_cast<int>(seqs_.size())))];
+    if (kind < 40) return reserve(s);
+    if (kind < 46) return rollback(s);
+    if (kind < 52) return fork(s);
+    if (kind < 58) return commit(s);
+    if (kind < 68) return radix_insert(s);
+    if (kind < 73) return radix_lookup();
+    if (kind < 80) return free_seq(s);
+    if (kind < 84) return preempt(s);
+    if (kind < 89) return swap_out(s);
+    if (kind < 94) return swap_in(s);
+    if (kind < 99) return bad_call(s);
+    if (pick(4) == 0) {
+      m_.clear_radix_index();
+      ++radix_clears_;
+    }
+  }
+
+  std::vector<std::int32_t> ids(const std::vector<std::int64_t>& t, std::size_t n) const {
+    return std::vector<std::int32_t>(t.begin(), t.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+
+  void radix_insert(RefSeq& s) {
+    if (s.swapped || s.options.sliding_window > 0) return;
+    if (has_pending_writes(s.id)) flush();  // engines index tokens once their KV is written
+    const std::size_t n = pick(2) == 0 ? s.tokens.size() : static_cast<std::size_t>(pick(static_cast<int>(s.tokens.size()) + 1));
+    const auto t = ids(s.tokens, n);
+    const auto before = m_.radix_index().stats().num_tokens;
+    const std::int64_t added = m_.insert_prefix_tokens(s.id, t.data(), static_cast<std::int64_t>(n));
+    REQUIRE(added <= static_cast<std::int64_t>(n));
+    REQUIRE(m_.radix_index().stats().num_tokens == before + added);
+    REQUIRE(m_.radix_index().match(t.data(), static_cast<std::int64_t>(n)).num_tokens == static_cast<std::int64_t>(n));
+    ++radix_inserts_;
+    trace("radix insert " + std::to_string(n), s.id);
+  }
+
+  void radix_lookup() {
+    std::vector<std::int32_t> prompt(static_cast<std::size_t>(pick(24)));
+    for (auto& t : prompt) t = static_cast<std::int32_t>(token());
+    const auto m = m_.radix_index().match(prompt.data(), static_cast<std::int64_t>(prompt.size()));
+    REQUIRE(m.num_tokens <= static_cast<std::int64_t>(prompt.size()));
+    REQUIRE(static_cast<std::int64_t>(m.blocks.size()) == m.num_tokens / kBlockSize);
+    REQUIRE(m.partial_tokens == m.num_tokens % kBlockSize);
+    REQUIRE((m.partial_block >= 0) == (m.partial_tokens > 0));
+  }
+
+  // Every radix node's blocks hold its tokens (after a flush: copies done).
+  void verify_radix() {
+    m_.radix_index().for_each_node([&](std::int64_t begin, const std::int32_t* t, std::int64_t n,
+                                       const std::int32_t* blocks, std::int64_t num_blocks) {
+      ++radix_checked_nodes_;
+      REQUIRE(num_blocks == (begin + n - 1) / kBlockSize - begin / kBlockSize + 1);
+      for (std::int64_t p = begin; p < begin + n; ++p) {
+        const std::int32_t b = blocks[p / kBlockSize - begin / kBlockSize];
+        INFO("radix node at " << begin << " position " << p << " block " << b);
+        REQUIRE(dev_[std::size_t(b) * kBlockSize + std::size_t(p % kBlockSize)] == t[p - begin]);
+      }
+    });
+  }
+
   void create() {
     SequenceOptions o;
     o.priority = pick(3);
@@ -193,7 +296,19 @@ class Model {
     RefSeq s;
     s.id = m_.create_sequence(o);
     s.options = o;
-    if (pick(2) == 0) {
+    const bool with_prompt = pick(2) == 0;
+    if (with_prompt && radix_ && pick(3) != 0) {
+      // A prompt: attach its longest indexed prefix, token by token.
+      std::vector<std::int64_t> prompt(static_cast<std::size_t>(pick(20)));
+      for (auto& t : prompt) t = token();
+      const auto t = ids(prompt, prompt.size());
+      const auto hit = m_.attach_prefix_tokens(s.id, t.data(), static_cast<std::int64_t>(t.size()));
+      REQUIRE(hit.num_tokens == hit.num_device_blocks * kBlockSize + hit.num_copied_tokens);
+      REQUIRE(hit.num_copied_tokens < kBlockSize);
+      REQUIRE(m_.num_tokens(s.id) == hit.num_tokens);
+      s.tokens.assign(prompt.begin(), prompt.begin() + hit.num_tokens);
+      ++radix_attaches_;
+    } else if (with_prompt) {
       // A prompt: attach its cached prefix.
       std::vector<std::int64_t> prompt(static_cast<std::size_t>(pick(20)));
       for (auto& t : prompt) t = token();
@@ -218,7 +333,12 @@ class Model {
       ++failed_reserves_;
       REQUIRE(m_.block_table(s.id) == table);
       REQUIRE(m_.num_tokens(s.id) == static_cast<std::int64_t>(s.tokens.size()));
-      REQUIRE(m_.device_pool().num_free_blocks() == free_before);
+      // The radix index may have evicted unshared leaves trying: free blocks only grow.
+      if (radix_) {
+        REQUIRE(m_.device_pool().num_free_blocks() >= free_before);
+      } else {
+        REQUIRE(m_.device_pool().num_free_blocks() == free_before);
+      }
       return;
     }
     s.resume_tokens.clear();
@@ -333,12 +453,16 @@ class Model {
     const auto stats = m_.stats();
     const auto table = m_.block_table(s.id);
     const std::int64_t tokens = m_.num_tokens(s.id);
+    const auto radix_nodes = m_.radix_index().stats().num_nodes;
     bool threw = false;
     try {
-      switch (pick(4)) {
+      const std::int32_t t[2] = {0, 1};
+      switch (pick(radix_ ? 6 : 4)) {
         case 0: m_.rollback(s.id, tokens + 1 + pick(3)); break;
         case 1: m_.free_sequence(SequenceId{s.id.index, s.id.generation + 1}); break;
         case 2: m_.fork(SequenceId{999, 0}); break;
+        case 4: ++radix_bad_calls_; m_.attach_prefix_tokens(s.id, t, -1); break;
+        case 5: ++radix_bad_calls_; m_.insert_prefix_tokens(s.id, t, tokens + 1); break;
         default: m_.reserve(s.id, -1); break;
       }
     } catch (const kvkit::Error&) {
@@ -350,6 +474,7 @@ class Model {
     REQUIRE(m_.num_tokens(s.id) == tokens);
     REQUIRE(m_.stats().device.num_free == stats.device.num_free);
     REQUIRE(m_.stats().host.num_free == stats.host.num_free);
+    REQUIRE(m_.radix_index().stats().num_nodes == radix_nodes);
   }
 
   // Executes the step: transfers with parallel semantics, then token writes.
@@ -386,6 +511,7 @@ class Model {
     INFO(log);
     log_.clear();
     verify_all();
+    if (radix_) verify_radix();
     // Prefixes that count_cached_prefix reported must hold their tokens.
     for (const auto& prompt : pending_lookups_) {
       const auto hs = hashes_of(prompt, kBlockSize);
@@ -422,6 +548,7 @@ class Model {
     }
   }
 
+  bool radix_;
   KVCacheManager m_;
   std::vector<std::int64_t> dev_;
   std::vector<std::int64_t> host_;
@@ -430,6 +557,7 @@ class Model {
   std::vector<std::vector<std::int64_t>> pending_lookups_;
   std::mt19937 rng_;
   std::vector<std::string> log_;
+  long radix_attaches_ = 0, radix_inserts_ = 0, radix_clears_ = 0, radix_checked_nodes_ = 0, radix_bad_calls_ = 0;
   long attaches_ = 0, copies_ = 0, swap_outs_ = 0, swap_ins_ = 0, failed_reserves_ = 0, bad_calls_ = 0;
 };
 
@@ -438,4 +566,9 @@ class Model {
 TEST_CASE("a million random operations agree with the reference model and leak nothing") {
   Model model;
   model.run(num_ops(), seed());
+}
+
+TEST_CASE("random operations with the radix index agree with the reference model and leak nothing") {
+  Model model(true);
+  model.run(num_ops(kDefaultRadixOps), seed());
 }

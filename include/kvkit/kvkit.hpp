@@ -19,6 +19,7 @@
 #include "kvkit/memory/block_pool.hpp"
 #include "kvkit/memory/capacity_planner.hpp"
 #include "kvkit/memory/kv_cache_manager.hpp"
+#include "kvkit/memory/radix_index.hpp"
 
 // layout: where each cache element lives
 #include "kvkit/layout/capacity.hpp"

@@ -5,8 +5,12 @@
 /// slots, roll back, fork with copy-on-write, commit full blocks to the prefix
 /// cache, attach cached prefixes, preempt (swap or recompute), sliding windows,
 /// and the arrays kernels consume (slot mapping, padded block table, CSR).
+/// Optionally a token-granular radix index (options.radix_index) reuses
+/// prefixes that end inside a block: attach_prefix_tokens shares the full
+/// blocks and copies the partial one.
 ///
-/// Lifetimes. A sequence holds one reference on every block in its table.
+/// Lifetimes. A sequence holds one reference on every block in its table;
+/// the radix index holds one per block it names (per node).
 /// Copy-on-write: the first write into a block whose reference count is > 1
 /// allocates a private copy and records a (src, dst) pair; writing into an
 /// exclusively held block that is registered in the prefix cache first drops
@@ -30,6 +34,7 @@
 #include "kvkit/core/error.hpp"
 #include "kvkit/memory/block_hash.hpp"
 #include "kvkit/memory/block_pool.hpp"
+#include "kvkit/memory/radix_index.hpp"
 
 namespace kvkit {
 
@@ -66,6 +71,11 @@ struct KVCacheManagerOptions {
   bool reserve_null_block = true;     ///< block 0 is padding / window placeholder
   std::int32_t num_host_blocks = 0;   ///< host-tier blocks for swap-out (0: no swapping)
   bool enable_events = false;         ///< queue BlockStored / BlockRemoved events
+  /// Also keep a token-granular radix index (attach_prefix_tokens /
+  /// insert_prefix_tokens; see radix_index.hpp). The block-hash calls keep
+  /// working alongside it. When allocation runs short, unshared radix leaves
+  /// are evicted (LRU, lowest priority first) to make room.
+  bool radix_index = false;
 };
 
 /// One block copy for a copy kernel: copy every layer's block `src` to `dst`.
@@ -90,12 +100,16 @@ struct PrefixHit {
   std::int64_t num_tokens = 0;         ///< tokens now in the sequence (whole blocks)
   std::int32_t num_device_blocks = 0;  ///< blocks found on the device, shared as they are
   std::int32_t num_host_blocks = 0;    ///< blocks found on the host, swapped in (see take_transfers)
+  /// Radix index only: tokens of a partially matched last block, copied into
+  /// a new block (one `copies` entry); num_tokens includes them.
+  std::int32_t num_copied_tokens = 0;
 };
 
 /// Counters of both tiers plus sequence count.
 struct KVCacheStats {
   BlockPoolStats device;
   BlockPoolStats host;
+  RadixIndexStats radix;  ///< zeros unless options.radix_index
   std::int32_t num_sequences = 0;
 };
 
@@ -113,7 +127,9 @@ class KVCacheManager {
               MemoryTier::kHost),
         has_host_(options.num_host_blocks > 0),
         pending_device_(static_cast<std::size_t>(options.num_blocks), kNone),
-        pending_host_(static_cast<std::size_t>(host_.num_blocks()), kNone) {
+        pending_host_(static_cast<std::size_t>(host_.num_blocks()), kNone),
+        radix_(options.block_size, options.num_blocks),
+        has_radix_(options.radix_index) {
     device_.set_events_enabled(options.enable_events);
     host_.set_events_enabled(options.enable_events);
   }
@@ -223,7 +239,8 @@ class KVCacheManager {
     for (std::size_t i = first_written; i < last_existing; ++i) {
       if (device_.ref_count(s.blocks[i]) > 1) ++to_allocate;
     }
-    if (to_allocate > device_.num_free_blocks()) return false;
+    // Radix eviction never touches blocks a table names: to_allocate stays valid.
+    if (to_allocate > device_.num_free_blocks() && !make_room(to_allocate)) return false;
     if (!s.resume_hashes.empty()) s.resume_hashes.clear();  // recomputing from scratch instead
     for (std::size_t i = first_written; i < last_existing; ++i) {
       const std::int32_t b = s.blocks[i];
@@ -408,6 +425,96 @@ class KVCacheManager {
     return hit;
   }
 
+  // ------------------------------------------------------------ radix index
+
+  /// True when the manager keeps a radix index (options.radix_index).
+  bool has_radix_index() const { return has_radix_; }
+  /// The radix index (read-only; match() on it is the side-effect-free lookup).
+  const RadixPrefixIndex& radix_index() const { return radix_; }
+
+  /// Gives an empty running sequence the longest prefix of `tokens[0..n)`
+  /// (token ids) found in the radix index: full blocks are shared as they
+  /// are; when the match ends inside a block, a new block is allocated and a
+  /// (src, dst) copy is queued (see take_transfers) so that the sequence
+  /// continues writing after the matched tokens in a block of its own
+  /// (copy-on-partial-reuse). When no block can be had even after evicting
+  /// radix leaves, the partial tokens are dropped (num_tokens rounds down to
+  /// whole blocks). Refreshes the matched path for LRU and counts hits and
+  /// misses in tokens. To keep at least one token to compute, pass n - 1.
+  /// Throws kvkit::Error, changing nothing, without a radix index, for an
+  /// unknown, swapped or non-empty sequence, n < 0, or null tokens with n > 0.
+  PrefixHit attach_prefix_tokens(SequenceId seq, const std::int32_t* tokens, std::int64_t n) {
+    const char* where = "kvkit::KVCacheManager::attach_prefix_tokens";
+    check(has_radix_, where, "the manager has no radix index (options.radix_index = false)");
+    Seq& s = get_running(seq, where);
+    check_argument(s.num_tokens == 0 && s.blocks.empty(), where, "seq", seq,
+                   "an empty sequence (it has ", s.num_tokens, " tokens)");
+    check_argument(n >= 0 && (n == 0 || tokens != nullptr), where, "n", n, ">= 0 with non-null tokens");
+    radix_.match(tokens, n, radix_match_);
+    const RadixMatch& m = radix_match_;
+    s.resume_hashes.clear();
+    s.blocks.assign(m.blocks.begin(), m.blocks.end());
+    for (std::int32_t b : s.blocks) device_.retain(b);  // held by the index, so in use
+    std::int32_t copied = 0;
+    if (m.partial_tokens > 0) {
+      // Pin the source: make_room must not evict the node that holds it.
+      device_.retain(m.partial_block);
+      if (device_.num_free_blocks() > 0 || make_room(1)) {
+        const std::int32_t d = device_.allocate_one();
+        record_copy(MemoryTier::kDevice, m.partial_block, MemoryTier::kDevice, d);
+        s.blocks.push_back(d);
+        copied = m.partial_tokens;
+      }
+      device_.release_one(m.partial_block);  // stays > 0: the index holds it
+    }
+    radix_.touch(m);  // its path is pinned by the blocks retained above
+    s.num_tokens = (static_cast<std::int64_t>(m.blocks.size()) << block_shift_) + copied;
+    radix_.record_lookup(s.num_tokens, n - s.num_tokens, copied > 0);
+    PrefixHit hit;
+    hit.num_tokens = s.num_tokens;
+    hit.num_device_blocks = static_cast<std::int32_t>(m.blocks.size());
+    hit.num_copied_tokens = copied;
+    if (s.options.sliding_window > 0 && s.num_tokens > 0) free_out_of_window(s, s.num_tokens);
+    return hit;
+  }
+
+  /// Adds the first `n` tokens of a running sequence (token ids
+  /// `tokens[0..n)`, the sequence's own, whose KV has been written) to the
+  /// radix index, which then holds a reference on each newly indexed block.
+  /// Call it when a prompt's prefill is done or when a request finishes.
+  /// Indexing a partially filled last block is allowed; the sequence's next
+  /// write into that block then copies it (copy-on-write), so index only full
+  /// blocks of a sequence that keeps decoding if that copy matters.
+  /// Independent of commit_blocks (hashes) and of events: the radix index
+  /// has no block hashes and emits no BlockEvents.
+  /// Returns the number of newly indexed tokens. Throws kvkit::Error,
+  /// changing nothing, without a radix index, for an unknown or swapped
+  /// sequence, one with a sliding window (its table has holes), n outside
+  /// [0, num_tokens], or null tokens with n > 0.
+  std::int64_t insert_prefix_tokens(SequenceId seq, const std::int32_t* tokens, std::int64_t n) {
+    const char* where = "kvkit::KVCacheManager::insert_prefix_tokens";
+    check(has_radix_, where, "the manager has no radix index (options.radix_index = false)");
+    Seq& s = get_running(seq, where);
+    check_argument(s.options.sliding_window == 0, where, "seq", seq,
+                   "a sequence without a sliding window (window-freed blocks cannot be indexed)");
+    check_argument(n >= 0 && n <= s.num_tokens, where, "n", n, "in [0, ", s.num_tokens,
+                   "] (the sequence's token count)");
+    check_argument(n == 0 || tokens != nullptr, where, "tokens", tokens, "non-null");
+    return radix_.insert(device_, tokens, n, s.blocks.data(), static_cast<std::int64_t>(s.blocks.size()),
+                         s.options.priority);
+  }
+
+  /// Drops the whole radix index (e.g. after the weights change), releasing
+  /// its references. Returns the number of blocks that became free.
+  /// No-op (returns 0) without a radix index.
+  std::int64_t clear_radix_index() {
+    if (!has_radix_) return 0;
+    radix_freed_.clear();
+    const std::int64_t n = radix_.clear(device_, &radix_freed_);
+    for (std::int32_t b : radix_freed_) cancel_if_pending(MemoryTier::kDevice, b);
+    return n;
+  }
+
   // ------------------------------------------------------------ preemption
 
   /// Preempts by recomputation: frees every block (content stays cached, so
@@ -504,13 +611,22 @@ class KVCacheManager {
     const char* where = "kvkit::KVCacheManager::swap_in";
     Seq& s = get(seq, where);
     check_argument(s.swapped, where, "seq", seq, "a swapped-out sequence");
-    std::int64_t need = 0;
-    for (std::size_t i = 0; i < s.blocks.size(); ++i) {
-      if (s.blocks[i] == BlockPool::kNoBlock) continue;
-      const std::int32_t d = i < s.hashes.size() ? device_.find_cached(s.hashes[i]) : BlockPool::kNoBlock;
-      if (d == BlockPool::kNoBlock || device_.ref_count(d) == 0) ++need;
+    auto blocks_needed = [&] {
+      std::int64_t need = 0;
+      for (std::size_t i = 0; i < s.blocks.size(); ++i) {
+        if (s.blocks[i] == BlockPool::kNoBlock) continue;
+        const std::int32_t d = i < s.hashes.size() ? device_.find_cached(s.hashes[i]) : BlockPool::kNoBlock;
+        if (d == BlockPool::kNoBlock || device_.ref_count(d) == 0) ++need;
+      }
+      return need;
+    };
+    std::int64_t need = blocks_needed();
+    // Radix eviction may turn a hash hit held only by the index into a free
+    // cached block, which then costs a free block: count again.
+    while (need > device_.num_free_blocks()) {
+      if (!make_room(static_cast<std::int32_t>(need))) return false;
+      need = blocks_needed();
     }
-    if (need > device_.num_free_blocks()) return false;
     std::vector<std::int32_t> table(s.blocks.size(), device_.null_block());
     std::vector<std::uint8_t> done(s.blocks.size(), 0);
     // Hits first: an allocation could otherwise evict a cached block we are about to share.
@@ -631,21 +747,27 @@ class KVCacheManager {
     KVCacheStats st;
     st.device = device_.stats();
     st.host = has_host_ ? host_.stats() : BlockPoolStats{};
+    if (has_radix_) st.radix = radix_.stats();
     st.num_sequences = num_live_;
     return st;
   }
 
   /// Verifies in O(blocks + table entries) both pools' invariants and that
   /// every block's reference count equals the number of block-table entries
-  /// naming it plus the pending transfers reading from it; that tables cover
-  /// their tokens, window-freed entries are exactly the null ones, committed
-  /// hashes only name full blocks, and pending-destination marks match the
-  /// transfer lists. Throws kvkit::Error naming the first violation.
+  /// naming it plus the pending transfers reading from it plus the radix
+  /// index's holds; the radix tree's own structure (see
+  /// RadixPrefixIndex::check_invariants); that tables cover their tokens,
+  /// window-freed entries are exactly the null ones, committed hashes only
+  /// name full blocks, pending-destination marks match the transfer lists
+  /// and every pending destination is in use. Throws kvkit::Error naming the
+  /// first violation.
   void check_invariants() const {
     const char* where = "kvkit::KVCacheManager::check_invariants";
     device_.check_invariants();
     host_.check_invariants();
+    radix_.check_invariants(device_);
     std::vector<std::int32_t> dev_refs(static_cast<std::size_t>(device_.num_blocks()), 0);
+    for (std::int32_t b = 0; b < device_.num_blocks(); ++b) dev_refs[static_cast<std::size_t>(b)] = radix_.holds(b);
     std::vector<std::int32_t> host_refs(static_cast<std::size_t>(host_.num_blocks()), 0);
     std::int32_t live = 0;
     for (std::size_t idx = 0; idx < seqs_.size(); ++idx) {
@@ -699,6 +821,9 @@ class KVCacheManager {
         check(mark == encode(l, e), where, "transfer ", c.src, "->", c.dst, " is not marked on its destination");
         const std::int64_t src_mark = (src_host ? pending_host_ : pending_device_)[static_cast<std::size_t>(c.src)];
         check(src_mark == kNone, where, "transfer source ", c.src, " is itself a pending destination");
+        // A freed destination must have cancelled its transfer (it may be reallocated).
+        check((dst_host ? host_ : device_).ref_count(c.dst) > 0, where, "transfer destination ", c.dst,
+              " is free");
       }
     }
     for (std::int64_t m : pending_device_) pending_marks += m != kNone;
@@ -712,7 +837,7 @@ class KVCacheManager {
     for (std::int32_t b = 0; b < device_.num_blocks(); ++b) {
       if (b == device_.null_block()) continue;
       check(device_.ref_count(b) == dev_refs[b], where, "device block ", b, " has reference count ",
-            device_.ref_count(b), " but ", dev_refs[b], " table entries and pending transfers");
+            device_.ref_count(b), " but ", dev_refs[b], " table entries, pending transfers and radix holds");
     }
     for (std::int32_t b = 0; b < host_.num_blocks(); ++b) {
       check(host_.ref_count(b) == host_refs[b], where, "host block ", b, " has reference count ",
@@ -808,6 +933,17 @@ class KVCacheManager {
     return lists_[kSwapIn][static_cast<std::size_t>(mark & ((std::int64_t{1} << 40) - 1))].src;
   }
 
+  // Evicts unshared radix leaves until `need` blocks are free; false if that
+  // cannot be reached (always without a radix index). Blocks the eviction
+  // frees may be pending destinations: their copies are cancelled.
+  bool make_room(std::int32_t need) {
+    if (!has_radix_) return false;
+    radix_freed_.clear();
+    const bool ok = radix_.evict(device_, need, &radix_freed_);
+    for (std::int32_t b : radix_freed_) cancel_if_pending(MemoryTier::kDevice, b);
+    return ok;
+  }
+
   // A destination freed before the flush: its copy is dead and must not run.
   void cancel_if_pending(MemoryTier tier, std::int32_t block) {
     std::int64_t& mark = (tier == MemoryTier::kHost ? pending_host_ : pending_device_)[static_cast<std::size_t>(block)];
@@ -868,6 +1004,10 @@ class KVCacheManager {
   std::vector<BlockCopy> lists_[kNumLists];
   std::vector<std::int64_t> pending_device_;  // per device block: encoded transfer writing it, or kNone
   std::vector<std::int64_t> pending_host_;
+  RadixPrefixIndex radix_;
+  bool has_radix_;
+  std::vector<std::int32_t> radix_freed_;  // scratch of make_room
+  RadixMatch radix_match_;                 // scratch of attach_prefix_tokens
 };
 
 }  // namespace kvkit
