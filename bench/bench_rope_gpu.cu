@@ -51,3 +51,41 @@ BENCHMARK_CAPTURE(BM_apply_rope_gpu, deepseek, kvkit::RopeConfig::deepseek_yarn(
     ->Name("rope_gpu/apply/deepseek_mla/bf16/8192_tokens")->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
+
+namespace {
+
+// Fused RoPE + append on the GPU, Llama-3-8B shape, 8,192 tokens, bf16, page 16.
+void BM_rope_append_gpu(benchmark::State& state) {
+  using T = kvkit::bfloat16;
+  const kvkit::RopeConfig cfg = kvkit::RopeConfig::llama3();
+  const std::int64_t tokens = full_or_smoke<std::int64_t>(8192, 64);
+  const int q_heads = 32, kv_heads = 8, hd = cfg.head_dim, page = 16;
+  const std::int64_t pages = 4 * tokens / page;
+  const auto layout = kvkit::PagedKVLayout::nhd(pages, page, kv_heads, hd);
+  std::vector<std::int64_t> positions(static_cast<std::size_t>(tokens)), slots(static_cast<std::size_t>(tokens));
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    positions[t] = t;
+    slots[t] = (t * 7919) % layout.num_slots();
+  }
+  const kvkit::RopeCache cache(cfg, tokens);
+  auto d_q = DeviceBuffer::from_host(std::vector<T>(std::size_t(tokens * q_heads * hd), T(0.5f)));
+  auto d_k = DeviceBuffer::from_host(std::vector<T>(std::size_t(tokens * kv_heads * hd), T(0.25f)));
+  auto d_v = DeviceBuffer::from_host(std::vector<T>(std::size_t(tokens * kv_heads * hd), T(0.125f)));
+  DeviceBuffer d_kc(std::size_t(pages * layout.page_elements()) * sizeof(T)), d_vc(d_kc.bytes());
+  auto d_pos = DeviceBuffer::from_host(positions);
+  auto d_slots = DeviceBuffer::from_host(slots);
+  auto d_table = DeviceBuffer::from_host(std::vector<float>(cache.data(), cache.data() + tokens * cfg.rotary_dim));
+  kvkit::RopeParams p;
+  p.q = d_q.data(); p.q_head_stride = hd; p.q_token_stride = q_heads * hd; p.num_q_heads = q_heads;
+  p.positions = d_pos.as<std::int64_t>(); p.num_tokens = tokens;
+  p.head_dim = hd; p.rotary_dim = cfg.rotary_dim; p.style = cfg.style; p.dtype = kvkit::DType::kBFloat16;
+  p.cos_sin_cache = d_table.as<float>(); p.cache_positions = tokens;
+  const auto append = kvkit::AppendKVArgs::dense(d_k.data(), d_v.data(), d_slots.as<std::int64_t>(), tokens, kv_heads, hd,
+                                                 d_kc.data(), d_vc.data(), kvkit::DType::kBFloat16);
+  kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) { kvkit::cuda::rope_append_kv(p, layout, append, s); });
+  const double elems = double(tokens) * (q_heads + 2 * kv_heads) * hd;
+  kvkit::bench::report_device_bandwidth(state, 2.0 * elems * sizeof(T));
+}
+BENCHMARK(BM_rope_append_gpu)->Name("rope_gpu/fused_append/llama3_8b/bf16/page16/8192_tokens")->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+}  // namespace
