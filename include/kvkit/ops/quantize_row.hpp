@@ -19,39 +19,16 @@
 #include "kvkit/core/config.hpp"
 #include "kvkit/core/dtype.hpp"
 #include "kvkit/core/half.hpp"
+#include "kvkit/core/x86_dispatch.hpp"
 
 /// KVKIT_QUANTIZE_X86_DISPATCH: 1 where quantize_append_kv also compiles its
-/// loop for AVX2 and AVX-512 and picks one at run time (GCC or Clang on
-/// x86-64, not already built for AVX-512, not inside nvcc, which compiles the
-/// CPU op only as a test reference). Define it to 0 to disable.
+/// loop for AVX2 and AVX-512 and picks one at run time (see
+/// core/x86_dispatch.hpp; defaults to KVKIT_X86_DISPATCH). Define it to 0 to disable.
 #ifndef KVKIT_QUANTIZE_X86_DISPATCH
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(__AVX512BW__) && !defined(__CUDACC__)
-#define KVKIT_QUANTIZE_X86_DISPATCH 1
-#else
-#define KVKIT_QUANTIZE_X86_DISPATCH 0
-#endif
+#define KVKIT_QUANTIZE_X86_DISPATCH KVKIT_X86_DISPATCH
 #endif
 
 namespace kvkit::detail {
-
-#if KVKIT_QUANTIZE_X86_DISPATCH
-/// The widest vector ISA of the CPU running us that the quantize loop uses.
-enum class X86Level { kBaseline, kAvx2, kAvx512 };
-
-/// Asked once per process.
-inline X86Level x86_level() {
-  static const X86Level level = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
-      return X86Level::kAvx512;
-    }
-    return __builtin_cpu_supports("avx2") ? X86Level::kAvx2 : X86Level::kBaseline;
-  }();
-  return level;
-}
-#endif
 
 /// All ones when x < y, else 0, for x and y in [0, 2^31) (patterns of |x|):
 /// the sign of the difference, spread by an arithmetic shift.

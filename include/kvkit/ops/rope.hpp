@@ -11,6 +11,7 @@
 
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
+#include "kvkit/core/x86_dispatch.hpp"
 #include "kvkit/ops/rope_config.hpp"
 #include "kvkit/ops/rope_params.hpp"
 
@@ -88,8 +89,9 @@ inline void validate_rope_params(const RopeParams& p, const char* where) {
 // The style is resolved outside the inner loops so that each loop is a plain
 // strided sweep the compiler vectorizes (rope_pair gives the same pairs).
 template <class T>
-void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopeParams& p,
-                  const float* cos_row, const float* sin_row) {
+KVKIT_FORCEINLINE void rotate_heads_body(T* base, std::int64_t head_stride, int num_heads,
+                                         const RopeParams& p, const float* cos_row,
+                                         const float* sin_row) {
   const int half = p.rotary_dim / 2;
   const std::int64_t step = p.style == RopeStyle::kNeox ? 1 : 2;        // between pairs
   const std::int64_t partner = p.style == RopeStyle::kNeox ? half : 1;  // within a pair
@@ -113,6 +115,31 @@ void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopePa
       }
     }
   }
+}
+
+#if KVKIT_X86_DISPATCH
+/// The same loop with 8-lane AVX2 (no FMA: results stay bit-identical).
+template <class T>
+__attribute__((target("avx2"))) void rotate_heads_avx2(T* base, std::int64_t head_stride,
+                                                       int num_heads, const RopeParams& p,
+                                                       const float* cos_row, const float* sin_row) {
+  rotate_heads_body(base, head_stride, num_heads, p, cos_row, sin_row);
+}
+#endif
+
+/// Rotates `num_heads` rows of `base` (rows head_stride apart) by one token's cos/sin.
+template <class T>
+void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopeParams& p,
+                  const float* cos_row, const float* sin_row) {
+#if KVKIT_X86_DISPATCH
+  // Interleaved pairs stay on the baseline loop: with AVX2 the compiler turns
+  // their stride-2 accesses into gathers, which are slower than SSE2 shuffles.
+  if (p.style == RopeStyle::kNeox && x86_level() != X86Level::kBaseline) {
+    rotate_heads_avx2(base, head_stride, num_heads, p, cos_row, sin_row);
+    return;
+  }
+#endif
+  rotate_heads_body(base, head_stride, num_heads, p, cos_row, sin_row);
 }
 
 template <class T>

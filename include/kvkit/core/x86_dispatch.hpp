@@ -1,0 +1,46 @@
+#pragma once
+/// @file x86_dispatch.hpp
+/// Run-time choice of the widest x86 vector ISA for the CPU ops' hot loops.
+///
+/// A header-only library cannot choose compiler flags for its users, and the
+/// default x86-64 target is SSE2 (4 float lanes). Where KVKIT_X86_DISPATCH is
+/// 1, hot loops are also compiled with __attribute__((target("avx2"))) (and
+/// AVX-512 where an op says so) and picked once per process from the CPU's
+/// features. The AVX2 variants are built without FMA, so every ISA rounds the
+/// same IEEE operations the same way and results stay bit-identical (and equal
+/// to the CUDA kernels, which also avoid contraction).
+///
+/// KVKIT_X86_DISPATCH is 1 with GCC or Clang on x86-64, when not already built
+/// for AVX-512 and not inside nvcc (which compiles the CPU ops only as test
+/// references); define it to 0 to disable.
+
+#ifndef KVKIT_X86_DISPATCH
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX512BW__) && \
+    !defined(__CUDACC__)
+#define KVKIT_X86_DISPATCH 1
+#else
+#define KVKIT_X86_DISPATCH 0
+#endif
+#endif
+
+namespace kvkit::detail {
+
+#if KVKIT_X86_DISPATCH
+/// The widest vector ISA of the CPU running us that the dispatched loops use.
+enum class X86Level { kBaseline, kAvx2, kAvx512 };
+
+/// Asked once per process.
+inline X86Level x86_level() {
+  static const X86Level level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+      return X86Level::kAvx512;
+    }
+    return __builtin_cpu_supports("avx2") ? X86Level::kAvx2 : X86Level::kBaseline;
+  }();
+  return level;
+}
+#endif
+
+}  // namespace kvkit::detail
