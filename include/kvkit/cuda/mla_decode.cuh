@@ -417,6 +417,8 @@ inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan
                    ">= plan.workspace_bytes (", needed, ")");
     check_argument(detail::address_of(workspace) % 4 == 0, kWhere, "workspace", workspace, "4-byte aligned");
   }
+  check_argument(detail::address_of(p.k_cache) % (p.kv_dtype == DType::kFloat8E4M3 ? 4 : 2) == 0, kWhere,
+                 "k_cache", p.k_cache, "aligned to its elements (2 bytes; 4 for fp8 rows, whose scales are float32)");
   if (rows_total == 0) return;
 
   detail::MlaLaunch L;
