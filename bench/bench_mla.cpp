@@ -11,6 +11,7 @@
 #include "harness/harness.hpp"
 #include "kvkit/ops/mla_compress.hpp"
 #include "kvkit/ops/mla_decode.hpp"
+#include "kvkit/ops/mla_fp8.hpp"
 
 namespace {
 
@@ -89,5 +90,83 @@ void BM_mla_decode(benchmark::State& state) {
   kvkit::bench::report_flops(state, 2.0 * double(context) * cfg.n_heads * (lat + rank));
 }
 BENCHMARK(BM_mla_decode)->Name("mla/absorbed_decode/deepseek_v3/bf16_page64/batch1_ctx8192")->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+namespace {
+
+// The same decode over the fp8 latent cache (656-byte rows, dequantized on
+// the fly): latent bytes read once + Q + O.
+void BM_mla_decode_fp8(benchmark::State& state) {
+  const kvkit::MlaConfig cfg = kvkit::MlaConfig::deepseek_v3();
+  const std::int64_t context = kvkit::bench::full_or_smoke<std::int64_t>(8192, 128);
+  const int page = 64;
+  const std::int64_t pages = context / page;
+  const auto layout = kvkit::LatentFp8Layout::dense(pages, page);
+  std::vector<std::uint8_t> cache(static_cast<std::size_t>(layout.span_bytes()));
+  std::mt19937 rng(2);
+  std::normal_distribution<float> normal;
+  std::vector<float> rows(std::size_t(context) * 576);
+  for (auto& x : rows) x = 0.3f * normal(rng);
+  std::vector<std::int64_t> slots(static_cast<std::size_t>(context));
+  std::iota(slots.begin(), slots.end(), 0);
+  kvkit::MlaFp8AppendArgs a;
+  a.latent = rows.data();
+  a.latent_stride_token = 576;
+  a.dtype = kvkit::DType::kFloat32;
+  a.slot_mapping = slots.data();
+  a.num_tokens = context;
+  a.cache = cache.data();
+  kvkit::mla_fp8_append(layout, a);
+  std::vector<std::int32_t> table(static_cast<std::size_t>(pages));
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), rng);
+  const std::int32_t len = std::int32_t(context);
+  std::vector<float> q(std::size_t(cfg.n_heads) * 576), o(std::size_t(cfg.n_heads) * 512);
+  for (auto& x : q) x = normal(rng);
+  kvkit::PagedDecodeParams p = kvkit::mla_decode_params_fp8(cfg, layout, cache.data());
+  p.q = q.data();
+  p.q_stride_head = 576;
+  p.q_stride_token = std::int64_t(cfg.n_heads) * 576;
+  p.page_table = {table.data(), &len, 1, pages, pages};
+  p.o = o.data();
+  p.o_stride_head = 512;
+  p.o_stride_token = std::int64_t(cfg.n_heads) * 512;
+  p.q_dtype = kvkit::DType::kFloat32;
+  for (auto _ : state) {
+    kvkit::mla_decode_attention(p);
+    benchmark::DoNotOptimize(o.data());
+  }
+  kvkit::bench::report_host_bandwidth(state, double(context) * kvkit::MlaFp8Row::kBytes + 4.0 * double(q.size() + o.size()));
+  kvkit::bench::report_flops(state, 2.0 * double(context) * cfg.n_heads * (576 + 512));
+}
+BENCHMARK(BM_mla_decode_fp8)->Name("mla/absorbed_decode/deepseek_v3/fp8_656B_page64/batch1_ctx8192")->Unit(benchmark::kMillisecond);
+
+// Quantize-on-append of 32,768 latent rows (bf16 in, 656-byte rows out,
+// scattered slots): 59 MB read + written, beyond the L3.
+void BM_mla_fp8_append(benchmark::State& state) {
+  const std::int64_t tokens = kvkit::bench::full_or_smoke<std::int64_t>(32768, 64);
+  const auto layout = kvkit::LatentFp8Layout::dense(4 * tokens / 64, 64);
+  std::vector<std::uint8_t> cache(static_cast<std::size_t>(layout.span_bytes()));
+  std::vector<kvkit::bfloat16> rows(std::size_t(tokens) * 576);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  for (auto& x : rows) x = kvkit::bfloat16(normal(rng));
+  std::vector<std::int64_t> slots(static_cast<std::size_t>(tokens));
+  for (std::int64_t t = 0; t < tokens; ++t) slots[t] = (t * 7919) % layout.num_slots();
+  kvkit::MlaFp8AppendArgs a;
+  a.latent = rows.data();
+  a.latent_stride_token = 576;
+  a.dtype = kvkit::DType::kBFloat16;
+  a.slot_mapping = slots.data();
+  a.num_tokens = tokens;
+  a.cache = cache.data();
+  for (auto _ : state) {
+    kvkit::mla_fp8_append(layout, a);
+    benchmark::ClobberMemory();
+  }
+  kvkit::bench::report_host_bandwidth(state, double(tokens) * (576 * 2 + kvkit::MlaFp8Row::kBytes));
+}
+BENCHMARK(BM_mla_fp8_append)->Name("mla/fp8_append/deepseek_576/bf16_to_656B/32768_tokens")->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -11,11 +11,21 @@
 /// mla_decode_params; the two projections are the engine's GEMMs (batched per
 /// head). mla_absorb_query and mla_project_output are plain CPU loops for
 /// tests and examples.
+///
+/// The fp8 latent cache (FlashMLA's 656-byte rows, layout/latent_fp8_layout.hpp)
+/// is described by the same PagedDecodeParams (mla_decode_params_fp8:
+/// kv_dtype = kFloat8E4M3, layout addressed in bytes); mla_decode_attention
+/// runs either kind of cache on the CPU, dequantizing fp8 rows on the fly.
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
+#include "kvkit/layout/latent_fp8_layout.hpp"
 #include "kvkit/layout/latent_kv_layout.hpp"
 #include "kvkit/ops/attention_decode.hpp"
+#include "kvkit/ops/attention_state.hpp"
 #include "kvkit/ops/mla_config.hpp"
 
 namespace kvkit {
@@ -43,6 +53,151 @@ inline PagedDecodeParams mla_decode_params(const MlaConfig& config, const Latent
   p.num_q_heads = config.n_heads;
   p.sm_scale = config.softmax_scale();
   return p;
+}
+
+/// Decode parameters over an fp8 latent cache (656-byte rows): as
+/// mla_decode_params, with kv_dtype = DType::kFloat8E4M3 meaning "FlashMLA's
+/// row format" and layout = fp8_layout.as_decode_keys() (one kv head of 576,
+/// strides in bytes). Only mla_decode_attention (CPU) and
+/// cuda::run_mla_decode accept these params; paged_decode_attention does not.
+/// Throws kvkit::Error unless the config is kv_lora_rank 512 + rope 64.
+inline PagedDecodeParams mla_decode_params_fp8(const MlaConfig& config, const LatentFp8Layout& layout,
+                                               const std::uint8_t* cache) {
+  constexpr const char* kWhere = "kvkit::mla_decode_params_fp8";
+  config.validate(kWhere);
+  layout.validate(kWhere);
+  check_argument(config.kv_lora_rank == MlaFp8Row::kRank && config.qk_rope_head_dim == MlaFp8Row::kRopeDim,
+                 kWhere, "config.kv_lora_rank", config.kv_lora_rank,
+                 "512 with qk_rope_head_dim 64 (the fp8 row format; got rope ", config.qk_rope_head_dim, ")");
+  PagedDecodeParams p;
+  p.layout = layout.as_decode_keys();
+  p.k_cache = cache;
+  p.v_cache = cache;
+  p.v_head_dim = MlaFp8Row::kRank;
+  p.kv_dtype = DType::kFloat8E4M3;
+  p.num_q_heads = config.n_heads;
+  p.sm_scale = config.softmax_scale();
+  return p;
+}
+
+namespace detail {
+
+/// Checks of an fp8-latent decode call beyond the generic ones (which it runs
+/// with the cache dtype masked, since paged_decode_attention has no fp8
+/// rows): one kv head of 576, values 512 wide, rows of >= 656 bytes, 4-byte
+/// aligned. `check_lengths`: also read the page table (host memory).
+inline void validate_mla_fp8_decode(const PagedDecodeParams& p, const char* where, bool check_lengths) {
+  PagedDecodeParams generic = p;
+  generic.kv_dtype = DType::kBFloat16;
+  if (check_lengths) {
+    validate_decode_params(generic, where);
+  } else {
+    validate_decode_shapes(generic, where);
+  }
+  check_argument(p.layout.num_heads == 1 && p.layout.head_dim == MlaFp8Row::kLatentDim, where, "layout.head_dim",
+                 p.layout.head_dim, "576 with one kv head for an fp8 latent cache (got ", p.layout.num_heads,
+                 " heads)");
+  check_argument(p.v_head_dim == MlaFp8Row::kRank, where, "v_head_dim", p.v_head_dim,
+                 "512 (c_kv) for an fp8 latent cache");
+  check_argument(p.layout.stride_slot >= MlaFp8Row::kBytes && p.layout.stride_slot % 4 == 0 &&
+                     p.layout.stride_page % 4 == 0,
+                 where, "layout.stride_slot", p.layout.stride_slot,
+                 ">= 656 bytes and, like stride_page (", p.layout.stride_page, "), a multiple of 4 (fp8 rows)");
+}
+
+/// All query rows of sequence b over the fp8 latent cache: the algorithm of
+/// decode_one_sequence with one kv head, keys dequantized a tile at a time.
+template <class QT>
+void mla_fp8_decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector<float>& scratch,
+                                 std::vector<OnlineSoftmax>& softmax, std::vector<std::int64_t>& q_pos) {
+  constexpr int kDim = MlaFp8Row::kLatentDim;
+  constexpr int kV = MlaFp8Row::kRank;
+  const int rows = p.q_len * p.num_q_heads;
+  const std::int64_t seq_len = p.page_table.seq_len(b);
+  const std::int32_t* pages = p.page_table.pages(b);
+  scratch.assign(std::size_t(rows) * (kDim + kV + kDecodeTile) + std::size_t(kDecodeTile) * kDim, 0.0f);
+  float* q = scratch.data();                           // [rows, 576]
+  float* acc = q + std::size_t(rows) * kDim;           // [rows, 512]
+  float* scores = acc + std::size_t(rows) * kV;        // [rows, tile]
+  float* tile = scores + std::size_t(rows) * kDecodeTile;  // [tile, 576]
+  softmax.assign(std::size_t(rows), OnlineSoftmax{});
+  q_pos.resize(std::size_t(rows));
+  const QT* q_base = static_cast<const QT*>(p.q);
+  for (int r = 0; r < rows; ++r) {
+    const std::int64_t t = b * p.q_len + r / p.num_q_heads;
+    const QT* src = q_base + t * p.q_stride_token + (r % p.num_q_heads) * p.q_stride_head;
+    for (int d = 0; d < kDim; ++d) q[std::size_t(r) * kDim + d] = to_float(src[d]);
+    q_pos[r] = seq_len - p.q_len + r / p.num_q_heads;
+  }
+  const AttentionKeySpan span = attention_key_span(p, seq_len);
+  const std::uint8_t* cache = static_cast<const std::uint8_t*>(p.k_cache);
+  for (std::int64_t start = 0; start < span.size(); start += kDecodeTile) {
+    const int n = int(std::min<std::int64_t>(kDecodeTile, span.size() - start));
+    for (int j = 0; j < n; ++j) {
+      const std::uint8_t* row =
+          cache + p.layout.slot_offset(token_slot(pages, span.position(start + j), p.layout.page_shift), 0);
+      for (int d = 0; d < kDim; ++d) tile[std::size_t(j) * kDim + d] = mla_fp8_value(row, d);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + std::size_t(r) * kDim;
+      float* sr = scores + std::size_t(r) * kDecodeTile;
+      float block_max = -INFINITY;
+      for (int j = 0; j < n; ++j) {
+        if (!attention_visible(p, q_pos[r], span.position(start + j))) {
+          sr[j] = -INFINITY;
+          continue;
+        }
+        sr[j] = attention_logit(p, dot_product(qr, tile + std::size_t(j) * kDim, kDim));
+        block_max = std::max(block_max, sr[j]);
+      }
+      if (block_max == -INFINITY) continue;
+      float* ar = acc + std::size_t(r) * kV;
+      const float factor = softmax[r].rescale_for(block_max);
+      for (int d = 0; d < kV; ++d) ar[d] *= factor;
+      for (int j = 0; j < n; ++j) {
+        if (sr[j] == -INFINITY) continue;
+        const float w = expf(sr[j] - softmax[r].max);
+        softmax[r].sum += w;
+        const float* vd = tile + std::size_t(j) * kDim;
+        for (int d = 0; d < kV; ++d) ar[d] += w * vd[d];
+      }
+    }
+  }
+  QT* o_base = static_cast<QT*>(p.o);
+  for (int r = 0; r < rows; ++r) {
+    const std::int64_t t = b * p.q_len + r / p.num_q_heads;
+    const std::int64_t h = r % p.num_q_heads;
+    QT* dst = o_base + t * p.o_stride_token + h * p.o_stride_head;
+    const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
+    for (int d = 0; d < kV; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * kV + d] * inv);
+    if (p.lse != nullptr) p.lse[t * p.num_q_heads + h] = softmax[r].lse();
+  }
+}
+
+}  // namespace detail
+
+/// Absorbed MLA decode attention on the CPU over a latent cache of either
+/// kind: kv_dtype float32/float16/bfloat16 (params from mla_decode_params;
+/// the same as paged_decode_attention) or kFloat8E4M3 (params from
+/// mla_decode_params_fp8; rows dequantized on the fly, every other feature
+/// — q_len, masks, soft-cap, kv_begin/kv_end, lse — as paged_decode_attention).
+/// Throws kvkit::Error before writing anything on bad input.
+inline void mla_decode_attention(const PagedDecodeParams& p) {
+  constexpr const char* kWhere = "kvkit::mla_decode_attention";
+  if (p.kv_dtype != DType::kFloat8E4M3) {
+    paged_decode_attention(p);
+    return;
+  }
+  detail::validate_mla_fp8_decode(p, kWhere, true);
+  dispatch_dtype<FloatTypes>(p.q_dtype, kWhere, "q_dtype", [&](auto qtag) {
+    using QT = typename decltype(qtag)::type;
+    std::vector<float> scratch;
+    std::vector<OnlineSoftmax> softmax;
+    std::vector<std::int64_t> q_pos;
+    for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
+      detail::mla_fp8_decode_one_sequence<QT>(p, b, scratch, softmax, q_pos);
+    }
+  });
 }
 
 /// q_lat[t, h, :] = W_UK[h]ᵀ q_nope[t, h, :]: [tokens, n_heads, qk_nope] ->

@@ -1,0 +1,146 @@
+#pragma once
+/// @file mla_decode_plan.hpp
+/// The host half of the GPU absorbed MLA decode (cuda/mla_decode.cuh):
+/// MlaDecodePlan and plan_mla_decode, the argument checks that need no
+/// device memory, and the block shape the kernel is built with. Plain C++
+/// (no CUDA headers): planning and its checks are tested on machines without
+/// a GPU.
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kvkit/core/dtype.hpp"
+#include "kvkit/core/error.hpp"
+#include "kvkit/cuda/decode_plan.hpp"
+#include "kvkit/layout/latent_fp8_layout.hpp"
+#include "kvkit/ops/attention_params.hpp"
+#include "kvkit/ops/mla_decode.hpp"
+
+namespace kvkit::cuda {
+
+/// What run_mla_decode needs besides the params (see DecodePlan, whose rules
+/// it follows: made on the host from host copies of the sequence lengths;
+/// valid for any device lengths up to those; plain data).
+struct MlaDecodePlan {
+  std::int64_t batch_size = 0;  ///< the shape the plan was made for; run_mla_decode checks it
+  int q_len = 0;
+  int num_q_heads = 0;
+  DType q_dtype = DType::kFloat32;
+  DType kv_dtype = DType::kBFloat16;
+  int row_chunks = 1;           ///< blocks along one sequence's q_len x num_q_heads query rows
+  int rows_per_chunk = 1;       ///< query rows per block (the last chunk may have fewer)
+  int num_splits = 1;           ///< most key chunks of any sequence (1: no split-KV)
+  std::int64_t chunk_keys = 0;  ///< keys per chunk; 0 without split-KV
+  std::size_t workspace_bytes = 0;  ///< partial o (512 floats) and lse per split and row; 0 without split-KV
+};
+
+namespace detail {
+
+/// The compiled case: kv_lora_rank 512 + rope 64, values = the first 512.
+inline constexpr int kMlaKeyDim = 576;
+inline constexpr int kMlaValueDim = 512;
+inline constexpr int kMlaThreads = 256;
+inline constexpr int kMlaWarps = kMlaThreads / 32;
+/// Query rows a warp keeps in registers (q fragment + 512-wide accumulator).
+inline constexpr int kMlaRowsPerWarp = 4;
+inline constexpr int kMlaRowsPerBlock = kMlaWarps * kMlaRowsPerWarp;  // 32
+/// Keys per shared-memory tile and pipeline stages (2 x 16 bf16 rows = 36 KiB).
+inline constexpr int kMlaTileKeys = 16;
+inline constexpr int kMlaStages = 2;
+
+/// The GPU checks of an MLA decode call: the shape checks of the CPU op
+/// (without reading the page table) plus the compiled case (one kv head of
+/// 576, values 512 wide) and the cache dtypes the kernel reads: float16,
+/// bfloat16, or float8_e4m3 meaning FlashMLA's 656-byte rows.
+inline void validate_cuda_mla_decode_shapes(const PagedDecodeParams& p, const char* where) {
+  if (p.kv_dtype == DType::kFloat8E4M3) {
+    ::kvkit::detail::validate_mla_fp8_decode(p, where, false);
+  } else {
+    ::kvkit::detail::validate_decode_shapes(p, where);
+    check_argument(p.layout.num_heads == 1 && p.layout.head_dim == kMlaKeyDim, where, "layout.head_dim",
+                   p.layout.head_dim, "576 (kv_lora_rank 512 + rope 64) with one kv head on the GPU (got ",
+                   p.layout.num_heads, " kv heads)");
+    check_argument(p.v_head_dim == kMlaValueDim, where, "v_head_dim", p.v_head_dim,
+                   "512 (the c_kv part of each row) on the GPU");
+    check_argument(p.kv_dtype == DType::kBFloat16 || p.kv_dtype == DType::kFloat16, where, "kv_dtype",
+                   p.kv_dtype, "bfloat16, float16 or float8_e4m3 (656-byte rows) on the GPU");
+  }
+}
+
+}  // namespace detail
+
+/// Plans an absorbed MLA decode call (see plan_decode for the arguments and
+/// the split heuristic, whose options it takes). Throws kvkit::Error on
+/// invalid params, a shape or dtype the GPU kernel is not built for, lengths
+/// < q_len or beyond the page table, or bad options.
+inline MlaDecodePlan plan_mla_decode(const PagedDecodeParams& p, const std::int32_t* host_seq_lens, int num_sms,
+                                     const DecodePlanOptions& options = {}) {
+  constexpr const char* kWhere = "kvkit::cuda::plan_mla_decode";
+  detail::validate_cuda_mla_decode_shapes(p, kWhere);
+  check_argument(num_sms > 0, kWhere, "num_sms", num_sms, "> 0");
+  check_argument(options.blocks_per_sm > 0, kWhere, "options.blocks_per_sm", options.blocks_per_sm, "> 0");
+  check_argument(options.min_chunk_keys > 0, kWhere, "options.min_chunk_keys", options.min_chunk_keys, "> 0");
+  check_argument(options.max_splits >= 1 && options.max_splits <= kMaxDecodeSplits, kWhere,
+                 "options.max_splits", options.max_splits, "in [1, ", kMaxDecodeSplits, "]");
+  check_argument(options.chunk_keys >= 0, kWhere, "options.chunk_keys", options.chunk_keys,
+                 ">= 0 (0: chosen by the plan)");
+  const PaddedPageTable& t = p.page_table;
+  check_argument(host_seq_lens != nullptr || t.batch_size == 0, kWhere, "host_seq_lens", host_seq_lens,
+                 "a non-null pointer to batch_size (", t.batch_size, ") lengths in host memory");
+  for (std::int64_t b = 0; b < t.batch_size; ++b) {
+    const std::int64_t len = host_seq_lens[b];
+    ::kvkit::detail::check_decode_seq_len(p, b, len, kWhere);
+    if (len > t.max_blocks * p.layout.page_size) {
+      fail(kWhere, "host_seq_lens[", b, "] = ", len, ": expected at most max_blocks x page_size (",
+           t.max_blocks * p.layout.page_size, ")");
+    }
+  }
+  const std::int64_t rows = std::int64_t(p.q_len) * p.num_q_heads;
+  check_argument(rows <= std::int64_t(1) << 24, kWhere, "q_len", p.q_len,
+                 "small enough that q_len x num_q_heads (", rows, ") <= 2^24");
+
+  MlaDecodePlan plan;
+  plan.batch_size = t.batch_size;
+  plan.q_len = p.q_len;
+  plan.num_q_heads = p.num_q_heads;
+  plan.q_dtype = p.q_dtype;
+  plan.kv_dtype = p.kv_dtype;
+  // Equal row chunks of at most kMlaRowsPerBlock rows, none empty. The
+  // chunks of one key range are neighbours in the grid, so they run at the
+  // same time and all but the first read the latent rows from L2.
+  const std::int64_t chunks_needed = (rows + detail::kMlaRowsPerBlock - 1) / detail::kMlaRowsPerBlock;
+  plan.rows_per_chunk = int((rows + chunks_needed - 1) / chunks_needed);
+  plan.row_chunks = int((rows + plan.rows_per_chunk - 1) / plan.rows_per_chunk);
+
+  const std::int64_t base_blocks = t.batch_size * plan.row_chunks;
+  const std::int64_t target = std::int64_t(options.blocks_per_sm) * num_sms;
+  std::int64_t chunk = options.chunk_keys;
+  std::int64_t longest = 0;
+  for (std::int64_t b = 0; b < t.batch_size; ++b) {
+    const std::int64_t keys = attention_key_span(p, host_seq_lens[b]).size();
+    longest = keys > longest ? keys : longest;
+  }
+  if (chunk == 0 && base_blocks > 0 && base_blocks < target && options.max_splits > 1) {
+    std::int64_t keys = 0;
+    for (std::int64_t b = 0; b < t.batch_size; ++b) keys += attention_key_span(p, host_seq_lens[b]).size();
+    chunk = (keys * plan.row_chunks + target - 1) / target;
+    chunk = chunk < options.min_chunk_keys ? options.min_chunk_keys : chunk;
+    // Even chunks for the longest sequence (4,096 keys in 2 chunks: 2 x 2,048,
+    // not 4,032 + 64), in whole tiles.
+    const int n = detail::decode_num_chunks(longest, chunk, options.max_splits);
+    chunk = (longest + n - 1) / n;
+    chunk = (chunk + 63) / 64 * 64;
+  }
+  if (chunk > 0) plan.num_splits = detail::decode_num_chunks(longest, chunk, options.max_splits);
+  if (plan.num_splits > 1) {
+    plan.chunk_keys = chunk;
+    const std::int64_t rows_total = t.batch_size * rows;
+    plan.workspace_bytes = std::size_t(plan.num_splits) * std::size_t(rows_total) *
+                           std::size_t(detail::kMlaValueDim + 1) * sizeof(float);
+  }
+  check_argument(base_blocks * plan.num_splits <= 0x7fffffff, kWhere, "page_table.batch_size", t.batch_size,
+                 "small enough for one grid (", base_blocks * plan.num_splits, " blocks needed, at most 2^31 - 1)");
+  return plan;
+}
+
+}  // namespace kvkit::cuda

@@ -1,0 +1,129 @@
+// plan_mla_decode (host only): row chunks, split-KV choices, workspace size,
+// and the errors for shapes and caches the GPU kernel is not built for.
+
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <vector>
+
+#include "kvkit/cuda/mla_decode_plan.hpp"
+
+using Catch::Matchers::Contains;
+using kvkit::MlaConfig;
+using kvkit::PagedDecodeParams;
+using kvkit::cuda::DecodePlanOptions;
+using kvkit::cuda::plan_mla_decode;
+
+namespace {
+
+// Params over a fake (never read) bf16 or fp8 cache of `pages` pages of 64.
+struct PlanCase {
+  std::vector<std::int32_t> table, lens;
+  std::int64_t max_blocks;
+  PagedDecodeParams p;
+  int dummy = 0;
+
+  PlanCase(int heads, int q_len, std::vector<std::int32_t> seq_lens, bool fp8 = false)
+      : lens(std::move(seq_lens)) {
+    std::int32_t longest = 1;
+    for (auto l : lens) longest = std::max(longest, l);
+    max_blocks = (longest + 63) / 64;
+    table.assign(lens.size() * std::size_t(max_blocks), 0);
+    MlaConfig c = MlaConfig::deepseek_v3();
+    c.n_heads = heads;
+    const auto* cache = reinterpret_cast<const std::uint8_t*>(&dummy);
+    p = fp8 ? kvkit::mla_decode_params_fp8(c, kvkit::LatentFp8Layout::dense(1, 64), cache)
+            : kvkit::mla_decode_params(c, kvkit::LatentKVLayout::dense(1, 64, 512, 64), cache, kvkit::DType::kBFloat16);
+    p.q = p.o = &dummy;
+    p.q_len = q_len;
+    p.q_stride_head = 576;
+    p.q_stride_token = std::int64_t(heads) * 576;
+    p.o_stride_head = 512;
+    p.o_stride_token = std::int64_t(heads) * 512;
+    p.q_dtype = kvkit::DType::kBFloat16;
+    p.page_table = {table.data(), lens.data(), std::int64_t(lens.size()), max_blocks, max_blocks};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("MLA plan cuts the query rows into equal chunks of at most 32") {
+  CHECK(plan_mla_decode(PlanCase(128, 1, {100}).p, PlanCase(128, 1, {100}).lens.data(), 132).row_chunks == 4);
+  PlanCase v3(128, 1, {100});
+  auto plan = plan_mla_decode(v3.p, v3.lens.data(), 132);
+  CHECK(plan.rows_per_chunk == 32);
+  PlanCase lite(16, 2, {100});
+  plan = plan_mla_decode(lite.p, lite.lens.data(), 132);
+  CHECK(plan.row_chunks == 1);
+  CHECK(plan.rows_per_chunk == 32);
+  PlanCase odd(33, 1, {100});
+  plan = plan_mla_decode(odd.p, odd.lens.data(), 132);
+  CHECK(plan.row_chunks == 2);
+  CHECK(plan.rows_per_chunk == 17);
+  PlanCase one(1, 1, {1});
+  plan = plan_mla_decode(one.p, one.lens.data(), 132);
+  CHECK(plan.row_chunks == 1);
+  CHECK(plan.rows_per_chunk == 1);
+}
+
+TEST_CASE("MLA plan splits long contexts evenly and sizes the workspace") {
+  PlanCase single(128, 1, {32768});
+  auto plan = plan_mla_decode(single.p, single.lens.data(), 132);
+  CHECK(plan.num_splits > 1);
+  CHECK(plan.chunk_keys % 64 == 0);
+  CHECK(plan.num_splits == (32768 + plan.chunk_keys - 1) / plan.chunk_keys);
+  CHECK(plan.workspace_bytes == std::size_t(plan.num_splits) * 128 * 513 * 4);
+  // 64 x 4,096 with 4 row chunks is 256 blocks, just under 2 x 132: two even halves.
+  PlanCase batch(128, 1, std::vector<std::int32_t>(64, 4096));
+  plan = plan_mla_decode(batch.p, batch.lens.data(), 132);
+  CHECK(plan.num_splits == 2);
+  CHECK(plan.chunk_keys == 2048);
+  // Enough blocks without splitting: no workspace.
+  plan = plan_mla_decode(batch.p, batch.lens.data(), 100);
+  CHECK(plan.num_splits == 1);
+  CHECK(plan.workspace_bytes == 0);
+  DecodePlanOptions off;
+  off.max_splits = 1;
+  plan = plan_mla_decode(single.p, single.lens.data(), 132, off);
+  CHECK(plan.num_splits == 1);
+  CHECK(plan.workspace_bytes == 0);
+  DecodePlanOptions fixed;
+  fixed.chunk_keys = 1000;
+  plan = plan_mla_decode(single.p, single.lens.data(), 132, fixed);
+  CHECK(plan.num_splits == 33);
+  CHECK(plan.chunk_keys == 1000);
+}
+
+TEST_CASE("MLA plan accepts the fp8 cache and rejects what the kernel is not built for") {
+  PlanCase fp8(16, 1, {300}, true);
+  CHECK(plan_mla_decode(fp8.p, fp8.lens.data(), 132).kv_dtype == kvkit::DType::kFloat8E4M3);
+  PlanCase c(16, 1, {300});
+  SECTION("float32 cache") {
+    c.p.kv_dtype = kvkit::DType::kFloat32;
+    CHECK_THROWS_WITH(plan_mla_decode(c.p, c.lens.data(), 132), Contains("'kv_dtype' = float32"));
+  }
+  SECTION("another latent width") {
+    c.p.layout.head_dim = 320;
+    c.p.layout.stride_head = 320;
+    c.p.v_head_dim = 256;
+    CHECK_THROWS_WITH(plan_mla_decode(c.p, c.lens.data(), 132), Contains("'layout.head_dim' = 320"));
+  }
+  SECTION("values other than the 512 c_kv columns") {
+    c.p.v_head_dim = 0;
+    c.p.o_stride_head = 576;
+    c.p.o_stride_token = 16 * 576;
+    CHECK_THROWS_WITH(plan_mla_decode(c.p, c.lens.data(), 132), Contains("'v_head_dim' = 0"));
+  }
+  SECTION("fp8 rows narrower than 656 bytes") {
+    fp8.p.layout.stride_slot = 640;
+    fp8.p.layout.stride_page = 64 * 640;
+    CHECK_THROWS_WITH(plan_mla_decode(fp8.p, fp8.lens.data(), 132), Contains("'layout.stride_slot' = 640"));
+  }
+  SECTION("a length beyond the page table") {
+    const std::int32_t longer = 1000;
+    CHECK_THROWS_WITH(plan_mla_decode(c.p, &longer, 132), Contains("host_seq_lens[0] = 1000"));
+  }
+  SECTION("no SMs") {
+    CHECK_THROWS_WITH(plan_mla_decode(c.p, c.lens.data(), 0), Contains("'num_sms' = 0"));
+  }
+}
