@@ -220,12 +220,12 @@ void BM_copy_blocks(benchmark::State& state) {
   state.counters["rounds"] = rounds;
 }
 
-BENCHMARK_CAPTURE(BM_append_kv, llama3_8b_prefill_8192, false)->Name("append_kv/llama3_8b_bf16/prefill_8192")->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_append_kv, llama3_8b_decode_256, true)->Name("append_kv/llama3_8b_bf16/decode_256x1")->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_append_latent, prefill, false)->Name("append_latent/deepseek_576_bf16/prefill_8192")->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_append_latent, decode, true)->Name("append_latent/deepseek_576_bf16/decode_256x1")->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_quantize_append_fp8, per_tensor, kvkit::ScaleGranularity::kPerTensor)->Name("quantize_append/bf16_to_e4m3_per_tensor/prefill_8192")->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_quantize_append_fp8, per_token_head, kvkit::ScaleGranularity::kPerTokenHead)->Name("quantize_append/bf16_to_e4m3_per_token_head/prefill_8192")->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_copy_blocks)->Name("copy_blocks/llama3_8b_bf16/8_caches_32_random_pairs")->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_append_kv, llama3_8b_prefill_8192, false)->Name("append_kv/llama3_8b_bf16/prefill_8192")->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_append_kv, llama3_8b_decode_256, true)->Name("append_kv/llama3_8b_bf16/decode_256x1")->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_append_latent, prefill, false)->Name("append_latent/deepseek_576_bf16/prefill_8192")->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_append_latent, decode, true)->Name("append_latent/deepseek_576_bf16/decode_256x1")->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_quantize_append_fp8, per_tensor, kvkit::ScaleGranularity::kPerTensor)->Name("quantize_append/bf16_to_e4m3_per_tensor/prefill_8192")->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_quantize_append_fp8, per_token_head, kvkit::ScaleGranularity::kPerTokenHead)->Name("quantize_append/bf16_to_e4m3_per_token_head/prefill_8192")->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_copy_blocks)->Name("copy_blocks/llama3_8b_bf16/8_caches_32_random_pairs")->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 }  // namespace

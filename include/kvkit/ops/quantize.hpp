@@ -25,6 +25,7 @@
 /// fp8 silently saturates activations above 448.
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 
 #include "kvkit/core/dtype.hpp"
@@ -193,13 +194,38 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_append_avx512
 #endif
 
 template <class Src, DType kCache, class Layout>
-void quantize_append_typed(const Layout& layout, const QuantizeAppendArgs& a) {
+void quantize_append_isa(const Layout& layout, const QuantizeAppendArgs& a) {
 #if KVKIT_QUANTIZE_X86_DISPATCH
   const X86Level level = x86_level();
   if (level == X86Level::kAvx512) return quantize_append_avx512<Src, kCache>(layout, a);
   if (level == X86Level::kAvx2) return quantize_append_avx2<Src, kCache>(layout, a);
 #endif
   quantize_append_baseline<Src, kCache>(layout, a);
+}
+
+/// Splits the tokens over OpenMP threads where the program enables OpenMP
+/// (tokens are independent; with duplicate slots, which token's row lands is
+/// unspecified, as on the GPU), else runs them in one call.
+template <class Src, DType kCache, class Layout>
+void quantize_append_typed(const Layout& layout, const QuantizeAppendArgs& a) {
+#if defined(_OPENMP)
+  constexpr std::int64_t kChunk = 256;
+  if (a.num_tokens >= 2 * kChunk) {
+    const std::int64_t chunks = (a.num_tokens + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      QuantizeAppendArgs part = a;
+      const std::int64_t first = c * kChunk;
+      part.num_tokens = std::min(kChunk, a.num_tokens - first);
+      part.slot_mapping = a.slot_mapping + first;
+      part.key = static_cast<const Src*>(a.key) + first * a.key_stride_token;
+      part.value = static_cast<const Src*>(a.value) + first * a.value_stride_token;
+      quantize_append_isa<Src, kCache>(layout, part);
+    }
+    return;
+  }
+#endif
+  quantize_append_isa<Src, kCache>(layout, a);
 }
 
 template <class Src, class Layout>
