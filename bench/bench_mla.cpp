@@ -47,7 +47,7 @@ void BM_mla_compress(benchmark::State& state) {
   }
   kvkit::bench::report_host_bandwidth(state, 2.0 * double(tokens) * (rank + rope_dim) * sizeof(T));
 }
-BENCHMARK(BM_mla_compress)->Name("mla/compress/deepseek_576/bf16/8192_tokens")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_mla_compress)->Name("mla/compress/deepseek_576/bf16/8192_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 
@@ -89,7 +89,7 @@ void BM_mla_decode(benchmark::State& state) {
   kvkit::bench::report_host_bandwidth(state, double(context) * lat * sizeof(T) + 4.0 * double(q.size() + o.size()));
   kvkit::bench::report_flops(state, 2.0 * double(context) * cfg.n_heads * (lat + rank));
 }
-BENCHMARK(BM_mla_decode)->Name("mla/absorbed_decode/deepseek_v3/bf16_page64/batch1_ctx8192")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_mla_decode)->Name("mla/absorbed_decode/deepseek_v3/bf16_page64/batch1_ctx8192")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 
@@ -140,7 +140,7 @@ void BM_mla_decode_fp8(benchmark::State& state) {
   kvkit::bench::report_host_bandwidth(state, double(context) * kvkit::MlaFp8Row::kBytes + 4.0 * double(q.size() + o.size()));
   kvkit::bench::report_flops(state, 2.0 * double(context) * cfg.n_heads * (576 + 512));
 }
-BENCHMARK(BM_mla_decode_fp8)->Name("mla/absorbed_decode/deepseek_v3/fp8_656B_page64/batch1_ctx8192")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_mla_decode_fp8)->Name("mla/absorbed_decode/deepseek_v3/fp8_656B_page64/batch1_ctx8192")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Quantize-on-append of 32,768 latent rows (bf16 in, 656-byte rows out,
 // scattered slots): 59 MB read + written, beyond the L3.
@@ -167,6 +167,6 @@ void BM_mla_fp8_append(benchmark::State& state) {
   }
   kvkit::bench::report_host_bandwidth(state, double(tokens) * (576 * 2 + kvkit::MlaFp8Row::kBytes));
 }
-BENCHMARK(BM_mla_fp8_append)->Name("mla/fp8_append/deepseek_576/bf16_to_656B/32768_tokens")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_mla_fp8_append)->Name("mla/fp8_append/deepseek_576/bf16_to_656B/32768_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
