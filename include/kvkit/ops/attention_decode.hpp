@@ -12,6 +12,7 @@
 
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
+#include "kvkit/core/x86_dispatch.hpp"
 #include "kvkit/ops/attention_params.hpp"
 #include "kvkit/ops/attention_state.hpp"
 
@@ -30,7 +31,7 @@ constexpr int kDecodeTile = 32;
 /// Dot product with 8 independent partial sums: compilers vectorize it
 /// without -ffast-math (a single running sum is a serial dependency they may
 /// not reorder).
-inline float dot_product(const float* a, const float* b, int n) {
+KVKIT_FORCEINLINE float dot_product(const float* a, const float* b, int n) {
   float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int d = 0;
   for (; d + 8 <= n; d += 8) {
@@ -115,9 +116,11 @@ inline void validate_decode_params(const PagedDecodeParams& p, const char* where
 /// token's heads are contiguous, so the cache is read as a stream instead of
 /// one 2-KiB-strided row per head, which left the CPU waiting on memory.
 template <class QT, class KVT>
-void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
-                         std::vector<float>& scratch, std::vector<OnlineSoftmax>& softmax,
-                         std::vector<std::int64_t>& q_pos) {
+KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std::int64_t b,
+                                                int kv_head_begin, int kv_head_end,
+                                                std::vector<float>& scratch,
+                                                std::vector<OnlineSoftmax>& softmax,
+                                                std::vector<std::int64_t>& q_pos) {
   const int head_dim = int(p.layout.head_dim);
   const int v_dim = attention_v_dim(p);
   // This call covers kv heads [kv_head_begin, kv_head_end) and their q heads.
@@ -207,6 +210,30 @@ void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, int kv_head
     for (int d = 0; d < v_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * v_dim + d] * inv);
     if (p.lse != nullptr) p.lse[t * p.num_q_heads + h] = softmax[r].lse();
   }
+}
+
+#if KVKIT_X86_DISPATCH
+/// The same work with AVX2 and FMA (attention is compared with tolerances,
+/// not bit for bit, so fused multiply-adds are welcome here).
+template <class QT, class KVT>
+__attribute__((target("avx2,fma"))) void decode_one_sequence_avx2(
+    const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
+    std::vector<float>& scratch, std::vector<OnlineSoftmax>& softmax, std::vector<std::int64_t>& q_pos) {
+  decode_one_sequence_body<QT, KVT>(p, b, kv_head_begin, kv_head_end, scratch, softmax, q_pos);
+}
+#endif
+
+template <class QT, class KVT>
+void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
+                         std::vector<float>& scratch, std::vector<OnlineSoftmax>& softmax,
+                         std::vector<std::int64_t>& q_pos) {
+#if KVKIT_X86_DISPATCH
+  if (x86_level() != X86Level::kBaseline) {
+    decode_one_sequence_avx2<QT, KVT>(p, b, kv_head_begin, kv_head_end, scratch, softmax, q_pos);
+    return;
+  }
+#endif
+  decode_one_sequence_body<QT, KVT>(p, b, kv_head_begin, kv_head_end, scratch, softmax, q_pos);
 }
 
 }  // namespace detail
