@@ -213,10 +213,11 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
 }
 
 #if KVKIT_X86_DISPATCH
-/// The same work with AVX2 and FMA (attention is compared with tolerances,
-/// not bit for bit, so fused multiply-adds are welcome here).
+/// The same work with 8-lane AVX2. No FMA: results are then the same on
+/// every x86 CPU (the operations and their order do not change), which keeps
+/// runs reproducible across machines.
 template <class QT, class KVT>
-__attribute__((target("avx2,fma"))) void decode_one_sequence_avx2(
+__attribute__((target("avx2"))) void decode_one_sequence_avx2(
     const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
     std::vector<float>& scratch, std::vector<OnlineSoftmax>& softmax, std::vector<std::int64_t>& q_pos) {
   decode_one_sequence_body<QT, KVT>(p, b, kv_head_begin, kv_head_end, scratch, softmax, q_pos);
