@@ -184,7 +184,7 @@ struct DecodeProblem : kvkit::testing::PagedDecodeInputs<QT, KVT> {
 template <class QT, class KVT>
 void check_matrix() {
   std::uint64_t seed = 100;
-  for (int head_dim : {64, 96, 128, 256}) {
+  for (int head_dim : {48, 64, 96, 128, 256}) {
     for (int group : {1, 4, 8, 16}) {
       for (int page_size : {1, 16, 64}) {
         DecodeCase c;
@@ -456,7 +456,7 @@ TEST_CASE("bad GPU decode input raises a clear error and launches nothing") {
     odd.head_dim = 80;
     DecodeProblem<float, float> other(odd, 2);
     CHECK_THROWS_WITH(kvkit::cuda::plan_decode(other.params(), other.seq_lens.data(), 132),
-                      Contains("'layout.head_dim' = 80: expected one of {64, 96, 128, 256} on the GPU"));
+                      Contains("'layout.head_dim' = 80: expected one of {48, 64, 96, 128, 256} on the GPU"));
   }
   SECTION("dtype pair without a kernel") {
     p.q_dtype = kvkit::DType::kFloat16;

@@ -152,7 +152,7 @@ TEST_CASE("plan_decode rejects what the GPU kernels cannot run, naming the argum
   PlanInputs in(2, 100, 8, 2, 128, kvkit::DType::kBFloat16, 2);
   SECTION("head_dim without a kernel") {
     in.p.layout = kvkit::PagedKVLayout::nhd(in.p.layout.num_pages, 16, 2, 80);
-    CHECK_THROWS_WITH(in.plan(), Contains("'layout.head_dim' = 80: expected one of {64, 96, 128, 256} on the GPU"));
+    CHECK_THROWS_WITH(in.plan(), Contains("'layout.head_dim' = 80: expected one of {48, 64, 96, 128, 256} on the GPU"));
   }
   SECTION("dtype pair without a kernel") {
     in.p.q_dtype = kvkit::DType::kFloat16;

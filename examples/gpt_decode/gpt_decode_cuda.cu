@@ -95,8 +95,9 @@ class GpuModel {
         max_rows_(std::int64_t(opt.requests) * opt.chunk),
         max_blocks_(opt.blocks_per_request()) {
     const int hd = cfg.head_dim();
-    kvkit::check(hd == 64 || hd == 96 || hd == 128 || hd == 256, "gpt_decode_cuda", "head_dim (--dim / --heads) is ",
-                 hd, "; kvkit's CUDA decode attention is built for head_dim 64, 96, 128 or 256 (e.g. --dim 384 --heads 6)");
+    kvkit::check(hd == 48 || hd == 64 || hd == 96 || hd == 128 || hd == 256, "gpt_decode_cuda",
+                 "head_dim (--dim / --heads) is ", hd,
+                 "; kvkit's CUDA decode attention is built for head_dim 48, 64, 96, 128 or 256 (e.g. --dim 384 --heads 6)");
     KVKIT_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, 0));
     GPT_CUBLAS_CHECK(cublasCreate(&cublas_));
     // Plain float32 math (no TF32): greedy tokens must match the CPU build.

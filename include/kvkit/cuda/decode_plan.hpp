@@ -97,18 +97,19 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE int decode_num_chunks(std::int64_t keys, std
 }
 
 /// Calls f(std::integral_constant<int, head_dim>, TypeTag<QT>, TypeTag<KVT>)
-/// for the combinations the GPU kernels are compiled for: head_dim 64, 96,
+/// for the combinations the GPU kernels are compiled for: head_dim 48, 64, 96,
 /// 128, 256 and (q, kv) dtypes equal (float32, float16, bfloat16) or
 /// float32 q with a bfloat16 cache. Throws kvkit::Error otherwise.
 template <class F>
 void dispatch_decode(std::int64_t head_dim, DType q_dtype, DType kv_dtype, const char* where, F&& f) {
   const auto with_head_dim = [&](auto qtag, auto kvtag) {
     switch (head_dim) {
+      case 48: f(std::integral_constant<int, 48>{}, qtag, kvtag); break;  // llama2.c small models
       case 64: f(std::integral_constant<int, 64>{}, qtag, kvtag); break;
       case 96: f(std::integral_constant<int, 96>{}, qtag, kvtag); break;
       case 128: f(std::integral_constant<int, 128>{}, qtag, kvtag); break;
       case 256: f(std::integral_constant<int, 256>{}, qtag, kvtag); break;
-      default: fail_argument(where, "layout.head_dim", head_dim, "one of {64, 96, 128, 256} on the GPU");
+      default: fail_argument(where, "layout.head_dim", head_dim, "one of {48, 64, 96, 128, 256} on the GPU");
     }
   };
   dispatch_dtype<FloatTypes>(q_dtype, where, "q_dtype", [](auto) {});
@@ -137,7 +138,7 @@ inline int decode_rows_per_block(std::int64_t head_dim, DType kv_dtype) {
 inline void validate_cuda_decode_shapes(const PagedDecodeParams& p, const char* where) {
   ::kvkit::detail::validate_decode_shapes(p, where);
   check_argument(p.v_head_dim == 0 || p.v_head_dim == p.layout.head_dim, where, "v_head_dim",
-                 p.v_head_dim, "0 or head_dim on the GPU (the MLA kernel with narrower values is not written yet)");
+                 p.v_head_dim, "0 or head_dim here (MLA's narrower values: cuda::run_mla_decode)");
   dispatch_decode(p.layout.head_dim, p.q_dtype, p.kv_dtype, where, [](auto, auto, auto) {});
 }
 
