@@ -65,31 +65,41 @@ void rope_append_kv(const RopeParams& rope, const Layout& layout, const AppendKV
 
   dispatch_dtype<FloatTypes>(rope.dtype, kWhere, "rope.dtype", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    std::vector<float> cos_row(static_cast<std::size_t>(rope.rotary_dim / 2)), sin_row(cos_row.size());
     const std::int64_t heads = layout.num_heads;
     const std::size_t row_bytes = std::size_t(layout.head_dim) * sizeof(T);
     T* k_cache = static_cast<T*>(append.k_cache);
     T* v_cache = static_cast<T*>(append.v_cache);
     const T* key = static_cast<const T*>(append.key);
     const T* value = static_cast<const T*>(append.value);
-    for (std::int64_t t = 0; t < rope.num_tokens; ++t) {
-      for (int i = 0; i < rope.rotary_dim / 2; ++i) {
-        rope_cos_sin(rope, rope.positions[t], i, cos_row[i], sin_row[i]);
+    // Tokens are independent (with duplicate slots, which token's row lands is
+    // unspecified, as on the GPU): OpenMP threads share them when enabled.
+#if defined(_OPENMP)
+#pragma omp parallel if (rope.num_tokens >= 64)
+#endif
+    {
+      std::vector<float> cos_row(static_cast<std::size_t>(rope.rotary_dim / 2)), sin_row(cos_row.size());
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+      for (std::int64_t t = 0; t < rope.num_tokens; ++t) {
+        for (int i = 0; i < rope.rotary_dim / 2; ++i) {
+          rope_cos_sin(rope, rope.positions[t], i, cos_row[i], sin_row[i]);
+        }
+        if (rope.q != nullptr) {
+          detail::rotate_heads(static_cast<T*>(rope.q) + t * rope.q_token_stride, rope.q_head_stride,
+                               rope.num_q_heads, rope, cos_row.data(), sin_row.data());
+        }
+        const std::int64_t slot = append.slot_mapping[t];
+        if (slot < 0) continue;
+        for (std::int64_t h = 0; h < heads; ++h) {
+          std::memcpy(k_cache + layout.slot_offset(slot, h),
+                      key + t * append.key_stride_token + h * append.key_stride_head, row_bytes);
+          std::memcpy(v_cache + layout.slot_offset(slot, h),
+                      value + t * append.value_stride_token + h * append.value_stride_head, row_bytes);
+        }
+        detail::rotate_heads(k_cache + layout.slot_offset(slot, 0), layout.stride_head, int(heads),
+                             rope, cos_row.data(), sin_row.data());
       }
-      if (rope.q != nullptr) {
-        detail::rotate_heads(static_cast<T*>(rope.q) + t * rope.q_token_stride, rope.q_head_stride,
-                             rope.num_q_heads, rope, cos_row.data(), sin_row.data());
-      }
-      const std::int64_t slot = append.slot_mapping[t];
-      if (slot < 0) continue;
-      for (std::int64_t h = 0; h < heads; ++h) {
-        std::memcpy(k_cache + layout.slot_offset(slot, h),
-                    key + t * append.key_stride_token + h * append.key_stride_head, row_bytes);
-        std::memcpy(v_cache + layout.slot_offset(slot, h),
-                    value + t * append.value_stride_token + h * append.value_stride_head, row_bytes);
-      }
-      detail::rotate_heads(k_cache + layout.slot_offset(slot, 0), layout.stride_head, int(heads),
-                           rope, cos_row.data(), sin_row.data());
     }
   });
 }
