@@ -374,3 +374,55 @@ TEST_CASE("cascade: a shared prefix attended once for all sequences, merged with
     }
   }
 }
+
+TEST_CASE("ragged queries: one call with q_indptr equals one call per sequence (chunked prefill batch)") {
+  // Sequences with 1, 5, 0 and 17 new tokens (the last ones of their cached
+  // lengths), as a scheduler mixes decode tokens and prefill chunks.
+  DecodeCase c;
+  c.head_dim = 64;
+  c.q_heads = 8;
+  c.kv_heads = 2;
+  c.page_size = 16;
+  c.seq_lens = {9, 40, 3, 100};
+  const std::vector<std::int64_t> q_counts = {1, 5, 0, 17};
+  std::vector<std::int64_t> indptr = {0};
+  for (auto n : q_counts) indptr.push_back(indptr.back() + n);
+  const std::int64_t rows = indptr.back();
+  c.q_len = 17;  // the inputs' q buffer must hold the largest sequence's rows; ignored with q_indptr
+  DecodeProblem<float, float> prob(c, 77);
+  // Queries packed row after row: use the first `rows` token rows of prob.q.
+  std::vector<float> o(std::size_t(rows * c.q_heads * c.head_dim), -5.0f), lse(std::size_t(rows * c.q_heads));
+  PagedDecodeParams p = prob.params();
+  p.q_indptr = indptr.data();
+  p.o = o.data();
+  p.o_stride_head = c.head_dim;
+  p.o_stride_token = std::int64_t(c.q_heads) * c.head_dim;
+  p.lse = lse.data();
+  kvkit::paged_decode_attention(p);
+  for (std::size_t b = 0; b < q_counts.size(); ++b) {
+    if (q_counts[b] == 0) continue;
+    PagedDecodeParams one = prob.params();
+    one.page_table.block_table = prob.block_table.data() + b * prob.max_blocks;
+    one.page_table.seq_lens = prob.seq_lens.data() + b;
+    one.page_table.batch_size = 1;
+    one.q_len = int(q_counts[b]);
+    one.q = prob.q.data() + indptr[b] * c.q_heads * c.head_dim;
+    std::vector<float> o1(std::size_t(q_counts[b] * c.q_heads * c.head_dim)), l1(std::size_t(q_counts[b] * c.q_heads));
+    one.o = o1.data();
+    one.o_stride_head = c.head_dim;
+    one.o_stride_token = std::int64_t(c.q_heads) * c.head_dim;
+    one.lse = l1.data();
+    kvkit::paged_decode_attention(one);
+    for (std::size_t i = 0; i < o1.size(); ++i) REQUIRE(o[std::size_t(indptr[b] * c.q_heads * c.head_dim) + i] == o1[i]);
+    for (std::size_t i = 0; i < l1.size(); ++i) REQUIRE(lse[std::size_t(indptr[b] * c.q_heads) + i] == l1[i]);
+  }
+  SECTION("bad indptr") {
+    indptr[2] = 0;  // decreasing: {0, 1, 0, 6, 23}
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("'q_indptr[2]' = 0: expected >= q_indptr[1] (1)"));
+  }
+  SECTION("more new tokens than the sequence holds") {
+    indptr = {0, 10, 10, 10, 10};  // sequence 0 holds 9 tokens
+    p.q_indptr = indptr.data();
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("sequence 0 has seq_len 9 < q_len (10)"));
+  }
+}

@@ -154,6 +154,11 @@ TEST_CASE("plan_decode rejects what the GPU kernels cannot run, naming the argum
     in.p.layout = kvkit::PagedKVLayout::nhd(in.p.layout.num_pages, 16, 2, 80);
     CHECK_THROWS_WITH(in.plan(), Contains("'layout.head_dim' = 80: expected one of {48, 64, 96, 128, 256} on the GPU"));
   }
+  SECTION("ragged queries (CPU op only)") {
+    const std::int64_t indptr[3] = {0, 1, 2};
+    in.p.q_indptr = indptr;
+    CHECK_THROWS_WITH(in.plan(), Contains("'q_indptr' =") && Contains("one call per sequence"));
+  }
   SECTION("dtype pair without a kernel") {
     in.p.q_dtype = kvkit::DType::kFloat16;
     CHECK_THROWS_WITH(in.plan(), Contains("q_dtype float16 with kv_dtype bfloat16: expected equal dtypes, or "

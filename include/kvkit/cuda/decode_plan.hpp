@@ -136,6 +136,7 @@ inline int decode_rows_per_block(std::int64_t head_dim, DType kv_dtype) {
 /// The CPU op's shape checks plus the head_dim / dtype combinations the
 /// CUDA kernels are compiled for.
 inline void validate_cuda_decode_shapes(const PagedDecodeParams& p, const char* where) {
+  ::kvkit::detail::reject_ragged_queries(p, where);
   ::kvkit::detail::validate_decode_shapes(p, where);
   check_argument(p.v_head_dim == 0 || p.v_head_dim == p.layout.head_dim, where, "v_head_dim",
                  p.v_head_dim, "0 or head_dim here (MLA's narrower values: cuda::run_mla_decode)");

@@ -53,6 +53,7 @@ inline constexpr int kMlaStages = 2;
 /// 576, values 512 wide) and the cache dtypes the kernel reads: float16,
 /// bfloat16, or float8_e4m3 meaning FlashMLA's 656-byte rows.
 inline void validate_cuda_mla_decode_shapes(const PagedDecodeParams& p, const char* where) {
+  ::kvkit::detail::reject_ragged_queries(p, where);
   if (p.kv_dtype == DType::kFloat8E4M3) {
     ::kvkit::detail::validate_mla_fp8_decode(p, where, false);
   } else {

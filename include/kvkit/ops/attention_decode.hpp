@@ -93,21 +93,40 @@ inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where
                  p.num_q_heads * p.o_stride_head, ")");
 }
 
+/// For ops without ragged queries (the CUDA kernels, the fp8 MLA loop).
+inline void reject_ragged_queries(const PagedDecodeParams& p, const char* where) {
+  check_argument(p.q_indptr == nullptr, where, "q_indptr", p.q_indptr,
+                 "nullptr here (ragged queries: one call per sequence, or the CPU paged_decode_attention)");
+}
+
 /// Checks one sequence length (host memory): with causal attention the q_len
 /// new tokens must already be in the cache.
 inline void check_decode_seq_len(const PagedDecodeParams& p, std::int64_t b, std::int64_t len,
-                                 const char* where) {
-  if (p.causal && len < p.q_len) {
-    fail(where, "sequence ", b, " has seq_len ", len, " < q_len (", p.q_len,
+                                 const char* where, std::int64_t q_len) {
+  if (p.causal && len < q_len) {
+    fail(where, "sequence ", b, " has seq_len ", len, " < q_len (", q_len,
          "); expected the new tokens to be in the cache already");
   }
+}
+inline void check_decode_seq_len(const PagedDecodeParams& p, std::int64_t b, std::int64_t len,
+                                 const char* where) {
+  check_decode_seq_len(p, b, len, where, p.q_len);
 }
 
 inline void validate_decode_params(const PagedDecodeParams& p, const char* where) {
   validate_decode_shapes(p, where);
   validate_page_table(p.page_table, p.layout.page_size, p.layout.num_pages);
+  if (p.q_indptr != nullptr) {
+    check_argument(p.q_indptr[0] == 0, where, "q_indptr[0]", p.q_indptr[0], "0");
+    for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
+      if (p.q_indptr[b + 1] < p.q_indptr[b]) {
+        fail(where, "argument 'q_indptr[", b + 1, "]' = ", p.q_indptr[b + 1], ": expected >= q_indptr[", b,
+             "] (", p.q_indptr[b], ")");
+      }
+    }
+  }
   for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
-    check_decode_seq_len(p, b, p.page_table.seq_len(b), where);
+    check_decode_seq_len(p, b, p.page_table.seq_len(b), where, attention_q_count(p, b));
   }
 }
 
@@ -128,8 +147,11 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
   const int group = p.num_q_heads / int(p.layout.num_heads);
   const int q_heads = kv_heads * group;
   const int q_head0 = kv_head_begin * group;
-  const int rows = p.q_len * q_heads;  // row r: token r / q_heads, q head q_head0 + r % q_heads
+  const int q_len = int(attention_q_count(p, b));
+  const std::int64_t q_begin = attention_q_begin(p, b);
+  const int rows = q_len * q_heads;  // row r: token q_begin + r / q_heads, q head q_head0 + r % q_heads
   const std::int64_t seq_len = p.page_table.seq_len(b);
+  if (rows == 0) return;
   const std::int32_t* pages = p.page_table.pages(b);
   const std::size_t row_floats = std::size_t(rows) * head_dim;
   const std::size_t acc_floats = std::size_t(rows) * v_dim;
@@ -147,17 +169,17 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
 
   const QT* q_base = static_cast<const QT*>(p.q);
   for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = b * p.q_len + r / q_heads;
+    const std::int64_t t = q_begin + r / q_heads;
     const std::int64_t h = q_head0 + r % q_heads;
     const QT* src = q_base + t * p.q_stride_token + h * p.q_stride_head;
     for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * head_dim + d] = to_float(src[d]);
-    q_pos[r] = seq_len - p.q_len + r / q_heads;
+    q_pos[r] = seq_len - q_len + r / q_heads;
   }
 
   const std::int64_t first = std::max<std::int64_t>(p.kv_begin, 0);
   const std::int64_t last = std::min<std::int64_t>(p.kv_end, seq_len);  // exclusive
   // With a window, keys in [num_sinks, earliest) are invisible to every row.
-  const std::int64_t earliest = p.window > 0 ? seq_len - p.q_len - p.window + 1 : 0;
+  const std::int64_t earliest = p.window > 0 ? seq_len - q_len - p.window + 1 : 0;
   const KVT* k_cache = static_cast<const KVT*>(p.k_cache);
   const KVT* v_cache = static_cast<const KVT*>(p.v_cache);
   for (std::int64_t start = first; start < last; start += kDecodeTile) {
@@ -203,7 +225,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
 
   QT* o_base = static_cast<QT*>(p.o);
   for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = b * p.q_len + r / q_heads;
+    const std::int64_t t = q_begin + r / q_heads;
     const std::int64_t h = q_head0 + r % q_heads;
     QT* dst = o_base + t * p.o_stride_token + h * p.o_stride_head;
     const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;

@@ -30,6 +30,11 @@ struct PagedDecodeParams {
   PagedKVLayout layout{};           ///< num_heads = kv heads, head_dim = head_dim
   PaddedPageTable page_table{};     ///< batch_size rows; seq_lens include the new tokens
   int q_len = 1;
+  /// Optional ragged queries (chunked prefill of several sequences in one
+  /// call, CPU op only): sequence b's query rows are t in [q_indptr[b],
+  /// q_indptr[b+1]) and its q_len is their count; `q_len` is then ignored.
+  /// [batch_size + 1], host memory, q_indptr[0] = 0, non-decreasing.
+  const std::int64_t* q_indptr = nullptr;
   int num_q_heads = 0;              ///< a multiple of layout.num_heads (GQA/MQA)
   float sm_scale = 0.0f;            ///< usually head_dim^-0.5
   int window = 0;                   ///< > 0: attend to the last `window` positions only
@@ -66,6 +71,14 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE bool attention_visible(const PagedDecodePara
 }
 
 /// Score after scaling and the optional soft-cap.
+/// First query row of sequence b and its number of query tokens.
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int64_t attention_q_begin(const PagedDecodeParams& p, std::int64_t b) {
+  return p.q_indptr != nullptr ? p.q_indptr[b] : b * p.q_len;
+}
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int64_t attention_q_count(const PagedDecodeParams& p, std::int64_t b) {
+  return p.q_indptr != nullptr ? p.q_indptr[b + 1] - p.q_indptr[b] : p.q_len;
+}
+
 /// The value width of a call (v_head_dim, or head_dim when it is 0).
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE int attention_v_dim(const PagedDecodeParams& p) {
   return p.v_head_dim > 0 ? p.v_head_dim : int(p.layout.head_dim);

@@ -87,6 +87,7 @@ namespace detail {
 /// rows): one kv head of 576, values 512 wide, rows of >= 656 bytes, 4-byte
 /// aligned. `check_lengths`: also read the page table (host memory).
 inline void validate_mla_fp8_decode(const PagedDecodeParams& p, const char* where, bool check_lengths) {
+  reject_ragged_queries(p, where);
   PagedDecodeParams generic = p;
   generic.kv_dtype = DType::kBFloat16;
   if (check_lengths) {
