@@ -129,12 +129,10 @@ inline int decode_rows_per_block(std::int64_t head_dim, DType kv_dtype) {
   return decode_max_rows(int(head_dim), int(dtype_size(kv_dtype)));
 }
 
-/// The checks of kvkit::detail::validate_decode_params that need no device
-/// memory: the page table's arrays are not read (the GPU op gets device
-/// pointers), so page ids and seq_lens >= q_len are the caller's contract
-/// (plan_decode checks its host copy of the lengths).
-/// The CPU op's shape checks plus the head_dim / dtype combinations the
-/// CUDA kernels are compiled for.
+/// The CPU op's checks that need no device memory, plus the head_dim / dtype
+/// combinations the CUDA kernels are compiled for. The page table's arrays are
+/// not read (device pointers): page ids and seq_lens >= q_len are the caller's
+/// contract (plan_decode checks its host copy of the lengths).
 inline void validate_cuda_decode_shapes(const PagedDecodeParams& p, const char* where) {
   ::kvkit::detail::reject_ragged_queries(p, where);
   ::kvkit::detail::validate_decode_shapes(p, where);
@@ -143,22 +141,11 @@ inline void validate_cuda_decode_shapes(const PagedDecodeParams& p, const char* 
   dispatch_decode(p.layout.head_dim, p.q_dtype, p.kv_dtype, where, [](auto, auto, auto) {});
 }
 
-}  // namespace detail
-
-/// Plans a decode call on the host: rows per block, whether and how to split
-/// the keys (more chunks for few sequences x long contexts, so that about
-/// options.blocks_per_sm x num_sms blocks run), and the workspace size.
-/// `host_seq_lens` ([batch_size], host memory) are the lengths the plan is
-/// made for (a host copy of params.page_table.seq_lens; for a captured graph
-/// replayed at growing lengths, plan for the longest). `num_sms`: the
-/// device's multiprocessor count (cudaDevAttrMultiProcessorCount). Reads no
-/// device memory. Throws kvkit::Error on invalid params, head_dim or dtype
-/// combinations the GPU does not support, lengths < q_len or beyond the page
-/// table, or bad options.
-inline DecodePlan plan_decode(const PagedDecodeParams& p, const std::int32_t* host_seq_lens, int num_sms,
-                              const DecodePlanOptions& options = {}) {
-  constexpr const char* kWhere = "kvkit::cuda::plan_decode";
-  detail::validate_cuda_decode_shapes(p, kWhere);
+/// The plan arguments plan_decode and plan_mla_decode share: the device's
+/// SM count, the options, and the host copy of the lengths (each >= q_len
+/// under causal attention and within the page table).
+inline void validate_plan_inputs(const PagedDecodeParams& p, const std::int32_t* host_seq_lens, int num_sms,
+                                 const DecodePlanOptions& options, const char* kWhere) {
   check_argument(num_sms > 0, kWhere, "num_sms", num_sms, "> 0");
   check_argument(options.blocks_per_sm > 0, kWhere, "options.blocks_per_sm", options.blocks_per_sm, "> 0");
   check_argument(options.min_chunk_keys > 0, kWhere, "options.min_chunk_keys", options.min_chunk_keys, "> 0");
@@ -177,6 +164,33 @@ inline DecodePlan plan_decode(const PagedDecodeParams& p, const std::int32_t* ho
            t.max_blocks * p.layout.page_size, ")");
     }
   }
+}
+
+/// Equal chunks of at most `capacity` query rows, none empty.
+inline void split_rows(std::int64_t rows, std::int64_t capacity, int& rows_per_chunk, int& row_chunks) {
+  const std::int64_t chunks_needed = (rows + capacity - 1) / capacity;
+  rows_per_chunk = int((rows + chunks_needed - 1) / chunks_needed);
+  row_chunks = int((rows + rows_per_chunk - 1) / rows_per_chunk);
+}
+
+}  // namespace detail
+
+/// Plans a decode call on the host: rows per block, whether and how to split
+/// the keys (more chunks for few sequences x long contexts, so that about
+/// options.blocks_per_sm x num_sms blocks run), and the workspace size.
+/// `host_seq_lens` ([batch_size], host memory) are the lengths the plan is
+/// made for (a host copy of params.page_table.seq_lens; for a captured graph
+/// replayed at growing lengths, plan for the longest). `num_sms`: the
+/// device's multiprocessor count (cudaDevAttrMultiProcessorCount). Reads no
+/// device memory. Throws kvkit::Error on invalid params, head_dim or dtype
+/// combinations the GPU does not support, lengths < q_len or beyond the page
+/// table, or bad options.
+inline DecodePlan plan_decode(const PagedDecodeParams& p, const std::int32_t* host_seq_lens, int num_sms,
+                              const DecodePlanOptions& options = {}) {
+  constexpr const char* kWhere = "kvkit::cuda::plan_decode";
+  detail::validate_cuda_decode_shapes(p, kWhere);
+  detail::validate_plan_inputs(p, host_seq_lens, num_sms, options, kWhere);
+  const PaddedPageTable& t = p.page_table;
 
   DecodePlan plan;
   plan.batch_size = t.batch_size;
@@ -191,10 +205,7 @@ inline DecodePlan plan_decode(const PagedDecodeParams& p, const std::int32_t* ho
   const std::int64_t capacity = detail::decode_rows_per_block(p.layout.head_dim, p.kv_dtype);
   check_argument(rows <= std::int64_t(1) << 24, kWhere, "q_len", p.q_len,
                  "small enough that q_len x group (", rows, ") <= 2^24");
-  // Equal row chunks of at most `capacity` rows, none empty.
-  const std::int64_t chunks_needed = (rows + capacity - 1) / capacity;
-  plan.rows_per_chunk = int((rows + chunks_needed - 1) / chunks_needed);
-  plan.row_chunks = int((rows + plan.rows_per_chunk - 1) / plan.rows_per_chunk);
+  detail::split_rows(rows, capacity, plan.rows_per_chunk, plan.row_chunks);
 
   const std::int64_t base_blocks = t.batch_size * plan.num_kv_heads * plan.row_chunks;
   const std::int64_t target = std::int64_t(options.blocks_per_sm) * num_sms;

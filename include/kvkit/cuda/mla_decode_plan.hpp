@@ -78,24 +78,8 @@ inline MlaDecodePlan plan_mla_decode(const PagedDecodeParams& p, const std::int3
                                      const DecodePlanOptions& options = {}) {
   constexpr const char* kWhere = "kvkit::cuda::plan_mla_decode";
   detail::validate_cuda_mla_decode_shapes(p, kWhere);
-  check_argument(num_sms > 0, kWhere, "num_sms", num_sms, "> 0");
-  check_argument(options.blocks_per_sm > 0, kWhere, "options.blocks_per_sm", options.blocks_per_sm, "> 0");
-  check_argument(options.min_chunk_keys > 0, kWhere, "options.min_chunk_keys", options.min_chunk_keys, "> 0");
-  check_argument(options.max_splits >= 1 && options.max_splits <= kMaxDecodeSplits, kWhere,
-                 "options.max_splits", options.max_splits, "in [1, ", kMaxDecodeSplits, "]");
-  check_argument(options.chunk_keys >= 0, kWhere, "options.chunk_keys", options.chunk_keys,
-                 ">= 0 (0: chosen by the plan)");
+  detail::validate_plan_inputs(p, host_seq_lens, num_sms, options, kWhere);
   const PaddedPageTable& t = p.page_table;
-  check_argument(host_seq_lens != nullptr || t.batch_size == 0, kWhere, "host_seq_lens", host_seq_lens,
-                 "a non-null pointer to batch_size (", t.batch_size, ") lengths in host memory");
-  for (std::int64_t b = 0; b < t.batch_size; ++b) {
-    const std::int64_t len = host_seq_lens[b];
-    ::kvkit::detail::check_decode_seq_len(p, b, len, kWhere);
-    if (len > t.max_blocks * p.layout.page_size) {
-      fail(kWhere, "host_seq_lens[", b, "] = ", len, ": expected at most max_blocks x page_size (",
-           t.max_blocks * p.layout.page_size, ")");
-    }
-  }
   const std::int64_t rows = std::int64_t(p.q_len) * p.num_q_heads;
   check_argument(rows <= std::int64_t(1) << 24, kWhere, "q_len", p.q_len,
                  "small enough that q_len x num_q_heads (", rows, ") <= 2^24");
@@ -109,9 +93,7 @@ inline MlaDecodePlan plan_mla_decode(const PagedDecodeParams& p, const std::int3
   // Equal row chunks of at most kMlaRowsPerBlock rows, none empty. The
   // chunks of one key range are neighbours in the grid, so they run at the
   // same time and all but the first read the latent rows from L2.
-  const std::int64_t chunks_needed = (rows + detail::kMlaRowsPerBlock - 1) / detail::kMlaRowsPerBlock;
-  plan.rows_per_chunk = int((rows + chunks_needed - 1) / chunks_needed);
-  plan.row_chunks = int((rows + plan.rows_per_chunk - 1) / plan.rows_per_chunk);
+  detail::split_rows(rows, detail::kMlaRowsPerBlock, plan.rows_per_chunk, plan.row_chunks);
 
   const std::int64_t base_blocks = t.batch_size * plan.row_chunks;
   const std::int64_t target = std::int64_t(options.blocks_per_sm) * num_sms;
