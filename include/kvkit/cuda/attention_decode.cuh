@@ -437,13 +437,7 @@ inline void run_decode(const PagedDecodeParams& p, const DecodePlan& plan, void*
                      plan.rows_per_chunk <= detail::decode_rows_per_block(p.layout.head_dim, p.kv_dtype),
                  kWhere, "plan.num_splits", plan.num_splits, "a plan made by plan_decode");
   const std::int64_t rows_total = p.page_table.batch_size * p.q_len * p.num_q_heads;
-  if (plan.num_splits > 1) {
-    check_argument(workspace != nullptr, kWhere, "workspace", workspace, "a non-null device pointer (",
-                   plan.workspace_bytes, " bytes, plan.workspace_bytes)");
-    check_argument(workspace_bytes >= plan.workspace_bytes, kWhere, "workspace_bytes", workspace_bytes,
-                   ">= plan.workspace_bytes (", plan.workspace_bytes, ")");
-    check_argument(detail::address_of(workspace) % 4 == 0, kWhere, "workspace", workspace, "4-byte aligned");
-  }
+  if (plan.num_splits > 1) detail::check_workspace(workspace, workspace_bytes, plan.workspace_bytes, kWhere);
   if (rows_total == 0) return;
 
   detail::DecodeLaunch L;

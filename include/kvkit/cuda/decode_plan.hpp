@@ -166,6 +166,17 @@ inline void validate_plan_inputs(const PagedDecodeParams& p, const std::int32_t*
   }
 }
 
+/// A run's split workspace: non-null, at least `needed` bytes, 4-byte aligned.
+inline void check_workspace(const void* workspace, std::size_t workspace_bytes, std::size_t needed,
+                            const char* where) {
+  check_argument(workspace != nullptr, where, "workspace", workspace, "a non-null device pointer (", needed,
+                 " bytes, plan.workspace_bytes)");
+  check_argument(workspace_bytes >= needed, where, "workspace_bytes", workspace_bytes,
+                 ">= plan.workspace_bytes (", needed, ")");
+  check_argument(reinterpret_cast<std::uintptr_t>(workspace) % 4 == 0, where, "workspace", workspace,
+                 "4-byte aligned");
+}
+
 /// Equal chunks of at most `capacity` query rows, none empty.
 inline void split_rows(std::int64_t rows, std::int64_t capacity, int& rows_per_chunk, int& row_chunks) {
   const std::int64_t chunks_needed = (rows + capacity - 1) / capacity;

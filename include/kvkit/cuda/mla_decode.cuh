@@ -411,11 +411,7 @@ inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan
   if (plan.num_splits > 1) {
     const std::size_t needed = std::size_t(plan.num_splits) * std::size_t(rows_total) *
                                std::size_t(detail::kMlaValueDim + 1) * sizeof(float);
-    check_argument(workspace != nullptr, kWhere, "workspace", workspace, "a non-null device pointer (", needed,
-                   " bytes, plan.workspace_bytes)");
-    check_argument(workspace_bytes >= needed, kWhere, "workspace_bytes", workspace_bytes,
-                   ">= plan.workspace_bytes (", needed, ")");
-    check_argument(detail::address_of(workspace) % 4 == 0, kWhere, "workspace", workspace, "4-byte aligned");
+    detail::check_workspace(workspace, workspace_bytes, needed, kWhere);
   }
   check_argument(detail::address_of(p.k_cache) % (p.kv_dtype == DType::kFloat8E4M3 ? 4 : 2) == 0, kWhere,
                  "k_cache", p.k_cache, "aligned to its elements (2 bytes; 4 for fp8 rows, whose scales are float32)");
