@@ -137,7 +137,7 @@ struct LatentFp8Layout {
     l.page_size = page_size;
     l.stride_page = stride_page;
     l.stride_slot = stride_slot;
-    while (l.page_shift < 62 && (std::int64_t(1) << l.page_shift) < page_size) ++l.page_shift;
+    l.page_shift = page_shift_of(page_size);
     l.validate("kvkit::LatentFp8Layout::strided");
     return l;
   }

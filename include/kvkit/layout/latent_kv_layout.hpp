@@ -82,7 +82,7 @@ struct LatentKVLayout {
     l.rope_dim = rope_dim;
     l.stride_page = stride_page;
     l.stride_slot = stride_slot;
-    while (l.page_shift < 62 && (std::int64_t(1) << l.page_shift) < page_size) ++l.page_shift;
+    l.page_shift = page_shift_of(page_size);
     l.validate("kvkit::LatentKVLayout::strided");
     return l;
   }

@@ -21,6 +21,14 @@
 
 namespace kvkit {
 
+/// Smallest s with 2^s >= page_size (log2 for a power of two; validate()
+/// then rejects any other page size). Shared by every paged layout's factory.
+inline int page_shift_of(std::int64_t page_size) {
+  int shift = 0;
+  while (shift < 62 && (std::int64_t(1) << shift) < page_size) ++shift;
+  return shift;
+}
+
 /// How K and V of one layer are stored.
 enum class KVStorage : std::uint8_t {
   kSeparate,     ///< two allocations (or any two pointers); v_offset = 0
@@ -143,8 +151,7 @@ struct PagedKVLayout {
     l.stride_slot = stride_slot;
     l.stride_head = stride_head;
     l.v_offset = v_offset;
-    l.page_shift = 0;
-    while (l.page_shift < 62 && (std::int64_t(1) << l.page_shift) < page_size) ++l.page_shift;
+    l.page_shift = page_shift_of(page_size);
     l.validate("kvkit::PagedKVLayout::strided");
     return l;
   }

@@ -94,21 +94,29 @@ void rope_shift_cache_keys(const RopeParams& rope, const Layout& layout, const R
 
   const int head_dim = int(layout.head_dim), half_rot = rope.rotary_dim / 2;
   std::vector<float> cos_row(static_cast<std::size_t>(half_rot)), sin_row(cos_row.size());
+  auto load_cos_sin = [&](std::int64_t t) {
+    for (int i = 0; i < half_rot; ++i) rope_cos_sin(rope, rope.positions[t], i, cos_row[i], sin_row[i]);
+  };
+  if (!quantized) {  // rotate each token's heads in place, the dtype chosen once
+    dispatch_dtype<FloatTypes>(a.cache_dtype, kWhere, "cache_dtype", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      for (std::int64_t t = 0; t < rope.num_tokens; ++t) {
+        const std::int64_t slot = a.slots[t];
+        if (slot < 0) continue;
+        load_cos_sin(t);
+        detail::rotate_heads(static_cast<T*>(a.k_cache) + layout.slot_offset(slot, 0), layout.stride_head,
+                             int(layout.num_heads), rope, cos_row.data(), sin_row.data());
+      }
+    });
+    return;
+  }
   std::vector<float> row(static_cast<std::size_t>(head_dim));
   for (std::int64_t t = 0; t < rope.num_tokens; ++t) {
     const std::int64_t slot = a.slots[t];
     if (slot < 0) continue;
-    for (int i = 0; i < half_rot; ++i) rope_cos_sin(rope, rope.positions[t], i, cos_row[i], sin_row[i]);
+    load_cos_sin(t);
     for (std::int64_t h = 0; h < layout.num_heads; ++h) {
-      const std::int64_t off = layout.slot_offset(slot, h);
-      if (!quantized) {
-        dispatch_dtype<FloatTypes>(a.cache_dtype, kWhere, "cache_dtype", [&](auto tag) {
-          using T = typename decltype(tag)::type;
-          detail::rotate_heads(static_cast<T*>(a.k_cache) + off, 0, 1, rope, cos_row.data(), sin_row.data());
-        });
-        continue;
-      }
-      auto* bytes = static_cast<std::uint8_t*>(a.k_cache) + off;
+      auto* bytes = static_cast<std::uint8_t*>(a.k_cache) + layout.slot_offset(slot, h);
       const std::int64_t si = scale_index(a.granularity, slot, h, layout.num_heads);
       const float old_scale = a.granularity == ScaleGranularity::kPerTokenHead ? a.k_scale_cache[si] : a.k_scale[si];
       for (int d = 0; d < head_dim; ++d) row[d] = dequantize_value(bytes[d], old_scale, a.cache_dtype);
