@@ -109,7 +109,7 @@ inline void mla_compress(const LatentKVLayout& layout, const MlaCompressArgs& a)
       const float inv_rms = 1.0f / std::sqrt(sum_sq / float(rank) + a.norm_eps);
       for (int c = 0; c < rank; ++c) row[c] = from_float<T>(to_float(src[c]) * inv_rms * a.norm_weight[c]);
       for (int c = 0; c < rope_dim; ++c) row[rank + c] = src[rank + c];
-      for (int i = 0; i < rope_dim / 2; ++i) rope_cos_sin(rope, a.positions[t], i, cos_row[i], sin_row[i]);
+      detail::load_cos_sin_row(rope, a.positions[t], cos_row.data(), sin_row.data());
       detail::rotate_heads(row + rank, rope_dim, 1, rope, cos_row.data(), sin_row.data());
     }
   });

@@ -117,6 +117,11 @@ KVKIT_FORCEINLINE void rotate_heads_body(T* base, std::int64_t head_stride, int 
   }
 }
 
+/// cos and sin of every pair at `position` (rope_cos_sin for i < rotary_dim / 2).
+inline void load_cos_sin_row(const RopeParams& p, std::int64_t position, float* cos_row, float* sin_row) {
+  for (int i = 0; i < p.rotary_dim / 2; ++i) rope_cos_sin(p, position, i, cos_row[i], sin_row[i]);
+}
+
 #if KVKIT_X86_DISPATCH
 /// The same loop with 8-lane AVX2 (no FMA: results stay bit-identical).
 template <class T>
@@ -154,7 +159,7 @@ void run_rope(const RopeParams& p) {
 #pragma omp for schedule(static)
 #endif
   for (std::int64_t t = 0; t < p.num_tokens; ++t) {
-    for (int i = 0; i < p.rotary_dim / 2; ++i) rope_cos_sin(p, p.positions[t], i, cos_row[i], sin_row[i]);
+    load_cos_sin_row(p, p.positions[t], cos_row.data(), sin_row.data());
     if (p.q != nullptr) {
       rotate_heads(static_cast<T*>(p.q) + t * p.q_token_stride, p.q_head_stride, p.num_q_heads, p,
                    cos_row.data(), sin_row.data());

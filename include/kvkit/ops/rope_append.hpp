@@ -82,9 +82,7 @@ void rope_append_kv(const RopeParams& rope, const Layout& layout, const AppendKV
 #pragma omp for schedule(static)
 #endif
       for (std::int64_t t = 0; t < rope.num_tokens; ++t) {
-        for (int i = 0; i < rope.rotary_dim / 2; ++i) {
-          rope_cos_sin(rope, rope.positions[t], i, cos_row[i], sin_row[i]);
-        }
+        detail::load_cos_sin_row(rope, rope.positions[t], cos_row.data(), sin_row.data());
         if (rope.q != nullptr) {
           detail::rotate_heads(static_cast<T*>(rope.q) + t * rope.q_token_stride, rope.q_head_stride,
                                rope.num_q_heads, rope, cos_row.data(), sin_row.data());

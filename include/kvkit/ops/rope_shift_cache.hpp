@@ -95,7 +95,7 @@ void rope_shift_cache_keys(const RopeParams& rope, const Layout& layout, const R
   const int head_dim = int(layout.head_dim), half_rot = rope.rotary_dim / 2;
   std::vector<float> cos_row(static_cast<std::size_t>(half_rot)), sin_row(cos_row.size());
   auto load_cos_sin = [&](std::int64_t t) {
-    for (int i = 0; i < half_rot; ++i) rope_cos_sin(rope, rope.positions[t], i, cos_row[i], sin_row[i]);
+    detail::load_cos_sin_row(rope, rope.positions[t], cos_row.data(), sin_row.data());
   };
   if (!quantized) {  // rotate each token's heads in place, the dtype chosen once
     dispatch_dtype<FloatTypes>(a.cache_dtype, kWhere, "cache_dtype", [&](auto tag) {
