@@ -352,8 +352,8 @@ TEST_CASE("fp8 decode params are rejected where they do not fit") {
   Fp8Problem pr(4, 16, {5}, 1, 3);
   std::vector<float> o(pr.rows() * 512), l(pr.rows());
   auto p = pr.fp8_params(o.data(), l.data());
-  SECTION("the generic decode has no fp8 rows") {
-    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("kv_dtype"));
+  SECTION("the generic decode reads plain fp8 caches with scales, not 656-byte rows") {
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("'k_scale' = nullptr") && Contains("mla_decode_attention"));
   }
   SECTION("values must be the 512 c_kv columns") {
     p.v_head_dim = 576;

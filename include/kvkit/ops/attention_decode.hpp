@@ -8,13 +8,24 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "kvkit/core/bfloat16.hpp"
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
+#include "kvkit/core/half.hpp"
 #include "kvkit/core/x86_dispatch.hpp"
+#include "kvkit/layout/kv_scales.hpp"
 #include "kvkit/ops/attention_params.hpp"
 #include "kvkit/ops/attention_state.hpp"
+#include "kvkit/ops/cpu_vec.hpp"
+#include "kvkit/ops/quantize.hpp"
+
+#if KVKIT_X86_DISPATCH
+#include <immintrin.h>
+#endif
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -40,6 +51,22 @@ KVKIT_FORCEINLINE float dot_product(const float* a, const float* b, int n) {
   float tail = 0.0f;
   for (; d < n; ++d) tail += a[d] * b[d];
   return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
+}
+
+/// Calls f(std::integral_constant<DType, t>) for a cache dtype the CPU
+/// decode reads: float32, float16, bfloat16, float8_e4m3, float8_e5m2, int8.
+template <class F>
+void dispatch_kv_cache_dtype(DType t, const char* where, F&& f) {
+  switch (t) {
+    case DType::kFloat32: return f(std::integral_constant<DType, DType::kFloat32>{});
+    case DType::kFloat16: return f(std::integral_constant<DType, DType::kFloat16>{});
+    case DType::kBFloat16: return f(std::integral_constant<DType, DType::kBFloat16>{});
+    case DType::kFloat8E4M3: return f(std::integral_constant<DType, DType::kFloat8E4M3>{});
+    case DType::kFloat8E5M2: return f(std::integral_constant<DType, DType::kFloat8E5M2>{});
+    case DType::kInt8: return f(std::integral_constant<DType, DType::kInt8>{});
+    default:
+      fail_argument(where, "kv_dtype", t, "float32, float16, bfloat16, float8_e4m3, float8_e5m2 or int8");
+  }
 }
 
 /// Checks everything about a decode call that needs no memory reads (shapes,
@@ -68,7 +95,7 @@ inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where
   check_argument(t.stride_batch >= t.max_blocks, where, "page_table.stride_batch", t.stride_batch,
                  ">= max_blocks (", t.max_blocks, ")");
   dispatch_dtype<FloatTypes>(p.q_dtype, where, "q_dtype", [](auto) {});
-  dispatch_dtype<FloatTypes>(p.kv_dtype, where, "kv_dtype", [](auto) {});
+  dispatch_kv_cache_dtype(p.kv_dtype, where, [](auto) {});
   const std::int64_t rows = t.batch_size * p.q_len;
   if (rows == 0) return;
   check_argument(t.seq_lens != nullptr, where, "page_table.seq_lens", t.seq_lens, "a non-null pointer");
@@ -83,6 +110,17 @@ inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where
   check_argument(p.q_stride_token >= p.num_q_heads * p.q_stride_head || rows == 1, where,
                  "q_stride_token", p.q_stride_token, ">= num_q_heads * q_stride_head (",
                  p.num_q_heads * p.q_stride_head, ")");
+  if (is_quantized_cache_dtype(p.kv_dtype)) {
+    check_argument(p.k_scale != nullptr, where, "k_scale", p.k_scale,
+                   "a non-null pointer for a ", p.kv_dtype,
+                   " cache (the scales of quantize_append_kv; FlashMLA's 656-byte fp8 latent rows go to "
+                   "mla_decode_attention)");
+    check_argument(p.v_scale != nullptr, where, "v_scale", p.v_scale,
+                   "a non-null pointer for a ", p.kv_dtype, " cache (the scales of quantize_append_kv)");
+  } else {
+    check_argument(p.k_scale == nullptr && p.v_scale == nullptr, where, "k_scale", p.k_scale,
+                   "nullptr for a ", p.kv_dtype, " cache (scales belong to float8 / int8 caches)");
+  }
   check_argument(p.v_head_dim >= 0 && p.v_head_dim <= head_dim, where, "v_head_dim", p.v_head_dim,
                  "in [0, head_dim (", head_dim, ")] (0: head_dim)");
   const std::int64_t v_dim = attention_v_dim(p);
@@ -130,133 +168,382 @@ inline void validate_decode_params(const PagedDecodeParams& p, const char* where
   }
 }
 
-/// All query rows (q_len tokens x all q heads) of one sequence. A tile of
-/// keys is converted to float for every kv head at once: in NHD caches a
-/// token's heads are contiguous, so the cache is read as a stream instead of
-/// one 2-KiB-strided row per head, which left the CPU waiting on memory.
-template <class QT, class KVT>
-KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std::int64_t b,
-                                                int kv_head_begin, int kv_head_end,
-                                                std::vector<float>& scratch,
-                                                std::vector<OnlineSoftmax>& softmax,
-                                                std::vector<std::int64_t>& q_pos) {
-  const int head_dim = int(p.layout.head_dim);
-  const int v_dim = attention_v_dim(p);
-  // This call covers kv heads [kv_head_begin, kv_head_end) and their q heads.
-  const int kv_heads = kv_head_end - kv_head_begin;
-  const int group = p.num_q_heads / int(p.layout.num_heads);
-  const int q_heads = kv_heads * group;
-  const int q_head0 = kv_head_begin * group;
-  const int q_len = int(attention_q_count(p, b));
-  const std::int64_t q_begin = attention_q_begin(p, b);
-  const int rows = q_len * q_heads;  // row r: token q_begin + r / q_heads, q head q_head0 + r % q_heads
-  const std::int64_t seq_len = p.page_table.seq_len(b);
-  if (rows == 0) return;
-  const std::int32_t* pages = p.page_table.pages(b);
-  const std::size_t row_floats = std::size_t(rows) * head_dim;
-  const std::size_t acc_floats = std::size_t(rows) * v_dim;
-  const std::size_t k_tile_floats = std::size_t(kDecodeTile) * kv_heads * head_dim;
-  const std::size_t v_tile_floats = std::size_t(kDecodeTile) * kv_heads * v_dim;
+/// float(stored) of every byte of a 1-byte cache dtype, built once.
+struct ByteDequantTable {
+  float value[256];
+};
+inline const ByteDequantTable& byte_dequant_table(DType t) {
+  static const auto make = [](DType dtype) {
+    ByteDequantTable table{};
+    for (int b = 0; b < 256; ++b) table.value[b] = dequantize_value(std::uint8_t(b), 1.0f, dtype);
+    return table;
+  };
+  static const ByteDequantTable e4m3 = make(DType::kFloat8E4M3);
+  static const ByteDequantTable e5m2 = make(DType::kFloat8E5M2);
+  static const ByteDequantTable int8 = make(DType::kInt8);
+  return t == DType::kFloat8E4M3 ? e4m3 : t == DType::kFloat8E5M2 ? e5m2 : int8;
+}
 
-  scratch.assign(row_floats + acc_floats + k_tile_floats + v_tile_floats + std::size_t(rows) * kDecodeTile, 0.0f);
-  float* q = scratch.data();               // [rows, head_dim]
-  float* acc = q + row_floats;             // [rows, v_dim]
-  float* k_tile = acc + acc_floats;        // [tile, kv_heads, head_dim]
-  float* v_tile = k_tile + k_tile_floats;  // [tile, kv_heads, v_dim]
-  float* scores = v_tile + v_tile_floats;  // [rows, tile]
-  softmax.assign(std::size_t(rows), OnlineSoftmax{});
-  q_pos.resize(std::size_t(rows));
-
-  const QT* q_base = static_cast<const QT*>(p.q);
-  for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = q_begin + r / q_heads;
-    const std::int64_t h = q_head0 + r % q_heads;
-    const QT* src = q_base + t * p.q_stride_token + h * p.q_stride_head;
-    for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * head_dim + d] = to_float(src[d]);
-    q_pos[r] = seq_len - q_len + r / q_heads;
+#if KVKIT_X86_DISPATCH
+/// float16 -> float with F16C, 8 at a time (exact, like half_bits_to_float).
+/// Not inlined: a default-target caller cannot inline an F16C function.
+__attribute__((target("avx2,f16c"))) inline void half_row_to_float_f16c(
+    const std::uint16_t* src, int n, float* dst) {
+  int d = 0;
+  for (; d + 8 <= n; d += 8) {
+    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
   }
+  for (; d < n; ++d) dst[d] = half_bits_to_float(src[d]);
+}
+#endif
 
-  const std::int64_t first = std::max<std::int64_t>(p.kv_begin, 0);
-  const std::int64_t last = std::min<std::int64_t>(p.kv_end, seq_len);  // exclusive
-  // With a window, keys in [num_sinks, earliest) are invisible to every row.
-  const std::int64_t earliest = p.window > 0 ? seq_len - q_len - p.window + 1 : 0;
-  const KVT* k_cache = static_cast<const KVT*>(p.k_cache);
-  const KVT* v_cache = static_cast<const KVT*>(p.v_cache);
-  for (std::int64_t start = first; start < last; start += kDecodeTile) {
-    const int n = int(std::min<std::int64_t>(kDecodeTile, last - start));
-    if (start >= p.num_sinks && start + n <= earliest) continue;
-    for (int j = 0; j < n; ++j) {
-      const std::int64_t slot = token_slot(pages, start + j, p.layout.page_shift);
-      for (int h = 0; h < kv_heads; ++h) {
-        const std::int64_t off = p.layout.slot_offset(slot, kv_head_begin + h);
-        float* kd = k_tile + (std::size_t(j) * kv_heads + h) * head_dim;
-        float* vd = v_tile + (std::size_t(j) * kv_heads + h) * v_dim;
-        for (int d = 0; d < head_dim; ++d) kd[d] = to_float(k_cache[off + d]);
-        for (int d = 0; d < v_dim; ++d) vd[d] = to_float(v_cache[off + d]);
+/// One head row of the cache as float: `n` elements at element offset `off`,
+/// times `scale` for the 1-byte dtypes (float(stored) * scale, exactly
+/// dequantize_value). kF16C: the caller is built for F16C.
+template <DType kKV, bool kF16C>
+KVKIT_FORCEINLINE void load_cache_row(const void* cache, std::int64_t off, int n, float scale,
+                                      const float* byte_table, float* dst) {
+  if constexpr (kKV == DType::kFloat32) {
+    std::memcpy(dst, static_cast<const float*>(cache) + off, sizeof(float) * std::size_t(n));
+  } else if constexpr (kKV == DType::kBFloat16) {
+    const auto* src = reinterpret_cast<const std::uint16_t*>(static_cast<const bfloat16*>(cache) + off);
+    for (int d = 0; d < n; ++d) dst[d] = bits_to_float(std::uint32_t(src[d]) << 16);
+  } else if constexpr (kKV == DType::kFloat16) {
+    const auto* src = reinterpret_cast<const std::uint16_t*>(static_cast<const half*>(cache) + off);
+#if KVKIT_X86_DISPATCH
+    if constexpr (kF16C) {
+      half_row_to_float_f16c(src, n, dst);
+      return;
+    }
+#endif
+    for (int d = 0; d < n; ++d) dst[d] = half_bits_to_float(src[d]);
+  } else {
+    const std::uint8_t* src = static_cast<const std::uint8_t*>(cache) + off;
+    for (int d = 0; d < n; ++d) dst[d] = byte_table[src[d]] * scale;
+  }
+}
+
+/// Scores of R query rows against n keys of one kv head, two keys at a time
+/// (2R running sums in registers; each q and k load feeds several of them).
+/// q: [R, width] (row stride width); keys: [n, width]; scores row stride kDecodeTile.
+template <int R>
+KVKIT_FORCEINLINE void decode_scores(const PagedDecodeParams& p, const float* q, const float* keys, int n,
+                                     int width, float* scores) {
+  int j = 0;
+  for (; j + 2 <= n; j += 2) {
+    const float* k0 = keys + std::size_t(j) * width;
+    const float* k1 = k0 + width;
+    Vec8 a0[R] = {}, a1[R] = {};
+    for (int d = 0; d < width; d += kVecLanes) {
+      const Vec8 x0 = vec_at(k0 + d), x1 = vec_at(k1 + d);
+      for (int i = 0; i < R; ++i) {
+        const Vec8 qi = vec_at(q + std::size_t(i) * width + d);
+        a0[i] += qi * x0;
+        a1[i] += qi * x1;
       }
     }
-    for (int r = 0; r < rows; ++r) {
-      const int kv_head = (r % q_heads) / group;  // relative to kv_head_begin
-      const float* qr = q + std::size_t(r) * head_dim;
-      float* sr = scores + std::size_t(r) * kDecodeTile;
-      float block_max = -INFINITY;
-      for (int j = 0; j < n; ++j) {
-        if (!attention_visible(p, q_pos[r], start + j)) {
-          sr[j] = -INFINITY;
+    for (int i = 0; i < R; ++i) {
+      scores[i * kDecodeTile + j] = attention_logit(p, vec_sum(a0[i]));
+      scores[i * kDecodeTile + j + 1] = attention_logit(p, vec_sum(a1[i]));
+    }
+  }
+  if (j < n) {
+    const float* k0 = keys + std::size_t(j) * width;
+    Vec8 a0[R] = {};
+    for (int d = 0; d < width; d += kVecLanes) {
+      const Vec8 x0 = vec_at(k0 + d);
+      for (int i = 0; i < R; ++i) a0[i] += vec_at(q + std::size_t(i) * width + d) * x0;
+    }
+    for (int i = 0; i < R; ++i) scores[i * kDecodeTile + j] = attention_logit(p, vec_sum(a0[i]));
+  }
+}
+
+/// acc[R, width] += weights[R, n] · values[n, width], 16 columns at a time
+/// so that the 2R sums stay in registers across the keys.
+/// weights row stride kDecodeTile; acc row stride width.
+template <int R>
+KVKIT_FORCEINLINE void decode_accumulate(const float* weights, const float* values, int n, int width,
+                                         float* acc) {
+  int d = 0;
+  for (; d + 2 * kVecLanes <= width; d += 2 * kVecLanes) {
+    Vec8 a0[R], a1[R];
+    for (int i = 0; i < R; ++i) {
+      a0[i] = vec_at(acc + std::size_t(i) * width + d);
+      a1[i] = vec_at(acc + std::size_t(i) * width + d + kVecLanes);
+    }
+    for (int j = 0; j < n; ++j) {
+      const float* v = values + std::size_t(j) * width + d;
+      const Vec8 x0 = vec_at(v), x1 = vec_at(v + kVecLanes);
+      for (int i = 0; i < R; ++i) {
+        const float w = weights[i * kDecodeTile + j];
+        a0[i] += x0 * w;
+        a1[i] += x1 * w;
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      vec_at(acc + std::size_t(i) * width + d) = a0[i];
+      vec_at(acc + std::size_t(i) * width + d + kVecLanes) = a1[i];
+    }
+  }
+  for (; d < width; d += kVecLanes) {
+    Vec8 a0[R];
+    for (int i = 0; i < R; ++i) a0[i] = vec_at(acc + std::size_t(i) * width + d);
+    for (int j = 0; j < n; ++j) {
+      const Vec8 x0 = vec_at(values + std::size_t(j) * width + d);
+      for (int i = 0; i < R; ++i) a0[i] += x0 * weights[i * kDecodeTile + j];
+    }
+    for (int i = 0; i < R; ++i) vec_at(acc + std::size_t(i) * width + d) = a0[i];
+  }
+}
+
+/// decode_scores / decode_accumulate over `rows` rows in blocks of at most 4
+/// (4 rows x 2 keys or x 16 columns keep 8 of the 16 vector registers busy).
+KVKIT_FORCEINLINE void decode_scores_rows(const PagedDecodeParams& p, const float* q, const float* keys, int n,
+                                          int width, float* scores, int rows) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    decode_scores<4>(p, q + std::size_t(r) * width, keys, n, width, scores + std::size_t(r) * kDecodeTile);
+  }
+  const float* qr = q + std::size_t(r) * width;
+  float* sr = scores + std::size_t(r) * kDecodeTile;
+  switch (rows - r) {
+    case 3: decode_scores<3>(p, qr, keys, n, width, sr); break;
+    case 2: decode_scores<2>(p, qr, keys, n, width, sr); break;
+    case 1: decode_scores<1>(p, qr, keys, n, width, sr); break;
+    default: break;
+  }
+}
+KVKIT_FORCEINLINE void decode_accumulate_rows(const float* weights, const float* values, int n, int width,
+                                              float* acc, int rows) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    decode_accumulate<4>(weights + std::size_t(r) * kDecodeTile, values, n, width, acc + std::size_t(r) * width);
+  }
+  const float* wr = weights + std::size_t(r) * kDecodeTile;
+  float* ar = acc + std::size_t(r) * width;
+  switch (rows - r) {
+    case 3: decode_accumulate<3>(wr, values, n, width, ar); break;
+    case 2: decode_accumulate<2>(wr, values, n, width, ar); break;
+    case 1: decode_accumulate<1>(wr, values, n, width, ar); break;
+    default: break;
+  }
+}
+
+/// Whether every key in [first, first + n) is visible to the query at q_pos
+/// (the common case, which then needs no per-key mask). The keys come from
+/// the sequence's key span, so they are inside [kv_begin, kv_end).
+KVKIT_FORCEINLINE bool decode_tile_fully_visible(const PagedDecodeParams& p, std::int64_t q_pos,
+                                                 std::int64_t first, int n) {
+  if (!p.causal) return true;
+  const std::int64_t last = first + n - 1;
+  if (last > q_pos) return false;
+  return p.window <= 0 || first > q_pos - p.window || last < p.num_sinks;
+}
+
+/// The scale of (slot, head) in a quantized cache's scale array; 1 for float caches.
+KVKIT_FORCEINLINE float kv_scale_at(const PagedDecodeParams& p, const float* scales, std::int64_t slot,
+                                    std::int64_t head) {
+  return scales != nullptr ? scales[scale_index(p.kv_scale_granularity, slot, head, p.layout.num_heads)] : 1.0f;
+}
+
+/// Keys [first, first + n) of one sequence, heads [head_begin, head_begin +
+/// heads), as float rows of `width` floats: tile[h][j][0, elements).
+template <DType kKV, bool kF16C>
+KVKIT_FORCEINLINE void load_kv_tile(const PagedDecodeParams& p, const void* cache, const float* scales,
+                                    const std::int32_t* pages, std::int64_t first, int n, int head_begin,
+                                    int heads, int elements, const float* byte_table, float* tile, int width) {
+  for (int j = 0; j < n; ++j) {
+    const std::int64_t slot = token_slot(pages, first + j, p.layout.page_shift);
+    for (int h = 0; h < heads; ++h) {
+      const std::int64_t head = head_begin + h;
+      load_cache_row<kKV, kF16C>(cache, p.layout.slot_offset(slot, head), elements,
+                                 kv_scale_at(p, scales, slot, head), byte_table,
+                                 tile + (std::size_t(h) * kDecodeTile + j) * width);
+    }
+  }
+}
+
+/// Asks for the cache lines of keys [first, first + n), heads [head_begin,
+/// head_begin + heads), so that the next tile's rows arrive while this one is
+/// computed: pages are scattered, so the hardware prefetcher loses the stream
+/// at every page boundary.
+template <class Storage>
+KVKIT_FORCEINLINE void prefetch_kv_tile(const PagedDecodeParams& p, const void* cache, const std::int32_t* pages,
+                                        std::int64_t first, int n, int head_begin, int heads, int elements) {
+  const auto* base = static_cast<const char*>(cache);
+  const std::int64_t row_bytes = std::int64_t(elements) * std::int64_t(sizeof(Storage));
+  for (int j = 0; j < n; ++j) {
+    const std::int64_t slot = token_slot(pages, first + j, p.layout.page_shift);
+    for (int h = 0; h < heads; ++h) {
+      const char* row = base + p.layout.slot_offset(slot, head_begin + h) * std::int64_t(sizeof(Storage));
+      for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b);
+    }
+  }
+}
+
+/// Per-thread buffers of the CPU decode, reused across work items.
+struct DecodeScratch {
+  std::vector<float> floats;
+  std::vector<OnlineSoftmax> softmax;
+  std::vector<std::int64_t> token_pos;  ///< position of each query token
+};
+
+inline int round_up_to_lanes(int n) { return (n + kVecLanes - 1) / kVecLanes * kVecLanes; }
+
+/// All query rows of one sequence for kv heads [kv_head_begin, kv_head_end).
+/// Rows are ordered (kv head, token, q head in the group), so that a kv
+/// head's rows are contiguous. Per tile of keys: the tile's K rows of every
+/// head are converted (dequantized) to float in one pass over the cache (in
+/// NHD a token's heads are contiguous, so the cache is read as a stream),
+/// scores for all rows, one online-softmax step per row, then the same for V.
+/// Head rows are zero-padded to a multiple of 8 floats so that the vector
+/// loops need no tails.
+template <class QT, DType kKV, bool kF16C>
+KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin,
+                                                int kv_head_end, DecodeScratch& scratch) {
+  const int head_dim = int(p.layout.head_dim);
+  const int v_dim = attention_v_dim(p);
+  const int k_width = round_up_to_lanes(head_dim);
+  const int v_width = round_up_to_lanes(v_dim);
+  const int kv_heads = kv_head_end - kv_head_begin;
+  const int group = p.num_q_heads / int(p.layout.num_heads);
+  const int q_len = int(attention_q_count(p, b));
+  const int head_rows = q_len * group;
+  const int rows = kv_heads * head_rows;
+  if (rows == 0) return;
+  const std::int64_t q_begin = attention_q_begin(p, b);
+  const std::int64_t seq_len = p.page_table.seq_len(b);
+  const std::int32_t* pages = p.page_table.pages(b);
+
+  const std::size_t q_floats = std::size_t(rows) * k_width;
+  const std::size_t acc_floats = std::size_t(rows) * v_width;
+  const std::size_t k_tile_floats = std::size_t(kv_heads) * kDecodeTile * k_width;
+  const std::size_t v_tile_floats = std::size_t(kv_heads) * kDecodeTile * v_width;
+  scratch.floats.assign(q_floats + acc_floats + k_tile_floats + v_tile_floats + std::size_t(rows) * kDecodeTile,
+                        0.0f);
+  float* q = scratch.floats.data();       // [rows, k_width]
+  float* acc = q + q_floats;              // [rows, v_width]
+  float* k_tile = acc + acc_floats;       // [kv_heads, tile, k_width]
+  float* v_tile = k_tile + k_tile_floats; // [kv_heads, tile, v_width]
+  float* scores = v_tile + v_tile_floats; // [rows, tile]: scores, then softmax weights
+  scratch.softmax.assign(std::size_t(rows), OnlineSoftmax{});
+  OnlineSoftmax* softmax = scratch.softmax.data();
+  scratch.token_pos.resize(std::size_t(q_len));
+  std::int64_t* token_pos = scratch.token_pos.data();
+
+  // Row r = (h * q_len + t) * group + g is token q_begin + t, q head
+  // (kv_head_begin + h) * group + g.
+  const QT* q_base = static_cast<const QT*>(p.q);
+  for (int t = 0; t < q_len; ++t) token_pos[t] = seq_len - q_len + t;
+  for (int r = 0; r < rows; ++r) {
+    const int h = r / head_rows, t = (r % head_rows) / group, g = r % group;
+    const QT* src = q_base + (q_begin + t) * p.q_stride_token + std::int64_t((kv_head_begin + h) * group + g) * p.q_stride_head;
+    for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * k_width + d] = to_float(src[d]);
+  }
+
+  using Storage = std::conditional_t<kKV == DType::kFloat32, float,
+                                     std::conditional_t<dtype_size(kKV) == 2, std::uint16_t, std::uint8_t>>;
+  const float* byte_table = nullptr;
+  if constexpr (kKV == DType::kFloat8E4M3 || kKV == DType::kFloat8E5M2 || kKV == DType::kInt8) {
+    byte_table = byte_dequant_table(kKV).value;
+  }
+  // The keys some row may see (the window's gap between sinks and window is
+  // skipped), a tile at a time.
+  PagedDecodeParams seq_params = p;
+  seq_params.q_len = q_len;  // ragged queries: this sequence's count
+  const AttentionKeySpan span = attention_key_span(seq_params, seq_len);
+  const std::int64_t ranges[2][2] = {{span.begin, span.first_end}, {span.second_begin, span.end}};
+  for (const auto& range : ranges) {
+    for (std::int64_t first = range[0]; first < range[1]; first += kDecodeTile) {
+      const int n = int(std::min<std::int64_t>(kDecodeTile, range[1] - first));
+      load_kv_tile<kKV, kF16C>(p, p.k_cache, p.k_scale, pages, first, n, kv_head_begin, kv_heads, head_dim,
+                               byte_table, k_tile, k_width);
+      const std::int64_t next = first + n;
+      const int next_n = int(std::min<std::int64_t>(kDecodeTile, range[1] - next));
+      if (next_n > 0) {
+        prefetch_kv_tile<Storage>(p, p.k_cache, pages, next, next_n, kv_head_begin, kv_heads, head_dim);
+        prefetch_kv_tile<Storage>(p, p.v_cache, pages, next, next_n, kv_head_begin, kv_heads, v_dim);
+      }
+      for (int h = 0; h < kv_heads; ++h) {
+        const float* keys = k_tile + std::size_t(h) * kDecodeTile * k_width;
+        const std::size_t row = std::size_t(h) * head_rows;
+        decode_scores_rows(p, q + row * k_width, keys, n, k_width, scores + row * kDecodeTile, head_rows);
+      }
+      bool any_weight = false;
+      for (int r = 0; r < rows; ++r) {
+        float* s = scores + std::size_t(r) * kDecodeTile;
+        const std::int64_t q_pos = token_pos[(r % head_rows) / group];
+        if (!decode_tile_fully_visible(p, q_pos, first, n)) {
+          for (int j = 0; j < n; ++j) {
+            if (!attention_visible(p, q_pos, first + j)) s[j] = -INFINITY;
+          }
+        }
+        for (int j = n; j < kDecodeTile; ++j) s[j] = -INFINITY;
+        float tile_max = -INFINITY;
+        for (int j = 0; j < kDecodeTile; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
+        if (tile_max == -INFINITY) {
+          for (int j = 0; j < kDecodeTile; ++j) s[j] = 0.0f;
           continue;
         }
-        const float* kd = k_tile + (std::size_t(j) * kv_heads + kv_head) * head_dim;
-        sr[j] = attention_logit(p, dot_product(qr, kd, head_dim));
-        block_max = std::max(block_max, sr[j]);
+        any_weight = true;
+        const float factor = softmax[r].rescale_for(tile_max);
+        const float row_max = softmax[r].max;
+        Vec8 sum = {};
+        for (int j = 0; j < kDecodeTile; j += kVecLanes) {
+          for (int l = 0; l < kVecLanes; ++l) s[j + l] = exp_nonpositive(s[j + l] - row_max);
+          sum += vec_at(s + j);
+        }
+        softmax[r].sum += vec_sum(sum);
+        if (factor != 1.0f) {
+          float* a = acc + std::size_t(r) * v_width;
+          for (int d = 0; d < v_width; ++d) a[d] *= factor;
+        }
       }
-      if (block_max == -INFINITY) continue;
-      float* ar = acc + std::size_t(r) * v_dim;
-      const float factor = softmax[r].rescale_for(block_max);
-      for (int d = 0; d < v_dim; ++d) ar[d] *= factor;
-      for (int j = 0; j < n; ++j) {
-        if (sr[j] == -INFINITY) continue;
-        const float w = expf(sr[j] - softmax[r].max);
-        softmax[r].sum += w;
-        const float* vd = v_tile + (std::size_t(j) * kv_heads + kv_head) * v_dim;
-        for (int d = 0; d < v_dim; ++d) ar[d] += w * vd[d];
+      if (!any_weight) continue;
+      load_kv_tile<kKV, kF16C>(p, p.v_cache, p.v_scale, pages, first, n, kv_head_begin, kv_heads, v_dim,
+                               byte_table, v_tile, v_width);
+      for (int h = 0; h < kv_heads; ++h) {
+        const float* values = v_tile + std::size_t(h) * kDecodeTile * v_width;
+        const std::size_t row = std::size_t(h) * head_rows;
+        decode_accumulate_rows(scores + row * kDecodeTile, values, n, v_width, acc + row * v_width, head_rows);
       }
     }
   }
 
   QT* o_base = static_cast<QT*>(p.o);
   for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = q_begin + r / q_heads;
-    const std::int64_t h = q_head0 + r % q_heads;
-    QT* dst = o_base + t * p.o_stride_token + h * p.o_stride_head;
+    const int h = r / head_rows, t = (r % head_rows) / group, g = r % group;
+    const std::int64_t token = q_begin + t;
+    const std::int64_t q_head = std::int64_t(kv_head_begin + h) * group + g;
+    QT* dst = o_base + token * p.o_stride_token + q_head * p.o_stride_head;
     const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
-    for (int d = 0; d < v_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * v_dim + d] * inv);
-    if (p.lse != nullptr) p.lse[t * p.num_q_heads + h] = softmax[r].lse();
+    for (int d = 0; d < v_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * v_width + d] * inv);
+    if (p.lse != nullptr) p.lse[token * p.num_q_heads + q_head] = softmax[r].lse();
   }
 }
 
 #if KVKIT_X86_DISPATCH
-/// The same work with 8-lane AVX2. No FMA: results are then the same on
-/// every x86 CPU (the operations and their order do not change), which keeps
-/// runs reproducible across machines.
-template <class QT, class KVT>
-__attribute__((target("avx2"))) void decode_one_sequence_avx2(
-    const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
-    std::vector<float>& scratch, std::vector<OnlineSoftmax>& softmax, std::vector<std::int64_t>& q_pos) {
-  decode_one_sequence_body<QT, KVT>(p, b, kv_head_begin, kv_head_end, scratch, softmax, q_pos);
+/// The same work with 8-lane AVX2 (and F16C for float16 caches). No FMA:
+/// results are the same on every x86 CPU (the operations and their order do
+/// not change), which keeps runs reproducible across machines.
+template <class QT, DType kKV>
+__attribute__((target("avx2,f16c"))) void decode_one_sequence_avx2(const PagedDecodeParams& p, std::int64_t b,
+                                                                   int kv_head_begin, int kv_head_end,
+                                                                   DecodeScratch& scratch) {
+  decode_one_sequence_body<QT, kKV, true>(p, b, kv_head_begin, kv_head_end, scratch);
 }
 #endif
 
-template <class QT, class KVT>
+template <class QT, DType kKV>
 void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
-                         std::vector<float>& scratch, std::vector<OnlineSoftmax>& softmax,
-                         std::vector<std::int64_t>& q_pos) {
+                         DecodeScratch& scratch) {
 #if KVKIT_X86_DISPATCH
   if (x86_level() != X86Level::kBaseline) {
-    decode_one_sequence_avx2<QT, KVT>(p, b, kv_head_begin, kv_head_end, scratch, softmax, q_pos);
+    decode_one_sequence_avx2<QT, kKV>(p, b, kv_head_begin, kv_head_end, scratch);
     return;
   }
 #endif
-  decode_one_sequence_body<QT, KVT>(p, b, kv_head_begin, kv_head_end, scratch, softmax, q_pos);
+  decode_one_sequence_body<QT, kKV, false>(p, b, kv_head_begin, kv_head_end, scratch);
 }
 
 }  // namespace detail
@@ -270,9 +557,9 @@ inline void paged_decode_attention(const PagedDecodeParams& p) {
   constexpr const char* kWhere = "kvkit::paged_decode_attention";
   detail::validate_decode_params(p, kWhere);
   dispatch_dtype<FloatTypes>(p.q_dtype, kWhere, "q_dtype", [&](auto qtag) {
-    dispatch_dtype<FloatTypes>(p.kv_dtype, kWhere, "kv_dtype", [&](auto kvtag) {
+    detail::dispatch_kv_cache_dtype(p.kv_dtype, kWhere, [&](auto kv_dtype) {
       using QT = typename decltype(qtag)::type;
-      using KVT = typename decltype(kvtag)::type;
+      constexpr DType kKV = decltype(kv_dtype)::value;
       // Work items: (sequence, group of kv heads). With few sequences the kv
       // heads are split so that every thread has work; each item reads its
       // heads' part of every key row once. Threads: OpenMP where the program
@@ -290,9 +577,7 @@ inline void paged_decode_attention(const PagedDecodeParams& p) {
 #pragma omp parallel if (items > 1 && threads > 1)
 #endif
       {
-        std::vector<float> scratch;
-        std::vector<OnlineSoftmax> softmax;
-        std::vector<std::int64_t> q_pos;
+        detail::DecodeScratch scratch;
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -301,7 +586,7 @@ inline void paged_decode_attention(const PagedDecodeParams& p) {
           const int g = int(item % head_groups);
           const int h0 = int(std::int64_t(kv_heads) * g / head_groups);
           const int h1 = int(std::int64_t(kv_heads) * (g + 1) / head_groups);
-          detail::decode_one_sequence<QT, KVT>(p, b, h0, h1, scratch, softmax, q_pos);
+          detail::decode_one_sequence<QT, kKV>(p, b, h0, h1, scratch);
         }
       }
     });

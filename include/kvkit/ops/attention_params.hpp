@@ -8,6 +8,7 @@
 
 #include "kvkit/core/config.hpp"
 #include "kvkit/core/dtype.hpp"
+#include "kvkit/layout/kv_scales.hpp"
 #include "kvkit/layout/page_table.hpp"
 #include "kvkit/layout/paged_kv_layout.hpp"
 
@@ -57,7 +58,17 @@ struct PagedDecodeParams {
   std::int64_t o_stride_head = 0;
   float* lse = nullptr;             ///< optional [batch * q_len, num_q_heads], natural log
   DType q_dtype = DType::kFloat32;  ///< of q and o: float32, float16, bfloat16
-  DType kv_dtype = DType::kFloat32; ///< of the cache: float32, float16, bfloat16
+  /// Of the cache: float32, float16, bfloat16, or a quantized cache written
+  /// by quantize_append_kv (float8_e4m3, float8_e5m2, int8), read as
+  /// float(stored) * scale with the scales below.
+  DType kv_dtype = DType::kFloat32;
+  /// Quantized caches only (nullptr otherwise): the scales quantize_append_kv
+  /// used, with the same granularity. kPerTensor: [1]; kPerHead: [kv_heads];
+  /// kPerTokenHead: [num_slots, kv_heads] (its k_scale_cache / v_scale_cache,
+  /// indexed by slot, so they follow the page table like the cache does).
+  ScaleGranularity kv_scale_granularity = ScaleGranularity::kPerTensor;
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
 };
 
 /// Whether the query at `q_pos` attends to the key at `k_pos`.

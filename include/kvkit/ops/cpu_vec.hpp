@@ -1,0 +1,82 @@
+#pragma once
+/// @file cpu_vec.hpp
+/// Eight float lanes for the CPU attention loops, and the exp they use.
+///
+/// With GCC or Clang the lanes are a native vector type: the same source
+/// compiles to two SSE2 operations per vector in the baseline build and to
+/// one AVX operation inside functions built with target("avx2"), so one loop
+/// body serves every ISA (kvkit/core/x86_dispatch.hpp). Other compilers get a
+/// plain struct with the same operators. Every operation is a separate IEEE
+/// multiply or add (no FMA), so results do not depend on the ISA.
+
+#include <cstdint>
+#include <cstring>
+
+#include "kvkit/core/bits.hpp"
+#include "kvkit/core/config.hpp"
+
+namespace kvkit::detail {
+
+inline constexpr int kVecLanes = 8;
+
+#if defined(__GNUC__) || defined(__clang__)
+typedef float Vec8 __attribute__((vector_size(32)));
+#else
+struct Vec8 {
+  float lane[8];
+  float& operator[](int i) { return lane[i]; }
+  float operator[](int i) const { return lane[i]; }
+  friend Vec8 operator+(Vec8 a, Vec8 b) { for (int i = 0; i < 8; ++i) a.lane[i] += b.lane[i]; return a; }
+  friend Vec8 operator*(Vec8 a, Vec8 b) { for (int i = 0; i < 8; ++i) a.lane[i] *= b.lane[i]; return a; }
+  friend Vec8 operator*(Vec8 a, float b) { for (int i = 0; i < 8; ++i) a.lane[i] *= b; return a; }
+  Vec8& operator+=(Vec8 b) { return *this = *this + b; }
+  Vec8& operator*=(Vec8 b) { return *this = *this * b; }
+};
+#endif
+
+/// Eight floats at p (any alignment) as a vector. Loads and stores go
+/// through these references, and no helper takes or returns a vector by
+/// value: GCC warns (-Wpsabi) about by-value vectors in functions that are
+/// not built for AVX, even when they are always inlined.
+#if defined(__GNUC__) || defined(__clang__)
+typedef float UnalignedVec8 __attribute__((vector_size(32), aligned(4)));
+KVKIT_FORCEINLINE const UnalignedVec8& vec_at(const float* p) {
+  return *reinterpret_cast<const UnalignedVec8*>(p);
+}
+KVKIT_FORCEINLINE UnalignedVec8& vec_at(float* p) { return *reinterpret_cast<UnalignedVec8*>(p); }
+#else
+KVKIT_FORCEINLINE const Vec8& vec_at(const float* p) { return *reinterpret_cast<const Vec8*>(p); }
+KVKIT_FORCEINLINE Vec8& vec_at(float* p) { return *reinterpret_cast<Vec8*>(p); }
+#endif
+
+/// Sum of the lanes in a fixed order (pairwise), the same on every ISA.
+KVKIT_FORCEINLINE float vec_sum(const Vec8& v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/// e^x for the softmax weights, x <= 0 (a score minus the running max):
+/// Cephes' expf (x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6
+/// polynomial, 2^n from exponent bits), about 1 ulp from expf. Branch-free so
+/// that loops over it vectorize; x < -87.3 (including -inf, a masked key)
+/// gives exactly 0. The rounding of x·log2(e) to an integer uses the
+/// 1.5·2^23 trick, whose low mantissa bits are n, so no float-to-int
+/// conversion (undefined for NaN) is needed.
+KVKIT_FORCEINLINE float exp_nonpositive(float x) {
+  const float c = x < -87.3f ? -87.3f : (x > 0.0f ? 0.0f : x);
+  const float shifted = c * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  const std::uint32_t n_bits = float_to_bits(shifted) - 0x4B400000u;  // n as two's complement
+  float r = c - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = (y * r) * r + r + 1.0f;
+  const float two_n = bits_to_float((n_bits + 127u) << 23);
+  return x < -87.3f ? 0.0f : y * two_n;
+}
+
+}  // namespace kvkit::detail

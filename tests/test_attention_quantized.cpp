@@ -1,0 +1,286 @@
+// Decode attention reading fp8 (e4m3, e5m2) and int8 caches written by
+// quantize_append_kv, with per-tensor, per-head and per-(token, head) scales.
+//
+// Two references in float64:
+//  - attention over the dequantized cache (float(stored) * scale): the op must
+//    match it like an fp32 cache does (1e-5 relative to the largest |v|, or
+//    the q dtype's rounding), which shows the scales are applied per slot and head;
+//  - attention over the original float values: the quantization error, which
+//    must stay within a loose bound derived from quantize.hpp's error bounds.
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kvkit/ops/attention_decode.hpp"
+#include "kvkit/ops/quantize.hpp"
+#include "support/paged_decode_problem.hpp"
+
+using Catch::Matchers::Contains;
+using kvkit::DType;
+using kvkit::PagedDecodeParams;
+using kvkit::ScaleGranularity;
+using kvkit::testing::DecodeCase;
+
+namespace {
+
+const char* granularity_name(ScaleGranularity g) {
+  return g == ScaleGranularity::kPerTensor ? "per tensor" : g == ScaleGranularity::kPerHead ? "per head" : "per token-head";
+}
+
+// A float problem (the original values) and its quantized copy.
+template <class QT>
+struct QuantizedProblem {
+  kvkit::testing::PagedDecodeInputs<QT, float> src;
+  DType cache_dtype;
+  ScaleGranularity granularity;
+  std::vector<std::uint8_t> k8, v8;
+  std::vector<float> k_scale, v_scale;  // static scales, or the [num_slots, heads] scale cache
+  std::vector<QT> o;
+  std::vector<float> lse;
+
+  QuantizedProblem(const DecodeCase& c, std::uint64_t seed, DType dtype, ScaleGranularity g)
+      : src(c, seed), cache_dtype(dtype), granularity(g) {
+    const auto& layout = src.layout;
+    // Unowned slots hold 0x7F: NaN in e4m3 / e5m2's largest finite... so reading one shows.
+    k8.assign(std::size_t(layout.span_elements()), 0x7F);
+    v8 = k8;
+    const std::int64_t heads = c.kv_heads, dim = c.head_dim;
+    // Token-major sources and the slot mapping of every cached token.
+    std::vector<float> key, value;
+    std::vector<std::int64_t> slots;
+    for (std::size_t b = 0; b < src.seq_lens.size(); ++b) {
+      for (std::int64_t t = 0; t < src.seq_lens[b]; ++t) {
+        const std::int64_t slot = src.slot(b, t);
+        slots.push_back(slot);
+        for (std::int64_t h = 0; h < heads; ++h) {
+          for (std::int64_t d = 0; d < dim; ++d) {
+            key.push_back(src.k[layout.slot_offset(slot, h) + d]);
+            value.push_back(src.v[layout.slot_offset(slot, h) + d]);
+          }
+        }
+      }
+    }
+    // Static scales from the data's range (per head: each head its own),
+    // times a factor so that per-tensor scales are not tight for every head.
+    const std::int64_t num_slots = layout.num_pages * layout.page_size;
+    if (g == ScaleGranularity::kPerTokenHead) {
+      k_scale.assign(std::size_t(num_slots * heads), -1.0f);
+      v_scale = k_scale;
+    } else {
+      const std::int64_t n = g == ScaleGranularity::kPerHead ? heads : 1;
+      k_scale.assign(std::size_t(n), 0.0f);
+      v_scale = k_scale;
+      for (std::size_t i = 0; i < key.size(); ++i) {
+        const std::size_t s = n == 1 ? 0 : (i / std::size_t(dim)) % std::size_t(heads);
+        k_scale[s] = std::max(k_scale[s], std::fabs(key[i]));
+        v_scale[s] = std::max(v_scale[s], std::fabs(value[i]));
+      }
+      for (std::size_t s = 0; s < k_scale.size(); ++s) {
+        k_scale[s] = k_scale[s] * (1.0f + 0.25f * float(s)) / kvkit::quantized_max(dtype);
+        v_scale[s] = v_scale[s] * (1.0f + 0.5f * float(s)) / kvkit::quantized_max(dtype);
+      }
+    }
+    kvkit::QuantizeAppendArgs a;
+    a.key = key.data();
+    a.value = value.data();
+    a.key_stride_token = a.value_stride_token = heads * dim;
+    a.key_stride_head = a.value_stride_head = dim;
+    a.slot_mapping = slots.data();
+    a.num_tokens = std::int64_t(slots.size());
+    a.k_cache = k8.data();
+    a.v_cache = v8.data();
+    a.src_dtype = DType::kFloat32;
+    a.cache_dtype = dtype;
+    a.granularity = g;
+    if (g == ScaleGranularity::kPerTokenHead) {
+      a.k_scale_cache = k_scale.data();
+      a.v_scale_cache = v_scale.data();
+    } else {
+      a.k_scale = k_scale.data();
+      a.v_scale = v_scale.data();
+    }
+    kvkit::quantize_append_kv(layout, a);
+    o.assign(std::size_t(src.rows() * c.q_heads * (c.head_dim + src.kPad)), kvkit::from_float<QT>(-777.0f));
+    lse.assign(std::size_t(src.rows() * c.q_heads), -777.0f);
+  }
+
+  PagedDecodeParams params() {
+    PagedDecodeParams p = src.params(o.data(), lse.data());
+    p.k_cache = k8.data();
+    p.v_cache = v8.data();
+    p.kv_dtype = cache_dtype;
+    p.kv_scale_granularity = granularity;
+    p.k_scale = k_scale.data();
+    p.v_scale = v_scale.data();
+    return p;
+  }
+
+  double scale_at(const std::vector<float>& scales, std::int64_t slot, std::int64_t head) const {
+    return scales[std::size_t(kvkit::scale_index(granularity, slot, head, src.c.kv_heads))];
+  }
+
+  // float64 attention of row (token t of sequence b, q head h); `dequantized`
+  // picks the cache the reference reads.
+  void reference(std::size_t b, int i, int h, const PagedDecodeParams& p, bool dequantized,
+                 std::vector<double>& out, double& out_lse) const {
+    const auto& c = src.c;
+    const int group = c.q_heads / c.kv_heads;
+    const std::int64_t t = std::int64_t(b) * c.q_len + i;
+    const std::int64_t len = src.seq_lens[b];
+    const std::int64_t q_pos = len - c.q_len + i;
+    const auto kv = [&](bool is_v, std::int64_t slot, std::int64_t d) {
+      const std::int64_t off = src.layout.slot_offset(slot, h / group) + d;
+      if (!dequantized) return double(is_v ? src.v[std::size_t(off)] : src.k[std::size_t(off)]);
+      const std::uint8_t stored = is_v ? v8[std::size_t(off)] : k8[std::size_t(off)];
+      const float scale = float(scale_at(is_v ? v_scale : k_scale, slot, h / group));
+      return double(kvkit::dequantize_value(stored, scale, cache_dtype));
+    };
+    std::vector<double> scores;
+    std::vector<std::int64_t> key_slots;
+    for (std::int64_t kp = 0; kp < len; ++kp) {
+      if (!kvkit::attention_visible(p, q_pos, kp)) continue;
+      const std::int64_t slot = src.slot(b, kp);
+      double dot = 0.0;
+      for (int d = 0; d < c.head_dim; ++d) {
+        dot += double(kvkit::to_float(src.q[std::size_t((t * c.q_heads + h) * c.head_dim + d)])) * kv(false, slot, d);
+      }
+      scores.push_back(dot * double(p.sm_scale));
+      key_slots.push_back(slot);
+    }
+    out.assign(std::size_t(c.head_dim), 0.0);
+    const double m = *std::max_element(scores.begin(), scores.end());
+    double sum = 0.0;
+    for (double s : scores) sum += std::exp(s - m);
+    for (std::size_t j = 0; j < scores.size(); ++j) {
+      const double w = std::exp(scores[j] - m) / sum;
+      for (int d = 0; d < c.head_dim; ++d) out[std::size_t(d)] += w * kv(true, key_slots[j], d);
+    }
+    out_lse = m + std::log(sum);
+  }
+
+  // Runs the op; returns the largest |o - original-float reference|.
+  double run_and_check(double tolerance) {
+    const PagedDecodeParams p = params();
+    kvkit::paged_decode_attention(p);
+    const auto& c = src.c;
+    double quantization_error = 0.0;
+    std::vector<double> ref, orig;
+    double ref_lse = 0.0, orig_lse = 0.0;
+    for (std::size_t b = 0; b < src.seq_lens.size(); ++b) {
+      for (int i = 0; i < c.q_len; ++i) {
+        for (int h = 0; h < c.q_heads; ++h) {
+          reference(b, i, h, p, true, ref, ref_lse);
+          reference(b, i, h, p, false, orig, orig_lse);
+          const std::int64_t t = std::int64_t(b) * c.q_len + i;
+          const QT* row = o.data() + t * p.o_stride_token + h * p.o_stride_head;
+          double worst = 0.0;
+          for (int d = 0; d < c.head_dim; ++d) {
+            const double got = double(kvkit::to_float(row[d]));
+            worst = std::max(worst, std::fabs(got - ref[std::size_t(d)]));
+            quantization_error = std::max(quantization_error, std::fabs(got - orig[std::size_t(d)]));
+          }
+          if (!(worst <= tolerance * 5.0)) {  // |v| ~ N(0, 1): about 5 at most
+            FAIL("seq " << b << " (len " << src.seq_lens[b] << ") token " << i << " head " << h
+                        << ": max |o - dequantized ref| = " << worst);
+          }
+          const float got_lse = lse[std::size_t(t * c.q_heads + h)];
+          REQUIRE(std::fabs(got_lse - ref_lse) <= 1e-4 * std::max(1.0, std::fabs(ref_lse)));
+          for (int d = c.head_dim; d < c.head_dim + src.kPad; ++d) {
+            REQUIRE(kvkit::to_float(row[d]) == kvkit::to_float(kvkit::from_float<QT>(-777.0f)));
+          }
+        }
+      }
+    }
+    return quantization_error;
+  }
+};
+
+// Loose bound on |o - attention over the original floats| for N(0, 1) data:
+// value errors are at most the relative step times |v| <= ~5, key errors
+// shift the weights a little (quantize.hpp: e4m3 2^-4, e5m2 2^-3 relative;
+// int8 scale / 2 with scale = amax / 127).
+double quantization_bound(DType t) {
+  return t == DType::kFloat8E4M3 ? 0.6 : t == DType::kFloat8E5M2 ? 1.2 : 0.3;
+}
+
+template <class QT>
+void check_quantized_matrix(DType dtype, double tolerance) {
+  std::uint64_t seed = 500;
+  for (ScaleGranularity g : {ScaleGranularity::kPerTensor, ScaleGranularity::kPerHead, ScaleGranularity::kPerTokenHead}) {
+    for (int head_dim : {64, 128}) {
+      for (int group : {1, 4, 8}) {
+        for (int page_size : {1, 16}) {
+          DecodeCase c;
+          c.head_dim = head_dim;
+          c.kv_heads = 2;
+          c.q_heads = 2 * group;
+          c.page_size = page_size;
+          c.q_len = group == 4 ? 2 : 1;
+          c.seq_lens = {c.q_len, 17, 300};
+          c.hnd = (seed % 2) == 0;
+          INFO(kvkit::dtype_name(dtype) << ", " << granularity_name(g) << ", head_dim " << head_dim << " group "
+                                        << group << " page_size " << page_size << (c.hnd ? " HND" : " NHD"));
+          QuantizedProblem<QT> prob(c, seed++, dtype, g);
+          const double error = prob.run_and_check(tolerance);
+          CHECK(error <= quantization_bound(dtype));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("decode attention reads fp8 and int8 caches with the scales of quantize-on-append") {
+  SECTION("float8 e4m3, fp32 q") { check_quantized_matrix<float>(DType::kFloat8E4M3, 1e-5); }
+  SECTION("float8 e5m2, fp32 q") { check_quantized_matrix<float>(DType::kFloat8E5M2, 1e-5); }
+  SECTION("int8, fp32 q") { check_quantized_matrix<float>(DType::kInt8, 1e-5); }
+  SECTION("float8 e4m3, bf16 q") { check_quantized_matrix<kvkit::bfloat16>(DType::kFloat8E4M3, 1e-2); }
+}
+
+TEST_CASE("quantized decode with a window, sinks and split key ranges follows the masking rule") {
+  DecodeCase c;
+  c.q_heads = 8;
+  c.kv_heads = 2;
+  c.page_size = 16;
+  c.seq_lens = {40, 129, 300};
+  c.q_len = 3;
+  c.window = 50;
+  c.sinks = 4;
+  QuantizedProblem<float>(c, 7, DType::kFloat8E4M3, ScaleGranularity::kPerTokenHead).run_and_check(1e-5);
+  c.window = 0;
+  c.sinks = 0;
+  c.kv_begin = 33;
+  c.kv_end = 200;
+  c.seq_lens = {40, 129, 300};
+  QuantizedProblem<float>(c, 8, DType::kInt8, ScaleGranularity::kPerHead).run_and_check(1e-5);
+}
+
+TEST_CASE("quantized decode input errors name the missing or misplaced scales") {
+  DecodeCase c;
+  c.seq_lens = {5, 9};
+  QuantizedProblem<float> prob(c, 1, DType::kFloat8E4M3, ScaleGranularity::kPerTensor);
+  PagedDecodeParams p = prob.params();
+  const std::vector<float> before = prob.o;
+  SECTION("fp8 cache without k scales") {
+    p.k_scale = nullptr;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p),
+                      Contains("'k_scale' = nullptr: expected a non-null pointer for a float8_e4m3 cache"));
+  }
+  SECTION("int8 cache without v scales") {
+    p.kv_dtype = DType::kInt8;
+    p.v_scale = nullptr;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("'v_scale' = nullptr"));
+  }
+  SECTION("scales with a float cache") {
+    p.kv_dtype = DType::kBFloat16;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("scales belong to float8 / int8 caches"));
+  }
+  CHECK(std::memcmp(prob.o.data(), before.data(), before.size() * sizeof(float)) == 0);
+}
