@@ -91,6 +91,8 @@ __device__ KVKIT_FORCEINLINE void mma_16816(float (&d)[4], const std::uint32_t (
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for a GPU before sm_80: no fp16/bf16 m16n8k16 (compile for sm_80 or newer)
 #else
   (void)d;
   (void)a;
