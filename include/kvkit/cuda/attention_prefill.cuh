@@ -240,15 +240,14 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY};  // running max of the logits (natural units)
   float row_sum[2] = {0.0f, 0.0f};            // this thread's part of Σ exp(logit - max)
 
-  // ldmatrix row addresses that depend on the lane only.
-  // Q (A operand, k step kk): row (lane % 16) of the warp, columns kk*16 + (lane / 16) * 8.
-  const T* q_frag_row = s_q + (warp * 16 + lane % 16) * kStride + (lane / 16) * 8;
-  // K (B operand of S, keys 16 jp.., dims 16 kk..): key (lane % 8) + (lane / 16) * 8,
-  // dims + ((lane / 8) % 2) * 8 -> registers (b0, b1) of key block 2 jp, then of 2 jp + 1.
-  const int k_frag_offset = ((lane % 8) + (lane / 16) * 8) * kStride + ((lane / 8) % 2) * 8;
-  // V (B operand of O via .trans, keys 16 kk.., dims 16 dp..): key lane % 16,
-  // dims + (lane / 16) * 8 -> registers (b0, b1) of dim block 2 dp, then of 2 dp + 1.
-  const int v_frag_offset = (lane % 16) * kStride + (lane / 16) * 8;
+  // ldmatrix row addresses that depend on the lane only (PrefillLdmatrixLanes):
+  // Q rows of this warp, k step kk at + kk * 16; K at keys 16 jp, dims 16 kk ->
+  // (b0, b1) of key blocks 2 jp and 2 jp + 1; V (.trans) at keys 16 kk, dims
+  // 16 dp -> (b0, b1) of dim blocks 2 dp and 2 dp + 1.
+  using Lanes = PrefillLdmatrixLanes;
+  const T* q_frag_row = s_q + (warp * 16 + Lanes::q_row(lane)) * kStride + Lanes::q_col(lane);
+  const int k_frag_offset = Lanes::k_row(lane) * kStride + Lanes::k_col(lane);
+  const int v_frag_offset = Lanes::v_row(lane) * kStride + Lanes::v_col(lane);
 
   if (num_tiles > 0) load_tile(0);
   cp_async_commit();  // group: Q and tile 0

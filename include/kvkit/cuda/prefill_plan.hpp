@@ -91,6 +91,26 @@ inline void validate_cuda_prefill_shapes(const PagedDecodeParams& p, const char*
   dispatch_prefill(p.layout.head_dim, p.q_dtype, p.kv_dtype, where, [](auto, auto) {});
 }
 
+/// Which shared-memory row start (row, column in elements) each lane gives
+/// ldmatrix.x4 in the prefill kernel, relative to the 16 x 16 block being
+/// loaded (rows of the stored matrix: query rows for Q, keys for K and V).
+/// Lanes 8i..8i+7 address 8x8 matrix i, which lands in register i. Shared
+/// with the host test that emulates ldmatrix and mma.sync on these offsets.
+///   Q (A of S = Q Kᵀ): matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15),
+///     (8-15, 8-15) = registers a0..a3.
+///   K (B of S, 16 keys x 16 dims): (keys 0-7, dims 0-7), (0-7, 8-15),
+///     (8-15, 0-7), (8-15, 8-15) = (b0, b1) of key block 0, then of key block 1.
+///   V (B of O = P V via .trans, 16 keys x 16 dims): (keys 0-7, dims 0-7),
+///     (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) = (b0, b1) of dim block 0, then 1.
+struct PrefillLdmatrixLanes {
+  KVKIT_HOST_DEVICE static constexpr int q_row(int lane) { return lane % 16; }
+  KVKIT_HOST_DEVICE static constexpr int q_col(int lane) { return (lane / 16) * 8; }
+  KVKIT_HOST_DEVICE static constexpr int k_row(int lane) { return lane % 8 + (lane / 16) * 8; }
+  KVKIT_HOST_DEVICE static constexpr int k_col(int lane) { return (lane / 8) % 2 * 8; }
+  KVKIT_HOST_DEVICE static constexpr int v_row(int lane) { return lane % 16; }
+  KVKIT_HOST_DEVICE static constexpr int v_col(int lane) { return (lane / 16) * 8; }
+};
+
 /// Row tiles of a sequence with `q_count` query tokens and `group` q heads per kv head.
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int64_t prefill_q_tiles(std::int64_t q_count, int group) {
   return (q_count * group + kPrefillRowsPerBlock - 1) / kPrefillRowsPerBlock;
