@@ -32,9 +32,12 @@ struct PagedDecodeParams {
   PaddedPageTable page_table{};     ///< batch_size rows; seq_lens include the new tokens
   int q_len = 1;
   /// Optional ragged queries (chunked prefill of several sequences in one
-  /// call, CPU op only): sequence b's query rows are t in [q_indptr[b],
-  /// q_indptr[b+1]) and its q_len is their count; `q_len` is then ignored.
-  /// [batch_size + 1], host memory, q_indptr[0] = 0, non-decreasing.
+  /// call): sequence b's query rows are t in [q_indptr[b], q_indptr[b+1])
+  /// and its q_len is their count; `q_len` is then ignored.
+  /// [batch_size + 1], q_indptr[0] = 0, non-decreasing. Like every pointer
+  /// here it lives where the op runs: host memory for the CPU
+  /// paged_decode_attention, device memory for cuda::run_prefill (whose
+  /// plan_prefill takes a host copy). The CUDA decode rejects it.
   const std::int64_t* q_indptr = nullptr;
   int num_q_heads = 0;              ///< a multiple of layout.num_heads (GQA/MQA)
   float sm_scale = 0.0f;            ///< usually head_dim^-0.5
