@@ -1,5 +1,7 @@
 // MLA on the GPU: fused compress of 8,192 tokens, DeepSeek shapes (512 + 64,
-// bf16, page 64). Bytes read + written, pct_of_memcpy against the device copy.
+// bf16, page 64), and quantize-on-append of 65,536 bf16 latent rows into the
+// fp8 cache (656-byte rows, scattered slots: 119 MB read + written, beyond
+// the 50 MB L2). Bytes read + written, pct_of_memcpy against the device copy.
 // Absorbed decode (run_mla_decode), DeepSeek-V3 shape (128 heads, 576/512,
 // page 64), bf16 and fp8 (656-byte rows) caches, batch 64 x 4,096 and
 // batch 1 x 32,768: bytes = latent rows read once + Q + O.
@@ -13,6 +15,7 @@
 #include "kvkit/cuda/device_buffer.hpp"
 #include "kvkit/cuda/mla_compress.cuh"
 #include "kvkit/cuda/mla_decode.cuh"
+#include "kvkit/cuda/mla_fp8.cuh"
 #include "kvkit/ops/mla_decode.hpp"
 
 namespace {
@@ -50,6 +53,29 @@ void BM_mla_compress_gpu(benchmark::State& state) {
   kvkit::bench::report_device_bandwidth(state, 2.0 * double(tokens) * (rank + rope_dim) * sizeof(T));
 }
 BENCHMARK(BM_mla_compress_gpu)->Name("mla_gpu/compress/deepseek_576/bf16/8192_tokens")->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+void BM_mla_fp8_append_gpu(benchmark::State& state) {
+  using T = kvkit::bfloat16;
+  const std::int64_t tokens = kvkit::bench::full_or_smoke<std::int64_t>(65536, 64);
+  const auto layout = kvkit::LatentFp8Layout::dense(4 * tokens / 64, 64);
+  std::vector<T> rows(std::size_t(tokens) * 576);
+  for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = T(float(int(i % 977) - 488) * 0.01f);
+  std::vector<std::int64_t> slots(static_cast<std::size_t>(tokens));
+  for (std::int64_t t = 0; t < tokens; ++t) slots[t] = (t * 7919) % layout.num_slots();
+  auto d_rows = DeviceBuffer::from_host(rows);
+  auto d_slots = DeviceBuffer::from_host(slots);
+  DeviceBuffer d_cache(static_cast<std::size_t>(layout.span_bytes()));
+  kvkit::MlaFp8AppendArgs a;
+  a.latent = d_rows.data();
+  a.latent_stride_token = 576;
+  a.dtype = kvkit::DType::kBFloat16;
+  a.slot_mapping = d_slots.as<std::int64_t>();
+  a.num_tokens = tokens;
+  a.cache = d_cache.as<std::uint8_t>();
+  kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) { kvkit::cuda::mla_fp8_append(layout, a, s); });
+  kvkit::bench::report_device_bandwidth(state, double(tokens) * (576 * sizeof(T) + kvkit::MlaFp8Row::kBytes + 8));
+}
+BENCHMARK(BM_mla_fp8_append_gpu)->Name("mla_gpu/fp8_append/deepseek_576/bf16_to_656B/65536_tokens")->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 

@@ -7,7 +7,8 @@
 //     all float32;
 //   - GEMMs go through cuBLAS (cublasSgemm, float32 math, no TF32), so that
 //     greedy tokens match the CPU build's;
-//   - RMSNorm, SwiGLU and the residual adds are the small kernels below;
+//   - RMSNorm, SwiGLU and the residual adds are small kernels
+//     (common/cuda_model_math.cuh, shared with deepseek_decode_cuda);
 //   - everything that touches the cache is kvkit's: cuda::rope_append_kv
 //     (rotate q, write rotated k and v at the reserved slots),
 //     cuda::plan_decode / cuda::run_decode (paged attention) and
@@ -31,6 +32,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "../common/cuda_model_math.cuh"
 #include "llama_model.hpp"
 #include "serving_loop.hpp"
 
@@ -38,53 +40,7 @@ namespace {
 
 using kvkit::cuda::DeviceBuffer;
 
-void check_cublas(cublasStatus_t status, const char* call) {
-  kvkit::check(status == CUBLAS_STATUS_SUCCESS, "gpt_decode_cuda", "cuBLAS call '", call, "' failed with status ",
-               int(status));
-}
-#define GPT_CUBLAS_CHECK(call) check_cublas((call), #call)
-
-// ---------------------------------------------------------------- small kernels
-constexpr int kThreads = 256;
-
-// x[r] = embedding[tokens[r]]. grid: rows.
-__global__ void embed_kernel(float* x, const float* embedding, const std::int32_t* tokens, int dim) {
-  const float* src = embedding + std::int64_t(tokens[blockIdx.x]) * dim;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) x[std::int64_t(blockIdx.x) * dim + i] = src[i];
-}
-
-// out[r] = weight * x[src_rows[r]] / rms(x[src_rows[r]]), as examples::rmsnorm
-// (sum of squares in float64). src_rows == nullptr: row r. grid: rows.
-__global__ void __launch_bounds__(kThreads)
-    rmsnorm_kernel(float* out, const float* x, const std::int32_t* src_rows, const float* weight, int dim) {
-  __shared__ double partial[kThreads];
-  const std::int64_t src = src_rows != nullptr ? src_rows[blockIdx.x] : blockIdx.x;
-  const float* row = x + src * dim;
-  double ss = 0.0;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += double(row[i]) * row[i];
-  partial[threadIdx.x] = ss;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s /= 2) {
-    if (int(threadIdx.x) < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-    __syncthreads();
-  }
-  const float inv = 1.0f / sqrtf(float(partial[0] / dim) + 1e-5f);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) out[std::int64_t(blockIdx.x) * dim + i] = weight[i] * (row[i] * inv);
-}
-
-// x += y (the residual connection).
-__global__ void add_kernel(float* x, const float* y, std::int64_t n) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x)
-    x[i] += y[i];
-}
-
-// a = silu(a) * b (SwiGLU).
-__global__ void swiglu_kernel(float* a, const float* b, std::int64_t n) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x)
-    a[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
-}
-
-unsigned grid_for(std::int64_t n) { return unsigned(std::min<std::int64_t>((n + kThreads - 1) / kThreads, 4096)); }
+#define GPT_CUBLAS_CHECK(call) examples::gpu::check_cublas((call), #call, "gpt_decode_cuda")
 
 // ---------------------------------------------------------------- the model on the GPU
 class GpuModel {
@@ -170,8 +126,7 @@ class GpuModel {
     upload(seq_lens_, s.seq_lens);
     std::vector<Attention> calls = plan_attention(s);
 
-    embed_kernel<<<unsigned(rows), kThreads>>>(f(x_), f(weights_[kEmbedding]), tokens_.as<std::int32_t>(), d);
-    KVKIT_CUDA_CHECK(cudaGetLastError());
+    examples::gpu::embed(f(x_), f(weights_[kEmbedding]), tokens_.as<std::int32_t>(), rows, d);
     for (int l = 0; l < cfg_.n_layers; ++l) {
       rmsnorm(f(n_), f(x_), nullptr, layer(kRmsAtt, l, d), rows);
       gemm(f(q_), layer(kWq, l, std::int64_t(d) * d), f(n_), rows, d, d);
@@ -206,8 +161,7 @@ class GpuModel {
       rmsnorm(f(n_), f(x_), nullptr, layer(kRmsFfn, l, d), rows);
       gemm(f(a_), layer(kW1, l, std::int64_t(hidden) * d), f(n_), rows, hidden, d);
       gemm(f(b_), layer(kW3, l, std::int64_t(hidden) * d), f(n_), rows, hidden, d);
-      swiglu_kernel<<<grid_for(rows * hidden), kThreads>>>(f(a_), f(b_), rows * hidden);
-      KVKIT_CUDA_CHECK(cudaGetLastError());
+      examples::gpu::swiglu(f(a_), f(b_), rows * hidden);
       gemm(f(o_), layer(kW2, l, std::int64_t(d) * hidden), f(a_), rows, d, hidden);
       add(f(x_), f(o_), rows * d);
     }
@@ -239,20 +193,13 @@ class GpuModel {
     if (!src.empty()) dst.copy_from_host(src.data(), src.size() * sizeof(T));
   }
 
-  // y[rows, out] = x[rows, in] W^T for W row-major [out, in]. cuBLAS is
-  // column-major: there y is [out, rows] = W^T (stored [in, out]) transposed x.
   void gemm(float* y, const float* w, const float* x, std::int64_t rows, int out, int in) {
-    const float one = 1.0f, zero = 0.0f;
-    GPT_CUBLAS_CHECK(cublasSgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, out, int(rows), in, &one, w, in, x, in, &zero, y, out));
+    examples::gpu::gemm(cublas_, y, w, x, rows, out, in, "gpt_decode_cuda");
   }
   void rmsnorm(float* out, const float* x, const std::int32_t* src_rows, const float* weight, std::int64_t rows) {
-    rmsnorm_kernel<<<unsigned(rows), kThreads>>>(out, x, src_rows, weight, cfg_.dim);
-    KVKIT_CUDA_CHECK(cudaGetLastError());
+    examples::gpu::rmsnorm(out, x, src_rows, weight, rows, cfg_.dim);
   }
-  void add(float* x, const float* y, std::int64_t n) {
-    add_kernel<<<grid_for(n), kThreads>>>(x, y, n);
-    KVKIT_CUDA_CHECK(cudaGetLastError());
-  }
+  void add(float* x, const float* y, std::int64_t n) { examples::gpu::add(x, y, n); }
 
   // The step's attention calls (made once per step, reused by every layer):
   // runs of consecutive single-token items as one batched q_len = 1 call,

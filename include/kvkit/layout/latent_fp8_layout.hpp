@@ -14,8 +14,8 @@
 /// bits; the second term is half the subnormal step 2^-9 times scale_g).
 ///
 /// The row math is KVKIT_HOST_DEVICE: the CPU ops (ops/mla_fp8.hpp, the fp8
-/// path of ops/mla_decode.hpp) and the CUDA decode (cuda/mla_decode.cuh) use
-/// the same functions. Strides are in bytes.
+/// path of ops/mla_decode.hpp), the CUDA append (cuda/mla_fp8.cuh) and the
+/// CUDA decode (cuda/mla_decode.cuh) use the same functions. Strides are in bytes.
 
 #include <cstdint>
 #include <cstring>
@@ -61,6 +61,18 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float mla_fp8_value(const std::uint8_t* row,
   return bfloat16_bits_to_float(b);
 }
 
+/// Scale of a c_kv group whose largest magnitude is `amax` (finite, >= 0).
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float mla_fp8_group_scale(float amax) { return amax / MlaFp8Row::kE4m3Max; }
+
+/// The e4m3 byte of c_kv value `v` in a group of scale `scale` (0 for an
+/// all-zero group). Division, not a multiply by a rounded reciprocal: the
+/// group's largest value lands on 448 (or saturates to it) rather than a
+/// step below. Every writer of fp8 rows (CPU row, CPU vector path, CUDA
+/// kernel) encodes with this rule, so their bytes are equal.
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::uint8_t mla_fp8_encode(float v, float scale) {
+  return scale > 0.0f ? float_to_e4m3_bits(v / scale) : std::uint8_t(0);
+}
+
 /// Quantizes one latent row x = [c_kv (512) | k_pe (64)] (floats, finite)
 /// into the 656 bytes at `row` (see the file comment).
 KVKIT_HOST_DEVICE inline void mla_fp8_quantize_row(const float* x, std::uint8_t* row) {
@@ -71,12 +83,8 @@ KVKIT_HOST_DEVICE inline void mla_fp8_quantize_row(const float* x, std::uint8_t*
       const float a = v[i] < 0.0f ? -v[i] : v[i];
       amax = a > amax ? a : amax;
     }
-    const float scale = amax / MlaFp8Row::kE4m3Max;
-    for (int i = 0; i < MlaFp8Row::kGroupSize; ++i) {
-      // Division, not a multiply by a rounded reciprocal: the group's largest
-      // value lands on 448 (or saturates to it) rather than a step below.
-      row[g * MlaFp8Row::kGroupSize + i] = scale > 0.0f ? float_to_e4m3_bits(v[i] / scale) : std::uint8_t(0);
-    }
+    const float scale = mla_fp8_group_scale(amax);
+    for (int i = 0; i < MlaFp8Row::kGroupSize; ++i) row[g * MlaFp8Row::kGroupSize + i] = mla_fp8_encode(v[i], scale);
     std::memcpy(row + MlaFp8Row::kScalesOffset + 4 * g, &scale, 4);
   }
   for (int d = 0; d < MlaFp8Row::kRopeDim; ++d) {

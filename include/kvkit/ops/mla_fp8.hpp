@@ -25,7 +25,7 @@ namespace detail {
 inline void mla_fp8_quantize_row_host(const float* x, std::uint8_t* row) {
   for (int g = 0; g < MlaFp8Row::kNumGroups; ++g) {
     const float* v = x + g * MlaFp8Row::kGroupSize;
-    const float scale = row_amax(v, MlaFp8Row::kGroupSize) / MlaFp8Row::kE4m3Max;
+    const float scale = mla_fp8_group_scale(row_amax(v, MlaFp8Row::kGroupSize));
     std::uint8_t* out = row + g * MlaFp8Row::kGroupSize;
     if (scale > 0.0f) {
       quantize_row<float, DType::kFloat8E4M3>(v, MlaFp8Row::kGroupSize, scale, out);
@@ -52,6 +52,26 @@ struct MlaFp8AppendArgs {
   std::uint8_t* cache = nullptr;               ///< laid out by the LatentFp8Layout
 };
 
+namespace detail {
+
+/// The checks of an fp8 latent append that read no data (shared by the CPU op
+/// and cuda::mla_fp8_append): layout, token count, pointers, row stride and
+/// source dtype. Throws kvkit::Error naming `where`.
+inline void validate_mla_fp8_append(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a, const char* where) {
+  layout.validate(where);
+  check_argument(a.num_tokens >= 0, where, "num_tokens", a.num_tokens, ">= 0");
+  if (a.num_tokens == 0) return;
+  check_argument(a.latent != nullptr, where, "latent", a.latent, "a non-null pointer");
+  check_argument(a.slot_mapping != nullptr, where, "slot_mapping", a.slot_mapping, "a non-null pointer");
+  check_argument(a.cache != nullptr, where, "cache", static_cast<const void*>(a.cache), "a non-null pointer");
+  check_argument(a.latent_stride_token >= MlaFp8Row::kLatentDim, where, "latent_stride_token",
+                 a.latent_stride_token, ">= 576 (c_kv 512 + k_pe 64)");
+  check_argument(a.dtype == DType::kFloat32 || a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16, where,
+                 "dtype", a.dtype, "float32, float16 or bfloat16");
+}
+
+}  // namespace detail
+
 /// Quantizes each token's latent row into its slot of the fp8 cache (scale
 /// per 128 c_kv values = amax / 448, k_pe rounded to bf16: exact when the
 /// input is bf16). Throws kvkit::Error, writing nothing, on a bad layout,
@@ -59,14 +79,8 @@ struct MlaFp8AppendArgs {
 /// non-finite input value.
 inline void mla_fp8_append(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a) {
   constexpr const char* kWhere = "kvkit::mla_fp8_append";
-  layout.validate(kWhere);
-  check_argument(a.num_tokens >= 0, kWhere, "num_tokens", a.num_tokens, ">= 0");
+  detail::validate_mla_fp8_append(layout, a, kWhere);
   if (a.num_tokens == 0) return;
-  check_argument(a.latent != nullptr, kWhere, "latent", a.latent, "a non-null pointer");
-  check_argument(a.slot_mapping != nullptr, kWhere, "slot_mapping", a.slot_mapping, "a non-null pointer");
-  check_argument(a.cache != nullptr, kWhere, "cache", static_cast<const void*>(a.cache), "a non-null pointer");
-  check_argument(a.latent_stride_token >= MlaFp8Row::kLatentDim, kWhere, "latent_stride_token",
-                 a.latent_stride_token, ">= 576 (c_kv 512 + k_pe 64)");
   dispatch_dtype<FloatTypes>(a.dtype, kWhere, "dtype", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* src = static_cast<const T*>(a.latent);
