@@ -226,18 +226,18 @@ KVKIT_FORCEINLINE void load_cache_row(const void* cache, std::int64_t off, int n
 /// Scores of R query rows against n keys of one kv head, two keys at a time
 /// (2R running sums in registers; each q and k load feeds several of them).
 /// q: [R, width] (row stride width); keys: [n, width]; scores row stride kDecodeTile.
-template <int R>
+template <int R, class V>
 KVKIT_FORCEINLINE void decode_scores(const PagedDecodeParams& p, const float* q, const float* keys, int n,
                                      int width, float* scores) {
   int j = 0;
   for (; j + 2 <= n; j += 2) {
     const float* k0 = keys + std::size_t(j) * width;
     const float* k1 = k0 + width;
-    Vec8 a0[R] = {}, a1[R] = {};
-    for (int d = 0; d < width; d += kVecLanes) {
-      const Vec8 x0 = vec_at(k0 + d), x1 = vec_at(k1 + d);
+    V a0[R] = {}, a1[R] = {};
+    for (int d = 0; d < width; d += kLanes<V>) {
+      const V x0 = vec_at<V>(k0 + d), x1 = vec_at<V>(k1 + d);
       for (int i = 0; i < R; ++i) {
-        const Vec8 qi = vec_at(q + std::size_t(i) * width + d);
+        const V qi = vec_at<V>(q + std::size_t(i) * width + d);
         a0[i] += qi * x0;
         a1[i] += qi * x1;
       }
@@ -249,10 +249,10 @@ KVKIT_FORCEINLINE void decode_scores(const PagedDecodeParams& p, const float* q,
   }
   if (j < n) {
     const float* k0 = keys + std::size_t(j) * width;
-    Vec8 a0[R] = {};
-    for (int d = 0; d < width; d += kVecLanes) {
-      const Vec8 x0 = vec_at(k0 + d);
-      for (int i = 0; i < R; ++i) a0[i] += vec_at(q + std::size_t(i) * width + d) * x0;
+    V a0[R] = {};
+    for (int d = 0; d < width; d += kLanes<V>) {
+      const V x0 = vec_at<V>(k0 + d);
+      for (int i = 0; i < R; ++i) a0[i] += vec_at<V>(q + std::size_t(i) * width + d) * x0;
     }
     for (int i = 0; i < R; ++i) scores[i * kDecodeTile + j] = attention_logit(p, vec_sum(a0[i]));
   }
@@ -261,19 +261,19 @@ KVKIT_FORCEINLINE void decode_scores(const PagedDecodeParams& p, const float* q,
 /// acc[R, width] += weights[R, n] · values[n, width], 16 columns at a time
 /// so that the 2R sums stay in registers across the keys.
 /// weights row stride kDecodeTile; acc row stride width.
-template <int R>
+template <int R, class V>
 KVKIT_FORCEINLINE void decode_accumulate(const float* weights, const float* values, int n, int width,
                                          float* acc) {
   int d = 0;
-  for (; d + 2 * kVecLanes <= width; d += 2 * kVecLanes) {
-    Vec8 a0[R], a1[R];
+  for (; d + 2 * kLanes<V> <= width; d += 2 * kLanes<V>) {
+    V a0[R], a1[R];
     for (int i = 0; i < R; ++i) {
-      a0[i] = vec_at(acc + std::size_t(i) * width + d);
-      a1[i] = vec_at(acc + std::size_t(i) * width + d + kVecLanes);
+      a0[i] = vec_at<V>(acc + std::size_t(i) * width + d);
+      a1[i] = vec_at<V>(acc + std::size_t(i) * width + d + kLanes<V>);
     }
     for (int j = 0; j < n; ++j) {
       const float* v = values + std::size_t(j) * width + d;
-      const Vec8 x0 = vec_at(v), x1 = vec_at(v + kVecLanes);
+      const V x0 = vec_at<V>(v), x1 = vec_at<V>(v + kLanes<V>);
       for (int i = 0; i < R; ++i) {
         const float w = weights[i * kDecodeTile + j];
         a0[i] += x0 * w;
@@ -281,50 +281,52 @@ KVKIT_FORCEINLINE void decode_accumulate(const float* weights, const float* valu
       }
     }
     for (int i = 0; i < R; ++i) {
-      vec_at(acc + std::size_t(i) * width + d) = a0[i];
-      vec_at(acc + std::size_t(i) * width + d + kVecLanes) = a1[i];
+      vec_at<V>(acc + std::size_t(i) * width + d) = a0[i];
+      vec_at<V>(acc + std::size_t(i) * width + d + kLanes<V>) = a1[i];
     }
   }
-  for (; d < width; d += kVecLanes) {
-    Vec8 a0[R];
-    for (int i = 0; i < R; ++i) a0[i] = vec_at(acc + std::size_t(i) * width + d);
+  for (; d < width; d += kLanes<V>) {
+    V a0[R];
+    for (int i = 0; i < R; ++i) a0[i] = vec_at<V>(acc + std::size_t(i) * width + d);
     for (int j = 0; j < n; ++j) {
-      const Vec8 x0 = vec_at(values + std::size_t(j) * width + d);
+      const V x0 = vec_at<V>(values + std::size_t(j) * width + d);
       for (int i = 0; i < R; ++i) a0[i] += x0 * weights[i * kDecodeTile + j];
     }
-    for (int i = 0; i < R; ++i) vec_at(acc + std::size_t(i) * width + d) = a0[i];
+    for (int i = 0; i < R; ++i) vec_at<V>(acc + std::size_t(i) * width + d) = a0[i];
   }
 }
 
 /// decode_scores / decode_accumulate over `rows` rows in blocks of at most 4
 /// (4 rows x 2 keys or x 16 columns keep 8 of the 16 vector registers busy).
+template <class V>
 KVKIT_FORCEINLINE void decode_scores_rows(const PagedDecodeParams& p, const float* q, const float* keys, int n,
                                           int width, float* scores, int rows) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
-    decode_scores<4>(p, q + std::size_t(r) * width, keys, n, width, scores + std::size_t(r) * kDecodeTile);
+    decode_scores<4, V>(p, q + std::size_t(r) * width, keys, n, width, scores + std::size_t(r) * kDecodeTile);
   }
   const float* qr = q + std::size_t(r) * width;
   float* sr = scores + std::size_t(r) * kDecodeTile;
   switch (rows - r) {
-    case 3: decode_scores<3>(p, qr, keys, n, width, sr); break;
-    case 2: decode_scores<2>(p, qr, keys, n, width, sr); break;
-    case 1: decode_scores<1>(p, qr, keys, n, width, sr); break;
+    case 3: decode_scores<3, V>(p, qr, keys, n, width, sr); break;
+    case 2: decode_scores<2, V>(p, qr, keys, n, width, sr); break;
+    case 1: decode_scores<1, V>(p, qr, keys, n, width, sr); break;
     default: break;
   }
 }
+template <class V>
 KVKIT_FORCEINLINE void decode_accumulate_rows(const float* weights, const float* values, int n, int width,
                                               float* acc, int rows) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
-    decode_accumulate<4>(weights + std::size_t(r) * kDecodeTile, values, n, width, acc + std::size_t(r) * width);
+    decode_accumulate<4, V>(weights + std::size_t(r) * kDecodeTile, values, n, width, acc + std::size_t(r) * width);
   }
   const float* wr = weights + std::size_t(r) * kDecodeTile;
   float* ar = acc + std::size_t(r) * width;
   switch (rows - r) {
-    case 3: decode_accumulate<3>(wr, values, n, width, ar); break;
-    case 2: decode_accumulate<2>(wr, values, n, width, ar); break;
-    case 1: decode_accumulate<1>(wr, values, n, width, ar); break;
+    case 3: decode_accumulate<3, V>(wr, values, n, width, ar); break;
+    case 2: decode_accumulate<2, V>(wr, values, n, width, ar); break;
+    case 1: decode_accumulate<1, V>(wr, values, n, width, ar); break;
     default: break;
   }
 }
@@ -388,7 +390,7 @@ struct DecodeScratch {
   std::vector<std::int64_t> token_pos;  ///< position of each query token
 };
 
-inline int round_up_to_lanes(int n) { return (n + kVecLanes - 1) / kVecLanes * kVecLanes; }
+inline int round_up_to_lanes(int n) { return (n + kVecPadLanes - 1) / kVecPadLanes * kVecPadLanes; }
 
 /// All query rows of one sequence for kv heads [kv_head_begin, kv_head_end).
 /// Rows are ordered (kv head, token, q head in the group), so that a kv
@@ -396,9 +398,9 @@ inline int round_up_to_lanes(int n) { return (n + kVecLanes - 1) / kVecLanes * k
 /// head are converted (dequantized) to float in one pass over the cache (in
 /// NHD a token's heads are contiguous, so the cache is read as a stream),
 /// scores for all rows, one online-softmax step per row, then the same for V.
-/// Head rows are zero-padded to a multiple of 8 floats so that the vector
+/// Head rows are zero-padded to a multiple of 16 floats so that the vector
 /// loops need no tails.
-template <class QT, DType kKV, bool kF16C>
+template <class QT, DType kKV, bool kF16C, class V>
 KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin,
                                                 int kv_head_end, DecodeScratch& scratch) {
   const int head_dim = int(p.layout.head_dim);
@@ -467,7 +469,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
       for (int h = 0; h < kv_heads; ++h) {
         const float* keys = k_tile + std::size_t(h) * kDecodeTile * k_width;
         const std::size_t row = std::size_t(h) * head_rows;
-        decode_scores_rows(p, q + row * k_width, keys, n, k_width, scores + row * kDecodeTile, head_rows);
+        decode_scores_rows<V>(p, q + row * k_width, keys, n, k_width, scores + row * kDecodeTile, head_rows);
       }
       bool any_weight = false;
       for (int r = 0; r < rows; ++r) {
@@ -488,10 +490,10 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
         any_weight = true;
         const float factor = softmax[r].rescale_for(tile_max);
         const float row_max = softmax[r].max;
-        Vec8 sum = {};
-        for (int j = 0; j < kDecodeTile; j += kVecLanes) {
-          for (int l = 0; l < kVecLanes; ++l) s[j + l] = exp_nonpositive(s[j + l] - row_max);
-          sum += vec_at(s + j);
+        V sum = {};
+        for (int j = 0; j < kDecodeTile; j += kLanes<V>) {
+          for (int l = 0; l < kLanes<V>; ++l) s[j + l] = exp_nonpositive(s[j + l] - row_max);
+          sum += vec_at<V>(s + j);
         }
         softmax[r].sum += vec_sum(sum);
         if (factor != 1.0f) {
@@ -505,7 +507,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
       for (int h = 0; h < kv_heads; ++h) {
         const float* values = v_tile + std::size_t(h) * kDecodeTile * v_width;
         const std::size_t row = std::size_t(h) * head_rows;
-        decode_accumulate_rows(scores + row * kDecodeTile, values, n, v_width, acc + row * v_width, head_rows);
+        decode_accumulate_rows<V>(scores + row * kDecodeTile, values, n, v_width, acc + row * v_width, head_rows);
       }
     }
   }
@@ -523,14 +525,20 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
 }
 
 #if KVKIT_X86_DISPATCH
-/// The same work with 8-lane AVX2 (and F16C for float16 caches). No FMA:
-/// results are the same on every x86 CPU (the operations and their order do
-/// not change), which keeps runs reproducible across machines.
+/// The same work with AVX2 (8 lanes) or AVX-512 (16 lanes), FMA, and F16C for
+/// float16 caches. The lane count sets the order of the float additions, so
+/// results differ between ISAs in the last bits (the tests compare every
+/// path against float64 with the same tolerances).
 template <class QT, DType kKV>
-__attribute__((target("avx2,f16c"))) void decode_one_sequence_avx2(const PagedDecodeParams& p, std::int64_t b,
-                                                                   int kv_head_begin, int kv_head_end,
-                                                                   DecodeScratch& scratch) {
-  decode_one_sequence_body<QT, kKV, true>(p, b, kv_head_begin, kv_head_end, scratch);
+__attribute__((target("avx2,fma,f16c"))) void decode_one_sequence_avx2(const PagedDecodeParams& p, std::int64_t b,
+                                                                       int kv_head_begin, int kv_head_end,
+                                                                       DecodeScratch& scratch) {
+  decode_one_sequence_body<QT, kKV, true, Vec8>(p, b, kv_head_begin, kv_head_end, scratch);
+}
+template <class QT, DType kKV>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void decode_one_sequence_avx512(
+    const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end, DecodeScratch& scratch) {
+  decode_one_sequence_body<QT, kKV, true, Vec16>(p, b, kv_head_begin, kv_head_end, scratch);
 }
 #endif
 
@@ -538,12 +546,11 @@ template <class QT, DType kKV>
 void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
                          DecodeScratch& scratch) {
 #if KVKIT_X86_DISPATCH
-  if (x86_level() != X86Level::kBaseline) {
-    decode_one_sequence_avx2<QT, kKV>(p, b, kv_head_begin, kv_head_end, scratch);
-    return;
-  }
+  const X86Level level = x86_level();
+  if (level == X86Level::kAvx512) return decode_one_sequence_avx512<QT, kKV>(p, b, kv_head_begin, kv_head_end, scratch);
+  if (level == X86Level::kAvx2) return decode_one_sequence_avx2<QT, kKV>(p, b, kv_head_begin, kv_head_end, scratch);
 #endif
-  decode_one_sequence_body<QT, kKV, false>(p, b, kv_head_begin, kv_head_end, scratch);
+  decode_one_sequence_body<QT, kKV, false, Vec8>(p, b, kv_head_begin, kv_head_end, scratch);
 }
 
 }  // namespace detail

@@ -1,13 +1,13 @@
 #pragma once
 /// @file cpu_vec.hpp
-/// Eight float lanes for the CPU attention loops, and the exp they use.
+/// Float vectors for the CPU attention loops (8 and 16 lanes), and the exp
+/// they use.
 ///
-/// With GCC or Clang the lanes are a native vector type: the same source
-/// compiles to two SSE2 operations per vector in the baseline build and to
-/// one AVX operation inside functions built with target("avx2"), so one loop
-/// body serves every ISA (kvkit/core/x86_dispatch.hpp). Other compilers get a
-/// plain struct with the same operators. Every operation is a separate IEEE
-/// multiply or add (no FMA), so results do not depend on the ISA.
+/// With GCC or Clang the vectors are native vector types: the same source
+/// compiles to SSE2 operations in the baseline build and to AVX2 or AVX-512
+/// operations inside functions built with target("avx2") / target("avx512f"),
+/// so one loop body serves every ISA (kvkit/core/x86_dispatch.hpp). Other
+/// compilers get a plain 8-lane struct with the same operators.
 
 #include <cstdint>
 #include <cstring>
@@ -17,10 +17,24 @@
 
 namespace kvkit::detail {
 
-inline constexpr int kVecLanes = 8;
+/// Head rows in the CPU kernels' scratch are padded to a multiple of this
+/// (the widest vector's lanes), so vector loops need no tails.
+inline constexpr int kVecPadLanes = 16;
+
+template <class V>
+struct UnalignedVec;
 
 #if defined(__GNUC__) || defined(__clang__)
 typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec16 __attribute__((vector_size(64)));
+template <>
+struct UnalignedVec<Vec8> {
+  typedef float type __attribute__((vector_size(32), aligned(4)));
+};
+template <>
+struct UnalignedVec<Vec16> {
+  typedef float type __attribute__((vector_size(64), aligned(4)));
+};
 #else
 struct Vec8 {
   float lane[8];
@@ -32,27 +46,48 @@ struct Vec8 {
   Vec8& operator+=(Vec8 b) { return *this = *this + b; }
   Vec8& operator*=(Vec8 b) { return *this = *this * b; }
 };
+template <>
+struct UnalignedVec<Vec8> {
+  using type = Vec8;
+};
 #endif
 
-/// Eight floats at p (any alignment) as a vector. Loads and stores go
-/// through these references, and no helper takes or returns a vector by
-/// value: GCC warns (-Wpsabi) about by-value vectors in functions that are
-/// not built for AVX, even when they are always inlined.
+/// Float lanes of a vector type.
+template <class V>
+inline constexpr int kLanes = int(sizeof(V) / sizeof(float));
+
+/// The floats at p (any alignment) as a vector. Loads and stores go through
+/// these references, and no helper takes or returns a vector by value: GCC
+/// warns (-Wpsabi) about by-value vectors in functions that are not built for
+/// AVX, even when they are always inlined.
+template <class V>
+KVKIT_FORCEINLINE const typename UnalignedVec<V>::type& vec_at(const float* p) {
+  return *reinterpret_cast<const typename UnalignedVec<V>::type*>(p);
+}
+template <class V>
+KVKIT_FORCEINLINE typename UnalignedVec<V>::type& vec_at(float* p) {
+  return *reinterpret_cast<typename UnalignedVec<V>::type*>(p);
+}
+
+/// Sum of the lanes, halves folded pairwise (in registers: the upper half is
+/// added to the lower until four lanes remain).
 #if defined(__GNUC__) || defined(__clang__)
-typedef float UnalignedVec8 __attribute__((vector_size(32), aligned(4)));
-KVKIT_FORCEINLINE const UnalignedVec8& vec_at(const float* p) {
-  return *reinterpret_cast<const UnalignedVec8*>(p);
-}
-KVKIT_FORCEINLINE UnalignedVec8& vec_at(float* p) { return *reinterpret_cast<UnalignedVec8*>(p); }
-#else
-KVKIT_FORCEINLINE const Vec8& vec_at(const float* p) { return *reinterpret_cast<const Vec8*>(p); }
-KVKIT_FORCEINLINE Vec8& vec_at(float* p) { return *reinterpret_cast<Vec8*>(p); }
-#endif
-
-/// Sum of the lanes in a fixed order (pairwise), the same on every ISA.
+typedef float Vec4 __attribute__((vector_size(16)));
+KVKIT_FORCEINLINE float vec4_sum(const Vec4& v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 KVKIT_FORCEINLINE float vec_sum(const Vec8& v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+  const Vec4 h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return vec4_sum(h);
 }
+KVKIT_FORCEINLINE float vec_sum(const Vec16& v) {
+  const Vec8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return vec_sum(h);
+}
+#else
+KVKIT_FORCEINLINE float vec_sum(const Vec8& v) {
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+#endif
 
 /// e^x for the softmax weights, x <= 0 (a score minus the running max):
 /// Cephes' expf (x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6
