@@ -2,7 +2,9 @@
 // paged bf16 cache, page 16, bf16 q/o. Shapes: Llama-3-8B (32 q heads, 8 kv
 // heads, head_dim 128) at batch 64 x 4096 (no split needed) and batch 1 x
 // 32768 (split-KV, also shown unsplit), and MQA with 16 and 128 q heads on
-// one kv head (DeepSeek-style head sharing). Memory-bound: reports the bytes
+// one kv head (DeepSeek-style head sharing), and the Llama-3-8B batch 64 x
+// 4096 shape over an fp8 e4m3 cache with per-tensor scales (bf16 q/o; K/V
+// bytes counted at 1 byte per element). Memory-bound: reports the bytes
 // read (K + V of every attended token, plus Q, plus O written) as bytes/s and
 // pct_of_memcpy against the device copy kernel of this binary. Every cache
 // is larger than the H100's 50 MB L2 in the full run.
@@ -37,6 +39,26 @@ __global__ void fill_random(kvkit::bfloat16* x, std::int64_t n, std::uint32_t se
   }
 }
 
+// Random e4m3 bytes, NaN (0x7F / 0xFF) replaced by its neighbour 0x7E / 0xFE.
+__global__ void fill_random_e4m3(std::uint8_t* x, std::int64_t n, std::uint32_t seed) {
+  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    std::uint32_t h = std::uint32_t(i) * 0x9e3779b9u ^ seed ^ std::uint32_t(i >> 32) * 0x85ebca6bu;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    const std::uint32_t b = h >> 24;
+    x[i] = std::uint8_t((b & 0x7fu) == 0x7fu ? b - 1u : b);
+  }
+}
+
+DeviceBuffer random_device_e4m3(std::int64_t n, std::uint32_t seed) {
+  DeviceBuffer buffer(static_cast<std::size_t>(n));
+  fill_random_e4m3<<<1024, 256>>>(buffer.as<std::uint8_t>(), n, seed);
+  KVKIT_CUDA_CHECK(cudaGetLastError());
+  return buffer;
+}
+
 DeviceBuffer random_device_bf16(std::int64_t n, std::uint32_t seed) {
   DeviceBuffer buffer(std::size_t(n) * sizeof(kvkit::bfloat16));
   fill_random<<<1024, 256>>>(buffer.as<kvkit::bfloat16>(), n, seed);
@@ -45,16 +67,21 @@ DeviceBuffer random_device_bf16(std::int64_t n, std::uint32_t seed) {
 }
 
 void BM_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t context, int q_heads, int kv_heads,
-                   int max_splits) {
-  using T = kvkit::bfloat16;
+                   int max_splits, kvkit::DType kv_dtype = kvkit::DType::kBFloat16) {
+  using T = kvkit::bfloat16;  // q and o
+  const bool fp8 = kv_dtype == kvkit::DType::kFloat8E4M3;
+  const std::size_t kv_elem_bytes = kvkit::dtype_size(kv_dtype);
   const int head_dim = 128, page = 16;
   batch = full_or_smoke<std::int64_t>(batch, 2);
   context = full_or_smoke<std::int64_t>(context, 300);
   const std::int64_t pages_per_seq = (context + page - 1) / page;
   const std::int64_t num_pages = batch * pages_per_seq;
   const auto layout = kvkit::PagedKVLayout::nhd(num_pages, page, kv_heads, head_dim);
-  DeviceBuffer k = random_device_bf16(num_pages * layout.page_elements(), 1);
-  DeviceBuffer v = random_device_bf16(num_pages * layout.page_elements(), 2);
+  const std::int64_t cache_elements = num_pages * layout.page_elements();
+  DeviceBuffer k = fp8 ? random_device_e4m3(cache_elements, 1) : random_device_bf16(cache_elements, 1);
+  DeviceBuffer v = fp8 ? random_device_e4m3(cache_elements, 2) : random_device_bf16(cache_elements, 2);
+  // Per-tensor scales that map e4m3's +-448 to +-2, like the bf16 data.
+  DeviceBuffer scales = DeviceBuffer::from_host(std::vector<float>{2.0f / 448.0f, 2.0f / 448.0f});
   DeviceBuffer q = random_device_bf16(batch * q_heads * head_dim, 3);
   DeviceBuffer o(std::size_t(batch * q_heads * head_dim) * sizeof(T));
   std::vector<std::int32_t> table(static_cast<std::size_t>(num_pages));
@@ -78,7 +105,12 @@ void BM_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t con
   p.o_stride_head = head_dim;
   p.o_stride_token = std::int64_t(q_heads) * head_dim;
   p.q_dtype = kvkit::DType::kBFloat16;
-  p.kv_dtype = kvkit::DType::kBFloat16;
+  p.kv_dtype = kv_dtype;
+  if (fp8) {
+    p.kv_scale_granularity = kvkit::ScaleGranularity::kPerTensor;
+    p.k_scale = scales.as<float>();
+    p.v_scale = scales.as<float>() + 1;
+  }
 
   int device = 0, sms = 0;
   KVKIT_CUDA_CHECK(cudaGetDevice(&device));
@@ -90,7 +122,7 @@ void BM_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t con
   kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) {
     kvkit::cuda::run_decode(p, plan, workspace.data(), workspace.bytes(), s);
   });
-  const double kv_bytes = 2.0 * double(batch * context) * kv_heads * head_dim * sizeof(T);
+  const double kv_bytes = 2.0 * double(batch * context) * kv_heads * head_dim * double(kv_elem_bytes);
   const double qo_bytes = 2.0 * double(batch) * q_heads * head_dim * sizeof(T);
   kvkit::bench::report_device_bandwidth(state, kv_bytes + qo_bytes);
   state.counters["splits"] = plan.num_splits;
@@ -98,6 +130,8 @@ void BM_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t con
 
 BENCHMARK_CAPTURE(BM_decode_gpu, llama3_8b_b64, 64, 4096, 32, 8, 64)
     ->Name("attention_gpu/decode/llama3_8b/bf16/page16/batch64_ctx4096")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_gpu, llama3_8b_b64_fp8, 64, 4096, 32, 8, 64, kvkit::DType::kFloat8E4M3)
+    ->Name("attention_gpu/decode/llama3_8b/fp8_e4m3_per_tensor/page16/batch64_ctx4096")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_decode_gpu, llama3_8b_b1, 1, 32768, 32, 8, 64)
     ->Name("attention_gpu/decode/llama3_8b/bf16/page16/batch1_ctx32768")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_decode_gpu, llama3_8b_b1_unsplit, 1, 32768, 32, 8, 1)

@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -72,6 +73,8 @@ struct PlanInputs {
   std::vector<float> dummy = std::vector<float>(16);
   PagedDecodeParams p;
 
+  // q_dtype equals kv_dtype for float caches and is bfloat16 for quantized
+  // ones, which then get per-tensor scales.
   PlanInputs(std::int64_t batch, int context, int q_heads, int kv_heads, int head_dim, kvkit::DType kv_dtype,
              int q_len = 1, int page = 16) {
     const std::int64_t pages_per_seq = (context + page - 1) / page;
@@ -86,8 +89,12 @@ struct PlanInputs {
     p.q_stride_head = p.o_stride_head = head_dim;
     p.q_stride_token = p.o_stride_token = std::int64_t(q_heads) * head_dim;
     p.sm_scale = 1.0f / std::sqrt(float(head_dim));
-    p.q_dtype = kv_dtype;
+    p.q_dtype = kvkit::is_quantized_cache_dtype(kv_dtype) ? kvkit::DType::kBFloat16 : kv_dtype;
     p.kv_dtype = kv_dtype;
+    if (kvkit::is_quantized_cache_dtype(kv_dtype)) {
+      p.k_scale = dummy.data();
+      p.v_scale = dummy.data() + 1;
+    }
   }
   DecodePlan plan(int num_sms = 132, const DecodePlanOptions& options = {}) const {
     return kvkit::cuda::plan_decode(p, lens.data(), num_sms, options);
@@ -161,8 +168,9 @@ TEST_CASE("plan_decode rejects what the GPU kernels cannot run, naming the argum
   }
   SECTION("dtype pair without a kernel") {
     in.p.q_dtype = kvkit::DType::kFloat16;
-    CHECK_THROWS_WITH(in.plan(), Contains("q_dtype float16 with kv_dtype bfloat16: expected equal dtypes, or "
-                                          "float32 q with a bfloat16 cache"));
+    CHECK_THROWS_WITH(in.plan(), Contains("q_dtype float16 with kv_dtype bfloat16: expected equal dtypes, "
+                                          "float32 q with a bfloat16 cache, or float32 / float16 / bfloat16 q "
+                                          "with a float8_e4m3, float8_e5m2 or int8 cache, on the GPU"));
   }
   SECTION("a host length shorter than q_len") {
     in.lens[1] = 1;
@@ -187,5 +195,93 @@ TEST_CASE("plan_decode rejects what the GPU kernels cannot run, naming the argum
     in.p.num_q_heads = 8;
     in.p.sm_scale = 0.0f;
     CHECK_THROWS_WITH(in.plan(), Contains("'sm_scale' = 0"));
+  }
+}
+
+TEST_CASE("1-byte caches keep a 16-bit cache's lanes and rows per block, with tiles of twice the keys") {
+  using namespace kvkit::cuda::detail;
+  // A lane converts 8 elements of a 1-byte row (8 bytes), as many as of a bf16 row (16 bytes).
+  CHECK(decode_fragment_elems(1) == 8);
+  CHECK(decode_fragment_elems(2) == 8);
+  CHECK(decode_fragment_elems(4) == 4);
+  for (int head_dim : {48, 64, 96, 128, 256}) {
+    INFO("head_dim " << head_dim);
+    CHECK(decode_lanes(head_dim, 1) == decode_lanes(head_dim, 2));
+    CHECK(decode_max_rows(head_dim, 1) == decode_max_rows(head_dim, 2));
+    // 8 KiB tiles: twice the keys of bf16, at most 128.
+    CHECK(decode_tile_keys(head_dim, 1) == std::min(128, 2 * decode_tile_keys(head_dim, 2)));
+    CHECK(decode_tile_keys(head_dim, 1) * head_dim <= 8192);
+  }
+  CHECK(decode_tile_keys(128, 1) == 64);
+  CHECK(decode_tile_keys(64, 1) == 128);
+  CHECK(decode_tile_keys(256, 1) == 32);
+  CHECK(decode_tile_keys(128, 2) == 32);
+  CHECK(decode_tile_keys(128, 4) == 16);
+  CHECK(decode_lanes(128, 1) == 16);
+  CHECK(decode_lanes(256, 1) == 32);
+  CHECK(decode_lanes(96, 1) == 16);  // 12 fragments, rounded up
+}
+
+TEST_CASE("plan_decode accepts fp8 and int8 caches with any float q dtype") {
+  using kvkit::DType;
+  for (DType kv : {DType::kFloat8E4M3, DType::kFloat8E5M2, DType::kInt8}) {
+    for (DType q : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+      INFO(kvkit::dtype_name(q) << " q, " << kvkit::dtype_name(kv) << " cache");
+      PlanInputs in(64, 4096, 32, 8, 128, kv);
+      in.p.q_dtype = q;
+      const DecodePlan plan = in.plan();
+      CHECK(plan.q_dtype == q);
+      CHECK(plan.kv_dtype == kv);
+      CHECK(plan.num_splits == 1);
+      CHECK(plan.row_chunks == 1);
+      CHECK(plan.rows_per_chunk == 4);
+      CHECK(plan.workspace_bytes == 0);
+    }
+  }
+  SECTION("the workspace holds float partial states whatever the cache dtype") {
+    const DecodePlan plan = PlanInputs(1, 32768, 32, 8, 128, DType::kFloat8E4M3).plan();
+    CHECK(plan.chunk_keys == 1024);
+    CHECK(plan.num_splits == 32);
+    CHECK(plan.workspace_bytes == std::size_t(32) * 32 * (128 + 1) * sizeof(float));
+  }
+  SECTION("row capacity for 1-byte caches: 64 rows at head_dim 128, 32 at 256") {
+    const DecodePlan mqa = PlanInputs(8, 1000, 128, 1, 128, DType::kInt8).plan();
+    CHECK(mqa.row_chunks == 2);
+    CHECK(mqa.rows_per_chunk == 64);
+    const DecodePlan wide = PlanInputs(2, 1000, 65, 1, 256, DType::kFloat8E5M2).plan();
+    CHECK(wide.row_chunks == 3);
+    CHECK(wide.rows_per_chunk == 22);
+  }
+  SECTION("every scale granularity") {
+    for (kvkit::ScaleGranularity g : {kvkit::ScaleGranularity::kPerTensor, kvkit::ScaleGranularity::kPerHead,
+                                      kvkit::ScaleGranularity::kPerTokenHead}) {
+      PlanInputs in(4, 500, 8, 2, 64, DType::kFloat8E4M3);
+      in.p.kv_scale_granularity = g;
+      CHECK(in.plan().kv_dtype == DType::kFloat8E4M3);
+    }
+  }
+}
+
+TEST_CASE("plan_decode asks for scales with quantized caches and refuses them with float ones") {
+  using kvkit::DType;
+  SECTION("fp8 without k scales") {
+    PlanInputs in(2, 100, 8, 2, 128, DType::kFloat8E4M3);
+    in.p.k_scale = nullptr;
+    CHECK_THROWS_WITH(in.plan(), Contains("'k_scale' = nullptr: expected a non-null pointer for a float8_e4m3 cache"));
+  }
+  SECTION("int8 without v scales") {
+    PlanInputs in(2, 100, 8, 2, 128, DType::kInt8);
+    in.p.v_scale = nullptr;
+    CHECK_THROWS_WITH(in.plan(), Contains("'v_scale' = nullptr: expected a non-null pointer for a int8 cache"));
+  }
+  SECTION("scales with a bf16 cache") {
+    PlanInputs in(2, 100, 8, 2, 128, DType::kBFloat16);
+    in.p.k_scale = in.dummy.data();
+    CHECK_THROWS_WITH(in.plan(), Contains("nullptr for a bfloat16 cache (scales belong to float8 / int8 caches)"));
+  }
+  SECTION("a cache dtype no op reads") {
+    PlanInputs in(2, 100, 8, 2, 128, DType::kBFloat16);
+    in.p.kv_dtype = DType::kInt32;
+    CHECK_THROWS_WITH(in.plan(), Contains("'kv_dtype' = int32"));
   }
 }

@@ -16,7 +16,7 @@
 /// from global memory once per block: the block streams tiles of K and V
 /// into shared memory with 16-byte cp.async copies, three stages deep, while
 /// its threads compute on the previous tile. Inside a block, groups of lanes
-/// each own a K/V row's width (16 bytes per lane); a group holds up to four
+/// each own a K/V row's width (16 bytes per lane, 8 for 1-byte caches); a group holds up to four
 /// query rows in registers, and groups that hold the same rows take
 /// different keys of a tile, with their online-softmax states merged in
 /// shared memory at the end. Accumulation is float32.
@@ -26,6 +26,14 @@
 /// chunk writes a partial (o, lse) into the workspace and a merge kernel
 /// combines them with the rule of merge_states. A sequence that needs only
 /// one chunk writes o directly.
+///
+/// Quantized caches (float8_e4m3, float8_e5m2, int8 from quantize_append_kv)
+/// are copied to shared memory as bytes (half the bytes of bf16 per key, so
+/// a tile holds twice the keys) and dequantized exactly in registers when a
+/// lane converts its fragment; the key scale multiplies the score and the
+/// value scale the key's weight in o. Static scales (per tensor, per head)
+/// are read once per block; per-(token, head) scales are copied with their
+/// tile, each key's from its slot.
 
 #include <cuda_runtime.h>
 
@@ -35,6 +43,8 @@
 
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
+#include "kvkit/core/float8.hpp"
+#include "kvkit/core/half.hpp"
 #include "kvkit/cuda/check.hpp"
 #include "kvkit/cuda/decode_plan.hpp"
 #include "kvkit/cuda/merge_states.cuh"
@@ -47,27 +57,42 @@ namespace kvkit::cuda {
 
 namespace detail {
 
+/// Shape constants of one kernel instance. Two granularities: a *copy unit*
+/// is 16 bytes of a K/V row (one cp.async), a *fragment* is what one lane
+/// converts to floats per row (decode_fragment_elems: the same 16 bytes for
+/// float caches, 8 bytes of a 1-byte cache).
 template <int kHeadDim, class KVT>
 struct DecodeTraits {
-  static constexpr int kVec = 16 / int(sizeof(KVT));  // elements per 16-byte unit
-  static constexpr int kUnits = kHeadDim / kVec;      // units per K/V row
-  static constexpr int kLanes = decode_lanes(kHeadDim, int(sizeof(KVT)));
+  static constexpr int kElemBytes = int(sizeof(KVT));
+  static constexpr bool kQuantized = kElemBytes == 1;  // fp8 e4m3 / e5m2 or int8, scaled
+  static constexpr int kCopyVec = 16 / kElemBytes;         // elements per 16-byte copy unit
+  static constexpr int kCopyUnits = kHeadDim / kCopyVec;   // copy units per K/V row
+  static constexpr int kVec = decode_fragment_elems(kElemBytes);  // elements per fragment
+  static constexpr int kUnits = kHeadDim / kVec;                  // fragments per K/V row
+  static constexpr int kLanes = decode_lanes(kHeadDim, kElemBytes);
   static constexpr int kUnitsPerLane = (kUnits + kLanes - 1) / kLanes;
   static constexpr int kThreads = kDecodeThreads;
   static constexpr int kGroups = kThreads / kLanes;
   static constexpr int kRowsPerGroup = kDecodeRowsPerGroup;
-  static constexpr int kMaxRows = decode_max_rows(kHeadDim, int(sizeof(KVT)));
-  static constexpr int kTileRaw = floor_pow2(kDecodeTileBytes / (kHeadDim * int(sizeof(KVT))));
-  static constexpr int kTile = kTileRaw < 8 ? 8 : kTileRaw > 64 ? 64 : kTileRaw;  // keys per tile
+  static constexpr int kMaxRows = decode_max_rows(kHeadDim, kElemBytes);
+  static constexpr int kTile = decode_tile_keys(kHeadDim, kElemBytes);  // keys per tile
   static constexpr int kStages = kDecodeStages;
   static constexpr std::size_t kPipelineBytes = std::size_t(kStages) * 2 * kTile * kHeadDim * sizeof(KVT);
+  // 1-byte caches: each stage's K and V scales, one per key ([kStages][K,
+  // V][kTile] floats, copied per key or filled once for static scales),
+  // follow the pipeline.
+  static constexpr std::size_t kScaleBytes = kQuantized ? std::size_t(kStages) * 2 * kTile * sizeof(float) : 0;
   // Per (key group, row) slot: o[kHeadDim], max, sum, weight; plus one lse per row.
   static constexpr std::size_t kMergeBytes = std::size_t(kMaxRows) * (kHeadDim + 4) * sizeof(float);
-  static constexpr std::size_t kSmemBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
+  static constexpr std::size_t kSmemBytes =
+      kPipelineBytes + kScaleBytes > kMergeBytes ? kPipelineBytes + kScaleBytes : kMergeBytes;
 
-  static_assert(kHeadDim % kVec == 0, "head_dim must fill whole 16-byte units");
+  static_assert(kHeadDim % kCopyVec == 0, "head_dim must fill whole 16-byte units");
+  static_assert(kHeadDim % kVec == 0, "head_dim must fill whole fragments");
   static_assert(kTile % kGroups == 0, "every key group must see the same number of keys per tile");
-  static_assert(kSmemBytes <= 48 * 1024, "stay within the default dynamic shared memory limit");
+  // Above 48 KiB the launcher opts in (cudaFuncAttributeMaxDynamicSharedMemorySize);
+  // two blocks per SM must still fit in an sm_80 / sm_90 SM.
+  static_assert(kSmemBytes <= 96 * 1024, "two blocks per SM");
 };
 
 /// Launch-time values the kernels need besides PagedDecodeParams.
@@ -81,6 +106,10 @@ struct DecodeLaunch {
   int rows_per_chunk = 1;
   int group = 1;                 ///< q heads per kv head
   bool async_copy = true;        ///< cache pointers and strides are 16-byte aligned
+  /// 1-byte caches: which format the bytes hold, and whether the scales are
+  /// per (token, head) (read per key via its slot) or static (read once).
+  DecodeKVFormat kv_format = DecodeKVFormat::kFloat;
+  bool per_token_scales = false;
 };
 
 __device__ KVKIT_FORCEINLINE void copy_unit_16(void* smem_dst, const void* global_src, bool async_copy,
@@ -99,11 +128,24 @@ __device__ KVKIT_FORCEINLINE void copy_unit_16(void* smem_dst, const void* globa
   char* dst = static_cast<char*>(smem_dst);
   if (elem_bytes == 4) {
     for (int e = 0; e < 16; e += 4) *reinterpret_cast<float*>(dst + e) = *reinterpret_cast<const float*>(src + e);
+  } else if (elem_bytes == 1) {
+    for (int e = 0; e < 16; ++e) dst[e] = src[e];
   } else {
     for (int e = 0; e < 16; e += 2) {
       *reinterpret_cast<unsigned short*>(dst + e) = *reinterpret_cast<const unsigned short*>(src + e);
     }
   }
+}
+
+/// One float from global to shared memory, asynchronously where cp.async
+/// exists (joins the current commit group, like the K/V units).
+__device__ KVKIT_FORCEINLINE void copy_float_4(float* smem_dst, const float* global_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = unsigned(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(global_src));
+#else
+  *smem_dst = *global_src;
+#endif
 }
 
 __device__ KVKIT_FORCEINLINE void cp_async_commit() {
@@ -127,21 +169,61 @@ __device__ KVKIT_FORCEINLINE float group_sum(float x) {
   return x;
 }
 
-/// This lane's part of a K or V row in shared memory, as floats.
+/// Four bytes of a 1-byte cache as floats, exactly (float(stored); the
+/// scale is applied by the caller). e5m2 is the top byte of a binary16 and
+/// e4m3 converts to binary16 exactly too (sm_89+: one cvt per pair), so
+/// both go through cvt.f32.f16; int8 through a signed byte extract.
+__device__ KVKIT_FORCEINLINE void dequantize_4(std::uint32_t word, DecodeKVFormat format, float* out) {
+  if (format == DecodeKVFormat::kInt8) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[e] = float(std::int8_t(std::uint8_t(word >> (8 * e))));
+    return;
+  }
+  std::uint32_t pairs[2];  // binary16 x2: bytes (0, 1), (2, 3)
+  if (format == DecodeKVFormat::kE5M2) {
+    pairs[0] = __byte_perm(word, 0u, 0x1404);  // [0, b0, 0, b1]
+    pairs[1] = __byte_perm(word, 0u, 0x3424);  // [0, b2, 0, b3]
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(pairs[0]) : "h"(std::uint16_t(word & 0xffffu)));
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(pairs[1]) : "h"(std::uint16_t(word >> 16)));
+#else
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[e] = e4m3_bits_to_float(std::uint8_t(word >> (8 * e)));
+    return;
+#endif
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    out[2 * i] = half_bits_to_float(std::uint16_t(pairs[i] & 0xffffu));
+    out[2 * i + 1] = half_bits_to_float(std::uint16_t(pairs[i] >> 16));
+  }
+}
+
+/// This lane's part of a K or V row in shared memory, as floats (unscaled
+/// for a 1-byte cache: the kernel applies the scale per row or per key).
 template <class Tr, class KVT>
-__device__ KVKIT_FORCEINLINE void load_fragment(const KVT* row, int lane,
+__device__ KVKIT_FORCEINLINE void load_fragment(const KVT* row, int lane, DecodeKVFormat format,
                                                 float (&out)[Tr::kUnitsPerLane][Tr::kVec]) {
 #pragma unroll
   for (int u = 0; u < Tr::kUnitsPerLane; ++u) {
     const int unit = lane + u * Tr::kLanes;
     if (unit < Tr::kUnits) {
-      union {
-        uint4 raw;
-        KVT values[Tr::kVec];
-      } buf;
-      buf.raw = reinterpret_cast<const uint4*>(row)[unit];
+      if constexpr (Tr::kQuantized) {
+        static_assert(Tr::kVec == 8, "a 1-byte fragment is 8 bytes");
+        const uint2 raw = reinterpret_cast<const uint2*>(row)[unit];
+        dequantize_4(raw.x, format, &out[u][0]);
+        dequantize_4(raw.y, format, &out[u][4]);
+      } else {
+        (void)format;
+        union {
+          uint4 raw;
+          KVT values[Tr::kVec];
+        } buf;
+        buf.raw = reinterpret_cast<const uint4*>(row)[unit];
 #pragma unroll
-      for (int e = 0; e < Tr::kVec; ++e) out[u][e] = to_float(buf.values[e]);
+        for (int e = 0; e < Tr::kVec; ++e) out[u][e] = to_float(buf.values[e]);
+      }
     } else {
 #pragma unroll
       for (int e = 0; e < Tr::kVec; ++e) out[u][e] = 0.0f;
@@ -155,6 +237,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   using Tr = DecodeTraits<kHeadDim, KVT>;
   constexpr int kVec = Tr::kVec;
   constexpr int kUnits = Tr::kUnits;
+  constexpr int kCopyVec = Tr::kCopyVec;
+  constexpr int kCopyUnits = Tr::kCopyUnits;
   constexpr int kLanes = Tr::kLanes;
   constexpr int kUPL = Tr::kUnitsPerLane;
   constexpr int kRows = Tr::kRowsPerGroup;
@@ -230,6 +314,21 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   const KVT* k_cache = static_cast<const KVT*>(p.k_cache);
   const KVT* v_cache = static_cast<const KVT*>(p.v_cache);
   KVT* stages = reinterpret_cast<KVT*>(smem);  // [kStages][K, V][kTile][kHeadDim]
+  // 1-byte caches: value = float(stored) * scale, the scales of each key in
+  // tile_scales [kStages][K, V][kTile]. Per-(token, head) scales travel with
+  // their tile (found through each key's slot); static ones (per tensor, per
+  // head) fill every entry once here, so that the key loop reads both kinds
+  // the same way and keeps no scale in registers. The pipeline's first
+  // __syncthreads orders these stores before any read.
+  float* tile_scales = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + Tr::kPipelineBytes);
+  if constexpr (Tr::kQuantized) {
+    if (!L.per_token_scales) {
+      const std::int64_t si = scale_index(p.kv_scale_granularity, 0, kv_head, p.layout.num_heads);
+      const float ks = p.k_scale[si];
+      const float vs = p.v_scale[si];
+      for (int x = tid; x < kStages * 2 * kTile; x += kThreads) tile_scales[x] = (x / kTile) % 2 == 0 ? ks : vs;
+    }
+  }
   const std::int64_t num_tiles = (key_end - key_begin + kTile - 1) / kTile;
 
   const auto load_tile = [&](std::int64_t tile) {
@@ -237,20 +336,26 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
     const int n = key_end - first < kTile ? int(key_end - first) : kTile;
     KVT* dst_k = stages + std::size_t(tile % kStages) * 2 * kTile * kHeadDim;
     KVT* dst_v = dst_k + kTile * kHeadDim;
-    constexpr int kWork = 2 * kTile * kUnits;  // K units, then V units
+    constexpr int kWork = 2 * kTile * kCopyUnits;  // K units, then V units
 #pragma unroll
     for (int it = 0; it < (kWork + kThreads - 1) / kThreads; ++it) {
       const int u = tid + it * kThreads;
-      const bool is_v = u >= kTile * kUnits;
-      const int w = is_v ? u - kTile * kUnits : u;
-      const int j = w / kUnits;
-      const int unit = w - j * kUnits;
+      const bool is_v = u >= kTile * kCopyUnits;
+      const int w = is_v ? u - kTile * kCopyUnits : u;
+      const int j = w / kCopyUnits;
+      const int unit = w - j * kCopyUnits;
       if (u < kWork && j < n) {
         const std::int64_t pos = span.position(first + j);
-        const std::int64_t off =
-            p.layout.slot_offset(token_slot(pages, pos, p.layout.page_shift), kv_head) + unit * kVec;
-        copy_unit_16((is_v ? dst_v : dst_k) + j * kHeadDim + unit * kVec, (is_v ? v_cache : k_cache) + off,
+        const std::int64_t slot = token_slot(pages, pos, p.layout.page_shift);
+        const std::int64_t off = p.layout.slot_offset(slot, kv_head) + unit * kCopyVec;
+        copy_unit_16((is_v ? dst_v : dst_k) + j * kHeadDim + unit * kCopyVec, (is_v ? v_cache : k_cache) + off,
                      L.async_copy, int(sizeof(KVT)));
+        if constexpr (Tr::kQuantized) {
+          if (L.per_token_scales && unit == 0) {
+            float* dst_s = tile_scales + (std::size_t(tile % kStages) * 2 + (is_v ? 1 : 0)) * kTile + j;
+            copy_float_4(dst_s, (is_v ? p.v_scale : p.k_scale) + slot * p.layout.num_heads + kv_head);
+          }
+        }
       }
     }
   };
@@ -260,6 +365,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
     const int n = key_end - first < kTile ? int(key_end - first) : kTile;
     const KVT* tk = stages + std::size_t(tile % kStages) * 2 * kTile * kHeadDim;
     const KVT* tv = tk + kTile * kHeadDim;
+    const float* tks = tile_scales + std::size_t(tile % kStages) * 2 * kTile;
+    const float* tvs = tks + kTile;
     const std::int64_t pos_first = span.position(first);
     const std::int64_t pos_last = span.position(first + n - 1);
     // Most tiles are visible to every row: skip the per-row mask there.
@@ -269,7 +376,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
     // below see whole warps even when the tile is partly empty.
     for (int j = kg; j < kTile; j += key_groups) {
       float kf[kUPL][kVec];
-      load_fragment<Tr>(tk + j * kHeadDim, lane, kf);
+      load_fragment<Tr>(tk + j * kHeadDim, lane, L.kv_format, kf);
       float s[kRows];
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
@@ -286,18 +393,26 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
       if (j >= n) continue;  // no shuffles below
       const std::int64_t pos = span.position(first + j);
       float vf[kUPL][kVec];
-      load_fragment<Tr>(tv + j * kHeadDim, lane, vf);
+      load_fragment<Tr>(tv + j * kHeadDim, lane, L.kv_format, vf);
+      // The key's scale multiplies its score, the value's its weight in o
+      // (not the softmax sum): one product per row instead of per element.
+      float ks = 1.0f, vs = 1.0f;
+      if constexpr (Tr::kQuantized) {
+        ks = tks[j];
+        vs = tvs[j];
+      }
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
         if (!active[i] || !(all_visible || attention_visible(p, q_pos[i], pos))) continue;
-        const float logit = attention_logit(p, s[i]);
+        const float logit = attention_logit(p, Tr::kQuantized ? s[i] * ks : s[i]);
         const float factor = softmax[i].rescale_for(logit);
         const float w = expf(logit - softmax[i].max);
         softmax[i].sum += w;
+        const float wv = Tr::kQuantized ? w * vs : w;
 #pragma unroll
         for (int u = 0; u < kUPL; ++u) {
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[i][u][e] = fmaf(acc[i][u][e], factor, w * vf[u][e]);
+          for (int e = 0; e < kVec; ++e) acc[i][u][e] = fmaf(acc[i][u][e], factor, wv * vf[u][e]);
         }
       }
     }
@@ -452,6 +567,9 @@ inline void run_decode(const PagedDecodeParams& p, const DecodePlan& plan, void*
     L.partial_lse = L.partial_o + std::size_t(plan.num_splits) * std::size_t(rows_total) * std::size_t(plan.head_dim);
   }
   const std::uint64_t es = dtype_size(p.kv_dtype);
+  L.kv_format = detail::decode_kv_format(p.kv_dtype);
+  L.per_token_scales = L.kv_format != detail::DecodeKVFormat::kFloat &&
+                       p.kv_scale_granularity == ScaleGranularity::kPerTokenHead;
   L.async_copy = detail::copy_unit_bytes({detail::address_of(p.k_cache), detail::address_of(p.v_cache),
                                           std::uint64_t(p.layout.stride_page) * es,
                                           std::uint64_t(p.layout.stride_slot) * es,
@@ -461,8 +579,13 @@ inline void run_decode(const PagedDecodeParams& p, const DecodePlan& plan, void*
     using QT = typename decltype(qtag)::type;
     using KVT = typename decltype(kvtag)::type;
     using Tr = detail::DecodeTraits<decltype(dim)::value, KVT>;
-    detail::paged_decode_kernel<decltype(dim)::value, QT, KVT>
-        <<<unsigned(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p, L);
+    const auto kernel = detail::paged_decode_kernel<decltype(dim)::value, QT, KVT>;
+    if constexpr (Tr::kSmemBytes > 48 * 1024) {
+      // Not a stream operation: allowed while a graph is being captured.
+      KVKIT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            int(Tr::kSmemBytes)));
+    }
+    kernel<<<unsigned(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p, L);
     if (plan.num_splits > 1) {
       detail::decode_merge_kernel<QT>
           <<<detail::merge_blocks(rows_total), detail::kMergeThreads, 0, stream>>>(p, L);

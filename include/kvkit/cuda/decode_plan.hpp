@@ -76,15 +76,32 @@ inline constexpr int kDecodeStages = 3;
 /// Bytes of one K tile (and one V tile) per pipeline stage.
 inline constexpr int kDecodeTileBytes = 8192;
 
-/// Lanes that share one K/V row: one 16-byte unit each, rounded up to a
-/// power of two (head_dim 96 in bf16 = 12 units -> 16 lanes, 4 idle) and at
-/// most a warp (wider rows give a lane several units).
+/// Cache elements one lane converts per step: 16 bytes of float32 / float16
+/// / bfloat16, but 8 of a 1-byte (fp8 / int8) cache. A 16-byte unit of a
+/// 1-byte cache would put 16 q and 16 accumulator floats per query row in a
+/// lane's registers, twice the float caches' share, and spill at 4 rows; 8
+/// keeps a lane's registers (and the lanes per row, and the rows per block)
+/// the same as for a 16-bit cache of the same head_dim.
+constexpr int decode_fragment_elems(int elem_bytes) { return elem_bytes == 1 ? 8 : 16 / elem_bytes; }
+
+/// Lanes that share one K/V row: one fragment each, rounded up to a power of
+/// two (head_dim 96 in bf16 = 12 fragments -> 16 lanes, 4 idle) and at most
+/// a warp (wider rows give a lane several fragments).
 constexpr int decode_lanes(int head_dim, int elem_bytes) {
-  return head_dim * elem_bytes / 16 >= 32 ? 32 : next_pow2(head_dim * elem_bytes / 16);
+  return head_dim / decode_fragment_elems(elem_bytes) >= 32 ? 32
+                                                            : next_pow2(head_dim / decode_fragment_elems(elem_bytes));
 }
 /// Query rows one block serves: lane groups x rows per group.
 constexpr int decode_max_rows(int head_dim, int elem_bytes) {
   return kDecodeThreads / decode_lanes(head_dim, elem_bytes) * kDecodeRowsPerGroup;
+}
+/// Keys per K (and V) tile: kDecodeTileBytes of rows, a power of two in
+/// [8, 64] for 2- and 4-byte elements and in [8, 128] for 1-byte ones (so
+/// that a 1-byte tile of head_dim 64 or 48 still moves 8 KiB per stage).
+constexpr int decode_tile_keys(int head_dim, int elem_bytes) {
+  const int raw = floor_pow2(kDecodeTileBytes / (head_dim * elem_bytes));
+  const int cap = elem_bytes == 1 ? 128 : 64;
+  return raw < 8 ? 8 : raw > cap ? cap : raw;
 }
 
 /// Chunks of `keys` keys of `chunk_keys` each, at least 1, at most max_chunks
@@ -98,8 +115,13 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE int decode_num_chunks(std::int64_t keys, std
 
 /// Calls f(std::integral_constant<int, head_dim>, TypeTag<QT>, TypeTag<KVT>)
 /// for the combinations the GPU kernels are compiled for: head_dim 48, 64, 96,
-/// 128, 256 and (q, kv) dtypes equal (float32, float16, bfloat16) or
-/// float32 q with a bfloat16 cache. Throws kvkit::Error otherwise.
+/// 128, 256 and (q, kv) dtypes
+///   - equal (float32, float16, bfloat16), or float32 q with a bfloat16 cache;
+///   - any of float32 / float16 / bfloat16 q with a quantized cache
+///     (float8_e4m3, float8_e5m2, int8): KVT is then std::uint8_t, one kernel
+///     for the three 1-byte formats, which the kernel tells apart at run time
+///     (DecodeLaunch::kv_format).
+/// Throws kvkit::Error otherwise, naming the head_dim or the dtype pair.
 template <class F>
 void dispatch_decode(std::int64_t head_dim, DType q_dtype, DType kv_dtype, const char* where, F&& f) {
   const auto with_head_dim = [&](auto qtag, auto kvtag) {
@@ -113,15 +135,29 @@ void dispatch_decode(std::int64_t head_dim, DType q_dtype, DType kv_dtype, const
     }
   };
   dispatch_dtype<FloatTypes>(q_dtype, where, "q_dtype", [](auto) {});
-  dispatch_dtype<FloatTypes>(kv_dtype, where, "kv_dtype", [](auto) {});
-  if (q_dtype == kv_dtype) {
+  ::kvkit::detail::dispatch_kv_cache_dtype(kv_dtype, where, [](auto) {});
+  if (is_quantized_cache_dtype(kv_dtype)) {
+    dispatch_dtype<FloatTypes>(q_dtype, where, "q_dtype",
+                               [&](auto qtag) { with_head_dim(qtag, TypeTag<std::uint8_t>{}); });
+  } else if (q_dtype == kv_dtype) {
     dispatch_dtype<FloatTypes>(q_dtype, where, "q_dtype", [&](auto tag) { with_head_dim(tag, tag); });
   } else if (q_dtype == DType::kFloat32 && kv_dtype == DType::kBFloat16) {
     with_head_dim(TypeTag<float>{}, TypeTag<bfloat16>{});
   } else {
     fail(where, "q_dtype ", q_dtype, " with kv_dtype ", kv_dtype,
-         ": expected equal dtypes, or float32 q with a bfloat16 cache, on the GPU");
+         ": expected equal dtypes, float32 q with a bfloat16 cache, or float32 / float16 / bfloat16 q with a "
+         "float8_e4m3, float8_e5m2 or int8 cache, on the GPU");
   }
+}
+
+/// The 1-byte cache format a kernel instance for std::uint8_t reads.
+enum class DecodeKVFormat : int { kFloat = 0, kE4M3 = 1, kE5M2 = 2, kInt8 = 3 };
+
+inline DecodeKVFormat decode_kv_format(DType kv_dtype) {
+  return kv_dtype == DType::kFloat8E4M3   ? DecodeKVFormat::kE4M3
+         : kv_dtype == DType::kFloat8E5M2 ? DecodeKVFormat::kE5M2
+         : kv_dtype == DType::kInt8       ? DecodeKVFormat::kInt8
+                                          : DecodeKVFormat::kFloat;
 }
 
 /// Query rows per block for this head_dim and cache dtype (see DecodeTraits).
