@@ -383,6 +383,39 @@ KVKIT_FORCEINLINE void prefetch_kv_tile(const PagedDecodeParams& p, const void* 
   }
 }
 
+/// One online-softmax step of a query row at q_pos over the tile's n scores
+/// (keys first..first+n-1): masks invisible keys, turns the scores into
+/// weights exp(s - max) in place (0 beyond n and for masked keys), and
+/// rescales the row's accumulator. Returns whether any key had weight.
+template <class V>
+KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int64_t q_pos, std::int64_t first, int n,
+                                           float* s, OnlineSoftmax& softmax, float* acc, int v_width) {
+  if (!decode_tile_fully_visible(p, q_pos, first, n)) {
+    for (int j = 0; j < n; ++j) {
+      if (!attention_visible(p, q_pos, first + j)) s[j] = -INFINITY;
+    }
+  }
+  for (int j = n; j < kDecodeTile; ++j) s[j] = -INFINITY;
+  float tile_max = -INFINITY;
+  for (int j = 0; j < kDecodeTile; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
+  if (tile_max == -INFINITY) {
+    for (int j = 0; j < kDecodeTile; ++j) s[j] = 0.0f;
+    return false;
+  }
+  const float factor = softmax.rescale_for(tile_max);
+  const float row_max = softmax.max;
+  V sum = {};
+  for (int j = 0; j < kDecodeTile; j += kLanes<V>) {
+    for (int l = 0; l < kLanes<V>; ++l) s[j + l] = exp_nonpositive(s[j + l] - row_max);
+    sum += vec_at<V>(s + j);
+  }
+  softmax.sum += vec_sum(sum);
+  if (factor != 1.0f) {
+    for (int d = 0; d < v_width; ++d) acc[d] *= factor;
+  }
+  return true;
+}
+
 /// Per-thread buffers of the CPU decode, reused across work items.
 struct DecodeScratch {
   std::vector<float> floats;
@@ -458,56 +491,32 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
   for (const auto& range : ranges) {
     for (std::int64_t first = range[0]; first < range[1]; first += kDecodeTile) {
       const int n = int(std::min<std::int64_t>(kDecodeTile, range[1] - first));
-      load_kv_tile<kKV, kF16C>(p, p.k_cache, p.k_scale, pages, first, n, kv_head_begin, kv_heads, head_dim,
-                               byte_table, k_tile, k_width);
       const std::int64_t next = first + n;
       const int next_n = int(std::min<std::int64_t>(kDecodeTile, range[1] - next));
       if (next_n > 0) {
         prefetch_kv_tile<Storage>(p, p.k_cache, pages, next, next_n, kv_head_begin, kv_heads, head_dim);
         prefetch_kv_tile<Storage>(p, p.v_cache, pages, next, next_n, kv_head_begin, kv_heads, v_dim);
       }
+      load_kv_tile<kKV, kF16C>(p, p.k_cache, p.k_scale, pages, first, n, kv_head_begin, kv_heads, head_dim,
+                               byte_table, k_tile, k_width);
       for (int h = 0; h < kv_heads; ++h) {
-        const float* keys = k_tile + std::size_t(h) * kDecodeTile * k_width;
-        const std::size_t row = std::size_t(h) * head_rows;
-        decode_scores_rows<V>(p, q + row * k_width, keys, n, k_width, scores + row * kDecodeTile, head_rows);
+        const std::size_t row0 = std::size_t(h) * head_rows;
+        decode_scores_rows<V>(p, q + row0 * k_width, k_tile + std::size_t(h) * kDecodeTile * k_width, n, k_width,
+                              scores + row0 * kDecodeTile, head_rows);
       }
       bool any_weight = false;
       for (int r = 0; r < rows; ++r) {
-        float* s = scores + std::size_t(r) * kDecodeTile;
-        const std::int64_t q_pos = token_pos[(r % head_rows) / group];
-        if (!decode_tile_fully_visible(p, q_pos, first, n)) {
-          for (int j = 0; j < n; ++j) {
-            if (!attention_visible(p, q_pos, first + j)) s[j] = -INFINITY;
-          }
-        }
-        for (int j = n; j < kDecodeTile; ++j) s[j] = -INFINITY;
-        float tile_max = -INFINITY;
-        for (int j = 0; j < kDecodeTile; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
-        if (tile_max == -INFINITY) {
-          for (int j = 0; j < kDecodeTile; ++j) s[j] = 0.0f;
-          continue;
-        }
-        any_weight = true;
-        const float factor = softmax[r].rescale_for(tile_max);
-        const float row_max = softmax[r].max;
-        V sum = {};
-        for (int j = 0; j < kDecodeTile; j += kLanes<V>) {
-          for (int l = 0; l < kLanes<V>; ++l) s[j + l] = exp_nonpositive(s[j + l] - row_max);
-          sum += vec_at<V>(s + j);
-        }
-        softmax[r].sum += vec_sum(sum);
-        if (factor != 1.0f) {
-          float* a = acc + std::size_t(r) * v_width;
-          for (int d = 0; d < v_width; ++d) a[d] *= factor;
-        }
+        any_weight |= decode_softmax_step<V>(p, token_pos[(r % head_rows) / group], first, n,
+                                             scores + std::size_t(r) * kDecodeTile, softmax[r],
+                                             acc + std::size_t(r) * v_width, v_width);
       }
       if (!any_weight) continue;
       load_kv_tile<kKV, kF16C>(p, p.v_cache, p.v_scale, pages, first, n, kv_head_begin, kv_heads, v_dim,
                                byte_table, v_tile, v_width);
       for (int h = 0; h < kv_heads; ++h) {
-        const float* values = v_tile + std::size_t(h) * kDecodeTile * v_width;
-        const std::size_t row = std::size_t(h) * head_rows;
-        decode_accumulate_rows<V>(scores + row * kDecodeTile, values, n, v_width, acc + row * v_width, head_rows);
+        const std::size_t row0 = std::size_t(h) * head_rows;
+        decode_accumulate_rows<V>(scores + row0 * kDecodeTile, v_tile + std::size_t(h) * kDecodeTile * v_width, n,
+                                  v_width, acc + row0 * v_width, head_rows);
       }
     }
   }
