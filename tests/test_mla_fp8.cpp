@@ -278,8 +278,12 @@ TEST_CASE("CPU absorbed decode over the fp8 cache equals float decode of the deq
     std::vector<float> o8(pr.rows() * 512, -7.0f), l8(pr.rows()), of(o8.size()), lf(l8.size());
     kvkit::mla_decode_attention(pr.fp8_params(o8.data(), l8.data()));
     kvkit::mla_decode_attention(pr.float_params(pr.deq, of.data(), lf.data()));
-    for (std::size_t i = 0; i < o8.size(); ++i) REQUIRE(o8[i] == Approx(of[i]).epsilon(1e-5).margin(1e-6));
-    for (std::size_t i = 0; i < l8.size(); ++i) REQUIRE(l8[i] == Approx(lf[i]).epsilon(1e-6));
+    // Two fp32 evaluations in different orders (the float path sums in vector
+    // lanes with FMA and a polynomial exp); scores reach tens, so their
+    // fp32 rounding moves the weights by ~1e-4 relative. Quantization noise
+    // is ~1e-2: this still tells the two apart.
+    for (std::size_t i = 0; i < o8.size(); ++i) REQUIRE(o8[i] == Approx(of[i]).epsilon(5e-4).margin(5e-5));
+    for (std::size_t i = 0; i < l8.size(); ++i) REQUIRE(l8[i] == Approx(lf[i]).epsilon(2e-5).margin(1e-5));
   }
   SECTION("q_len 2 with a window, sinks and a soft-cap") {
     Fp8Problem pr(4, 16, {2, 40, 129}, 2, 9);
@@ -293,8 +297,12 @@ TEST_CASE("CPU absorbed decode over the fp8 cache equals float decode of the deq
     }
     kvkit::mla_decode_attention(p8);
     kvkit::mla_decode_attention(pf);
-    for (std::size_t i = 0; i < o8.size(); ++i) REQUIRE(o8[i] == Approx(of[i]).epsilon(1e-5).margin(1e-6));
-    for (std::size_t i = 0; i < l8.size(); ++i) REQUIRE(l8[i] == Approx(lf[i]).epsilon(1e-6));
+    // Two fp32 evaluations in different orders (the float path sums in vector
+    // lanes with FMA and a polynomial exp); scores reach tens, so their
+    // fp32 rounding moves the weights by ~1e-4 relative. Quantization noise
+    // is ~1e-2: this still tells the two apart.
+    for (std::size_t i = 0; i < o8.size(); ++i) REQUIRE(o8[i] == Approx(of[i]).epsilon(5e-4).margin(5e-5));
+    for (std::size_t i = 0; i < l8.size(); ++i) REQUIRE(l8[i] == Approx(lf[i]).epsilon(2e-5).margin(1e-5));
   }
 }
 
