@@ -30,6 +30,8 @@
 /// window + q_len - 1 <= capacity (and no sinks, unless nothing has wrapped
 /// yet). fill_contiguous_page_table checks this for the access it is given.
 
+// <cmath> before attention_params.hpp, which uses tanhf without including it.
+#include <cmath>
 #include <cstdint>
 
 #include "kvkit/core/config.hpp"
