@@ -24,6 +24,7 @@
 // layout: where each cache element lives
 #include "kvkit/layout/capacity.hpp"
 #include "kvkit/layout/contiguous_kv_layout.hpp"
+#include "kvkit/layout/contiguous_page_view.hpp"
 #include "kvkit/layout/virtual_kv_cache.hpp"
 #include "kvkit/layout/kv_scales.hpp"
 #include "kvkit/layout/latent_fp8_layout.hpp"
