@@ -4,6 +4,7 @@
 /// (ops/attention_decode.hpp) and, later, the CUDA kernels, with the masking
 /// rule both use.
 
+#include <cmath>
 #include <cstdint>
 
 #include "kvkit/core/config.hpp"
