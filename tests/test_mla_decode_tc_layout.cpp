@@ -8,12 +8,14 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <set>
 #include <vector>
 
+#include "kvkit/core/bfloat16.hpp"
 #include "kvkit/cuda/mla_decode_tc_layout.hpp"
 #include "support/ptx_fragment_emulation.hpp"
 
@@ -194,6 +196,75 @@ TEST_CASE("the two warps of an MLA tensor-core row group share rows, split keys 
         CHECK(MlaTcLanes::o_col(warp, l, 31, i) < 256);
         CHECK(MlaTcLanes::o_col(partner, l, 0, i) >= 256);
       }
+    }
+  }
+}
+
+TEST_CASE("the MLA tensor-core row update (two key halves, shared max, P rounded to bf16) equals a float64 softmax") {
+  // One query row over tiles of 64 keys, keys 0-31 of each tile in half 0 and
+  // 32-63 in half 1, as the kernel's two warps of a row group see them; each
+  // half keeps its own max/sum and calls mla_tc_rescale with its partner's
+  // tile max. Hidden keys are -inf logits: whole tiles, whole halves, single keys.
+  using kvkit::cuda::detail::mla_tc_rescale;
+  using kvkit::cuda::detail::mla_tc_weight;
+  constexpr int kTiles = 7, kKeys = 64 * kTiles, kDims = 8;
+  std::mt19937 rng(21);
+  std::uniform_real_distribution<float> logit_dist(-12.0f, 12.0f), value_dist(-2.0f, 2.0f);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::vector<float> logits(kKeys);
+    std::vector<double> v(kKeys * kDims);
+    for (auto& x : v) x = value_dist(rng);
+    const int pattern = trial % 4;  // 0: scattered, 1: leading tiles hidden, 2: half 1 hidden, 3: all hidden
+    for (int k = 0; k < kKeys; ++k) {
+      bool hidden = std::uniform_int_distribution<int>(0, 3)(rng) == 0;
+      if (pattern == 1) hidden = hidden || k < 128 || (k >= 256 && k < 320);
+      if (pattern == 2) hidden = hidden || k % 64 >= 32;
+      if (pattern == 3) hidden = true;
+      logits[std::size_t(k)] = hidden ? -INFINITY : logit_dist(rng);
+    }
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    std::vector<float> o(kDims, 0.0f);
+    for (int t = 0; t < kTiles; ++t) {
+      float tile_max[2] = {-INFINITY, -INFINITY};
+      for (int j = 0; j < 64; ++j) tile_max[j / 32] = std::max(tile_max[j / 32], logits[std::size_t(64 * t + j)]);
+      float base[2], factor[2];
+      for (int h = 0; h < 2; ++h) factor[h] = mla_tc_rescale(row_max[h], row_sum[h], tile_max[h], tile_max[1 - h], base[h]);
+      INFO("trial " << trial << " tile " << t);
+      REQUIRE(row_max[0] == row_max[1]);  // both warps of the row group agree ...
+      REQUIRE(factor[0] == factor[1]);    // ... so O (owned by column, not by key half) is rescaled once
+      REQUIRE(base[0] == base[1]);
+      REQUIRE_FALSE(std::isnan(factor[0]));
+      for (float& x : o) x *= factor[0];
+      for (int j = 0; j < 64; ++j) {
+        const float w = mla_tc_weight(logits[std::size_t(64 * t + j)], base[j / 32]);
+        REQUIRE_FALSE(std::isnan(w));
+        row_sum[j / 32] += w;
+        const float p = float(kvkit::bfloat16(w));  // the mma operand
+        for (int d = 0; d < kDims; ++d) o[std::size_t(d)] += p * float(v[std::size_t((64 * t + j) * kDims + d)]);
+      }
+    }
+    const float total = row_sum[0] + row_sum[1];
+    // float64 reference.
+    double m = -INFINITY;
+    for (float x : logits) m = std::max(m, double(x));
+    if (m == -INFINITY) {
+      CHECK(total == 0.0f);
+      CHECK(row_max[0] == -INFINITY);
+      for (float x : o) REQUIRE(x == 0.0f);
+      continue;
+    }
+    double sum = 0.0;
+    std::vector<double> want(kDims, 0.0);
+    for (int k = 0; k < kKeys; ++k) {
+      const double w = std::exp(double(logits[std::size_t(k)]) - m);
+      sum += w;
+      for (int d = 0; d < kDims; ++d) want[std::size_t(d)] += w * v[std::size_t(k * kDims + d)];
+    }
+    INFO("trial " << trial);
+    REQUIRE(std::fabs((double(row_max[0]) + std::log(double(total))) - (m + std::log(sum))) < 1e-5 * (1 + std::fabs(m)));
+    for (int d = 0; d < kDims; ++d) {
+      // P rounding to bf16 moves each weight by <= 2^-9 relative: |Δo| <= 2^-9 max|v|.
+      REQUIRE(std::fabs(double(o[std::size_t(d)]) / total - want[std::size_t(d)] / sum) <= std::ldexp(2.0, -9) * 1.01);
     }
   }
 }

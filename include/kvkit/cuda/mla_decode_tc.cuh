@@ -45,7 +45,6 @@ __global__ void __launch_bounds__(kMlaTcThreads, 1)
   using Lanes = MlaTcLanes;
   constexpr int kD = kMlaTcRowElems;
   constexpr int kTile = kMlaTcTileKeys;
-  constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ uint4 smem[];
   T* s_q = reinterpret_cast<T*>(smem);                  // [64][576], swizzled
   T* s_k = s_q + kMlaTcQElems;                          // [2][64][576], swizzled
@@ -195,18 +194,14 @@ __global__ void __launch_bounds__(kMlaTcThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float other = s_red[(1 - hf) * kMlaTcRowsPerBlock + Lanes::c_row(warp, lane, 2 * h)];
-        const float m = fmaxf(row_max[h], fmaxf(tile_max[h], other));
-        base[h] = m == -INFINITY ? 0.0f : m;  // a row that has seen nothing keeps P = 0, no NaN
-        factor[h] = exp2f((row_max[h] - base[h]) * kLog2e);  // 0 when row_max was -inf
-        row_max[h] = m;
-        row_sum[h] *= factor[h];
+        factor[h] = mla_tc_rescale(row_max[h], row_sum[h], tile_max[h], other, base[h]);
       }
 #pragma unroll
       for (int nb = 0; nb < kMlaTcKeysPerWarp / 8; ++nb) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float p0 = exp2f((s[nb][2 * h] - base[h]) * kLog2e);
-          const float p1 = exp2f((s[nb][2 * h + 1] - base[h]) * kLog2e);
+          const float p0 = mla_tc_weight(s[nb][2 * h], base[h]);
+          const float p1 = mla_tc_weight(s[nb][2 * h + 1], base[h]);
           row_sum[h] += p0 + p1;
           *reinterpret_cast<std::uint32_t*>(s_p + Lanes::p_store_offset(warp, lane, nb, h)) = pack2<T>(p0, p1);
         }

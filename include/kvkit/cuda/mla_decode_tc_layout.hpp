@@ -16,6 +16,8 @@
 /// The two warps of a row group therefore exchange their tile maxima and
 /// their halves of P through shared memory.
 
+#include <cmath>
+
 #include "kvkit/core/config.hpp"
 #include "kvkit/cuda/prefill_plan.hpp"  // PrefillLdmatrixLanes
 
@@ -103,5 +105,31 @@ struct MlaTcLanes {
     return mla_tc_swizzle(c_row(warp, lane, 2 * h), s_key(warp, lane, nb, 0), kMlaTcTileKeys);
   }
 };
+
+/// The online-softmax step of one query row for one key tile, as each warp
+/// of a row group does it with its own tile max and its partner's (read
+/// from shared memory): the running max becomes max(row_max, tile_max,
+/// partner_max), the same in both warps (fmaxf is exact and order-free), so
+/// both rescale by the same factor. `row_sum` (this warp's part, over its own
+/// keys) is rescaled; the returned factor is for the output accumulators.
+/// `base` is what the logits of this tile subtract before exp: 0 while the
+/// row has seen no visible key, so that exp(-inf - base) = 0 and no NaN
+/// appears (then the factor is 0 too, and everything is still 0).
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float mla_tc_rescale(float& row_max, float& row_sum, float tile_max,
+                                                          float partner_max, float& base) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float m = fmaxf(row_max, fmaxf(tile_max, partner_max));
+  base = m == -INFINITY ? 0.0f : m;
+  const float factor = exp2f((row_max - base) * kLog2e);  // 0 when row_max was -inf
+  row_max = m;
+  row_sum *= factor;
+  return factor;
+}
+
+/// exp(logit - base) for a logit of the tile (-inf for a hidden key -> 0).
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE float mla_tc_weight(float logit, float base) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  return exp2f((logit - base) * kLog2e);
+}
 
 }  // namespace kvkit::cuda::detail
