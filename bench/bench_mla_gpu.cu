@@ -3,8 +3,10 @@
 // fp8 cache (656-byte rows, scattered slots: 119 MB read + written, beyond
 // the 50 MB L2). Bytes read + written, pct_of_memcpy against the device copy.
 // Absorbed decode (run_mla_decode), DeepSeek-V3 shape (128 heads, 576/512,
-// page 64), bf16 and fp8 (656-byte rows) caches, batch 64 x 4,096 and
-// batch 1 x 32,768: bytes = latent rows read once + Q + O.
+// page 64), bf16 and fp8 (656-byte rows) caches, batch 64 x 4,096, 128 x
+// 4,096 and 1 x 32,768; bf16 on both kernels (CUDA cores, tensor cores)
+// side by side, fp8 on CUDA cores: bytes = latent rows read once + Q + O
+// (pct_of_memcpy), and FLOP/s = 2 x rows x keys x (576 + 512).
 
 #include <cstdint>
 #include <numeric>
@@ -92,7 +94,8 @@ int device_sms() {
 
 // Caches smaller than 4 x the H100's 50 MB L2 are kept in several copies
 // (disjoint pages, one page table each) and the iterations rotate among them.
-void BM_mla_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t context, bool fp8) {
+void BM_mla_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t context, bool fp8,
+                       kvkit::cuda::MlaDecodeKernel kernel) {
   const kvkit::MlaConfig cfg = kvkit::MlaConfig::deepseek_v3();
   const std::int64_t ctx = kvkit::bench::full_or_smoke<std::int64_t>(context, 256);
   const std::int64_t seqs = kvkit::bench::full_or_smoke<std::int64_t>(batch, 2);
@@ -125,7 +128,7 @@ void BM_mla_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t
   p.o_stride_token = std::int64_t(cfg.n_heads) * 512;
   p.q_dtype = kvkit::DType::kBFloat16;
   p.page_table = {d_table.as<std::int32_t>(), d_lens.as<std::int32_t>(), seqs, ctx / page, ctx / page};
-  const auto plan = kvkit::cuda::plan_mla_decode(p, lens.data(), device_sms());
+  const auto plan = kvkit::cuda::plan_mla_decode(p, lens.data(), device_sms(), {}, kernel);
   DeviceBuffer workspace(std::max<std::size_t>(plan.workspace_bytes, 4));
   int next = 0;
   kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) {
@@ -135,16 +138,28 @@ void BM_mla_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t
     kvkit::cuda::run_mla_decode(q, plan, workspace.data(), plan.workspace_bytes, s);
   });
   kvkit::bench::report_device_bandwidth(state, cache_bytes + double(rows) * (576 + 512) * 2.0);
+  kvkit::bench::report_flops(state, 2.0 * double(rows) * double(ctx) * (576 + 512));
   state.counters["splits"] = plan.num_splits;
+  state.counters["tensor_cores"] = plan.kernel == kvkit::cuda::MlaDecodeKernel::kTensorCores ? 1 : 0;
 }
 
-BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_bf16_b64x4096, 64, 4096, false)
-    ->Name("mla_gpu/absorbed_decode/deepseek_v3/bf16_page64/batch64_ctx4096")->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_bf16_b1x32768, 1, 32768, false)
-    ->Name("mla_gpu/absorbed_decode/deepseek_v3/bf16_page64/batch1_ctx32768")->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_fp8_b64x4096, 64, 4096, true)
-    ->Name("mla_gpu/absorbed_decode/deepseek_v3/fp8_656B_page64/batch64_ctx4096")->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_fp8_b1x32768, 1, 32768, true)
-    ->Name("mla_gpu/absorbed_decode/deepseek_v3/fp8_656B_page64/batch1_ctx32768")->UseManualTime()->Unit(benchmark::kMicrosecond);
+constexpr auto kCores = kvkit::cuda::MlaDecodeKernel::kCudaCores;
+constexpr auto kTensor = kvkit::cuda::MlaDecodeKernel::kTensorCores;
+BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_bf16_b64x4096_cores, 64, 4096, false, kCores)
+    ->Name("mla_gpu/absorbed_decode/deepseek_v3/bf16_page64/batch64_ctx4096/cuda_cores")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_bf16_b64x4096_tc, 64, 4096, false, kTensor)
+    ->Name("mla_gpu/absorbed_decode/deepseek_v3/bf16_page64/batch64_ctx4096/tensor_cores")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_bf16_b128x4096_cores, 128, 4096, false, kCores)
+    ->Name("mla_gpu/absorbed_decode/deepseek_v3/bf16_page64/batch128_ctx4096/cuda_cores")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_bf16_b128x4096_tc, 128, 4096, false, kTensor)
+    ->Name("mla_gpu/absorbed_decode/deepseek_v3/bf16_page64/batch128_ctx4096/tensor_cores")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_bf16_b1x32768_cores, 1, 32768, false, kCores)
+    ->Name("mla_gpu/absorbed_decode/deepseek_v3/bf16_page64/batch1_ctx32768/cuda_cores")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_bf16_b1x32768_tc, 1, 32768, false, kTensor)
+    ->Name("mla_gpu/absorbed_decode/deepseek_v3/bf16_page64/batch1_ctx32768/tensor_cores")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_fp8_b64x4096, 64, 4096, true, kCores)
+    ->Name("mla_gpu/absorbed_decode/deepseek_v3/fp8_656B_page64/batch64_ctx4096/cuda_cores")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_mla_decode_gpu, v3_fp8_b1x32768, 1, 32768, true, kCores)
+    ->Name("mla_gpu/absorbed_decode/deepseek_v3/fp8_656B_page64/batch1_ctx32768/cuda_cores")->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace

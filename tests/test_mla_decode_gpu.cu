@@ -1,7 +1,8 @@
 // The CUDA absorbed MLA decode (plan + run) against the CPU op
-// (kvkit::mla_decode_attention) on the same inputs: DeepSeek-V2-Lite (16
-// heads) and V3 (128 heads), bf16/fp16/fp8 caches, pages of 64 and 1,
-// lengths 1, 63, 64, 65, 1000 and 33000, split and unsplit, lse, masks.
+// (kvkit::mla_decode_attention) on the same inputs, both kernels (CUDA
+// cores; tensor cores for bf16/fp16): DeepSeek-V2-Lite (16 heads) and V3
+// (128 heads), bf16/fp16/fp8 caches, pages of 64, 16 and 1, lengths 1, 63,
+// 64, 65, 1000, 5000 and 33000, q_len 1 and 2, split and unsplit, lse, masks.
 // Skipped without a GPU.
 //
 // Tolerances, GPU vs CPU (both accumulate in float32, in different orders;
@@ -10,6 +11,9 @@
 // output, one unit in the last place otherwise (2^-10 fp16, 2^-7 bf16);
 // |lse_gpu - lse_cpu| <= 2e-5 * max(1, |lse_cpu|). With q = 0 every score
 // is 0 and lse = log(visible keys) exactly: one key too many or too few shows.
+// The tensor-core kernel rounds P to the input dtype before P V (the scores
+// and the sums stay float32), so its o gets an extra 1e-2 x max|o| (bf16) or
+// 2e-3 x max|o| (fp16) on top; its lse has the same bound as above.
 
 #include <catch2/catch.hpp>
 
@@ -17,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -33,6 +38,7 @@ using kvkit::MlaConfig;
 using kvkit::PagedDecodeParams;
 using kvkit::cuda::DecodePlanOptions;
 using kvkit::cuda::DeviceBuffer;
+using kvkit::cuda::MlaDecodeKernel;
 
 namespace {
 
@@ -148,8 +154,10 @@ struct MlaProblem {
     return p;
   }
 
+  MlaDecodeKernel kernel = MlaDecodeKernel::kCudaCores;  // the one the last run used
+
   // Runs the CPU op and the GPU op; returns the plan's split count.
-  int run(const DecodePlanOptions& options) {
+  int run(const DecodePlanOptions& options, MlaDecodeKernel choice = MlaDecodeKernel::kCudaCores) {
     PagedDecodeParams p = params();
     kvkit::mla_decode_attention(p);
     auto d_q = DeviceBuffer::from_host(q);
@@ -165,7 +173,8 @@ struct MlaProblem {
     g.page_table.seq_lens = d_lens.as<std::int32_t>();
     g.o = d_o.data();
     g.lse = d_lse.as<float>();
-    const auto plan = kvkit::cuda::plan_mla_decode(g, lens.data(), num_sms(), options);
+    const auto plan = kvkit::cuda::plan_mla_decode(g, lens.data(), num_sms(), options, choice);
+    kernel = plan.kernel;
     DeviceBuffer workspace(std::max<std::size_t>(plan.workspace_bytes, 4));
     kvkit::cuda::run_mla_decode(g, plan, workspace.data(), plan.workspace_bytes);
     KVKIT_CUDA_CHECK(cudaDeviceSynchronize());
@@ -176,13 +185,18 @@ struct MlaProblem {
 
   void compare() const {
     const double rel = rel_tolerance<QT>();
+    double omax = 0.0;
+    for (const QT& x : o_cpu) omax = std::max(omax, std::fabs(double(kvkit::to_float(x))));
+    const double p_rounding = kernel != MlaDecodeKernel::kTensorCores              ? 0.0
+                              : std::is_same<QT, kvkit::bfloat16>::value ? 1e-2 * omax
+                                                                          : 2e-3 * omax;
     for (std::size_t i = 0; i < o_cpu.size(); ++i) {
       if (i % (512 + kPad) >= 512) {
         REQUIRE(std::memcmp(&o_gpu[i], &poison, sizeof(QT)) == 0);
         continue;
       }
       const double want = kvkit::to_float(o_cpu[i]), got = kvkit::to_float(o_gpu[i]);
-      if (!(std::fabs(got - want) <= 2e-5 * vmax + rel * std::fabs(want))) {
+      if (!(std::fabs(got - want) <= 2e-5 * vmax + rel * std::fabs(want) + p_rounding)) {
         FAIL("o[" << i << "] (row " << i / (512 + kPad) << ", column " << i % (512 + kPad) << "): GPU " << got
                   << ", CPU " << want);
       }
@@ -209,11 +223,19 @@ DecodePlanOptions chunks_of(std::int64_t keys) {
 }
 
 template <class QT>
-void check(const MlaCase& c, const DecodePlanOptions& options, std::uint64_t seed, int min_splits = 1) {
+void check(const MlaCase& c, const DecodePlanOptions& options, std::uint64_t seed, int min_splits = 1,
+           MlaDecodeKernel kernel = MlaDecodeKernel::kCudaCores) {
   MlaProblem<QT> pr(c, seed);
-  const int splits = pr.run(options);
+  const int splits = pr.run(options, kernel);
   CHECK(splits >= min_splits);
+  CHECK((kernel == MlaDecodeKernel::kAuto || pr.kernel == kernel));
   pr.compare();
+}
+
+// The same checks on the tensor-core kernel.
+template <class QT>
+void check_tc(const MlaCase& c, const DecodePlanOptions& options, std::uint64_t seed, int min_splits = 1) {
+  check<QT>(c, options, seed, min_splits, MlaDecodeKernel::kTensorCores);
 }
 
 }  // namespace
@@ -318,5 +340,116 @@ TEST_CASE("GPU MLA decode rejects what it is not built for, launching nothing") 
   }
   SECTION("the generic decode keeps rejecting narrower values") {
     CHECK_THROWS_WITH(kvkit::cuda::plan_decode(p, pr.lens.data(), 132), Contains("v_head_dim"));
+  }
+}
+
+TEST_CASE("GPU MLA decode on tensor cores equals the CPU op: V2-Lite 16 heads, q_len 1 and 2, pages 64 and 16") {
+  MlaCase c;
+  c.heads = 16;
+  c.seq_lens = {1, 63, 64, 65, 1000, 5000};
+  std::uint64_t seed = 100;
+  for (int q_len : {1, 2}) {
+    for (int page : {64, 16}) {
+      c.q_len = q_len;
+      c.page_size = page;
+      c.cache = kvkit::DType::kBFloat16;
+      check_tc<kvkit::bfloat16>(c, unsplit(), seed++);
+      check_tc<kvkit::bfloat16>(c, chunks_of(128), seed++, 2);
+      c.cache = kvkit::DType::kFloat16;
+      check_tc<kvkit::half>(c, unsplit(), seed++);
+      check_tc<kvkit::half>(c, chunks_of(192), seed++, 2);
+    }
+  }
+}
+
+TEST_CASE("GPU MLA decode on tensor cores equals the CPU op: V3 128 heads (2 and 4 row chunks), split and unsplit") {
+  MlaCase c;
+  c.heads = 128;
+  c.seq_lens = {1, 63, 64, 65, 1000, 5000};
+  std::uint64_t seed = 200;
+  for (int q_len : {1, 2}) {
+    c.q_len = q_len;
+    c.page_size = q_len == 1 ? 64 : 16;
+    c.cache = kvkit::DType::kBFloat16;
+    check_tc<kvkit::bfloat16>(c, unsplit(), seed++);
+    check_tc<kvkit::bfloat16>(c, {}, seed++);  // the plan's own split choice
+    check_tc<kvkit::bfloat16>(c, chunks_of(1024), seed++, 2);
+    c.cache = kvkit::DType::kFloat16;
+    check_tc<kvkit::half>(c, chunks_of(320), seed++, 2);
+  }
+}
+
+TEST_CASE("GPU MLA decode on tensor cores: rows that do not fill the 64-row tile, and idle row groups") {
+  MlaCase c;
+  c.seq_lens = {7, 64, 129};
+  std::uint64_t seed = 300;
+  for (int heads : {1, 5, 20, 33}) {  // 1, 5: 3 idle row groups; 33 x 2 = 66 rows: 2 chunks of 33
+    c.heads = heads;
+    c.q_len = heads == 33 ? 2 : 1;
+    check_tc<kvkit::bfloat16>(c, unsplit(), seed++);
+    check_tc<kvkit::bfloat16>(c, chunks_of(64), seed++, 2);
+  }
+}
+
+TEST_CASE("GPU MLA decode on tensor cores: fp16, q_len 2, window with sinks, soft-cap and key ranges") {
+  MlaCase c;
+  c.cache = kvkit::DType::kFloat16;
+  c.heads = 20;
+  c.q_len = 2;
+  c.page_size = 16;
+  c.seq_lens = {2, 64, 700};
+  c.window = 100;
+  c.sinks = 4;
+  c.softcap = 30.0f;
+  check_tc<kvkit::half>(c, unsplit(), 301);
+  check_tc<kvkit::half>(c, chunks_of(64), 302, 2);
+  c.window = 0;
+  c.sinks = 0;
+  c.kv_begin = 60;
+  c.kv_end = 500;  // sequences 0 and 1 see nothing or part: o = 0, lse = -inf where empty
+  check_tc<kvkit::half>(c, chunks_of(64), 303, 2);
+  check_tc<kvkit::half>(c, unsplit(), 304);
+}
+
+TEST_CASE("GPU MLA decode on tensor cores attends to exactly the visible keys (q = 0: lse = log count)") {
+  MlaCase c;
+  c.heads = 16;
+  c.q_len = 2;
+  c.seq_lens = {2, 65, 1000, 4097};
+  c.window = 300;
+  c.sinks = 2;
+  c.zero_q = true;
+  for (const auto& options : {unsplit(), chunks_of(128)}) {
+    MlaProblem<kvkit::bfloat16> pr(c, 305);
+    pr.run(options, MlaDecodeKernel::kTensorCores);
+    pr.compare();
+    for (std::size_t b = 0; b < c.seq_lens.size(); ++b) {
+      for (int i = 0; i < 2; ++i) {
+        const std::int64_t pos = c.seq_lens[b] - 2 + i;
+        std::int64_t count = 0;
+        for (std::int64_t k = 0; k <= pos; ++k) count += (k > pos - 300 || k < 2) ? 1 : 0;
+        for (int head = 0; head < 16; ++head) {
+          const std::size_t r = (b * 2 + std::size_t(i)) * 16 + std::size_t(head);
+          REQUIRE(pr.lse_gpu[r] == Approx(std::log(double(count))).epsilon(1e-6));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("GPU MLA decode picks tensor cores by default for bf16 with 16+ heads, and they agree with CUDA cores") {
+  MlaCase c;
+  c.heads = 16;
+  c.seq_lens = {65, 1000};
+  MlaProblem<kvkit::bfloat16> tc(c, 306), cores(c, 306);
+  tc.run({}, MlaDecodeKernel::kAuto);
+  CHECK(tc.kernel == MlaDecodeKernel::kTensorCores);
+  tc.compare();
+  cores.run({}, MlaDecodeKernel::kCudaCores);
+  cores.compare();
+  double omax = 0.0;
+  for (const auto& x : cores.o_gpu) omax = std::max(omax, std::fabs(double(kvkit::to_float(x))));
+  for (std::size_t i = 0; i < tc.o_gpu.size(); ++i) {
+    REQUIRE(std::fabs(kvkit::to_float(tc.o_gpu[i]) - kvkit::to_float(cores.o_gpu[i])) <= 2e-2 * omax + 1e-6);
   }
 }

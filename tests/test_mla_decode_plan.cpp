@@ -12,6 +12,7 @@ using Catch::Matchers::Contains;
 using kvkit::MlaConfig;
 using kvkit::PagedDecodeParams;
 using kvkit::cuda::DecodePlanOptions;
+using kvkit::cuda::MlaDecodeKernel;
 using kvkit::cuda::plan_mla_decode;
 
 namespace {
@@ -47,39 +48,95 @@ struct PlanCase {
 
 }  // namespace
 
-TEST_CASE("MLA plan cuts the query rows into equal chunks of at most 32") {
-  CHECK(plan_mla_decode(PlanCase(128, 1, {100}).p, PlanCase(128, 1, {100}).lens.data(), 132).row_chunks == 4);
-  PlanCase v3(128, 1, {100});
-  auto plan = plan_mla_decode(v3.p, v3.lens.data(), 132);
+TEST_CASE("MLA plan on CUDA cores cuts the query rows into equal chunks of at most 32") {
+  const auto cores = [](PlanCase c) {
+    return plan_mla_decode(c.p, c.lens.data(), 132, {}, MlaDecodeKernel::kCudaCores);
+  };
+  auto plan = cores(PlanCase(128, 1, {100}));
+  CHECK(plan.kernel == MlaDecodeKernel::kCudaCores);
+  CHECK(plan.row_chunks == 4);
   CHECK(plan.rows_per_chunk == 32);
-  PlanCase lite(16, 2, {100});
-  plan = plan_mla_decode(lite.p, lite.lens.data(), 132);
+  plan = cores(PlanCase(16, 2, {100}));
   CHECK(plan.row_chunks == 1);
   CHECK(plan.rows_per_chunk == 32);
-  PlanCase odd(33, 1, {100});
-  plan = plan_mla_decode(odd.p, odd.lens.data(), 132);
+  plan = cores(PlanCase(33, 1, {100}));
   CHECK(plan.row_chunks == 2);
   CHECK(plan.rows_per_chunk == 17);
-  PlanCase one(1, 1, {1});
-  plan = plan_mla_decode(one.p, one.lens.data(), 132);
+  plan = cores(PlanCase(1, 1, {1}));
   CHECK(plan.row_chunks == 1);
   CHECK(plan.rows_per_chunk == 1);
 }
 
+TEST_CASE("MLA plan on tensor cores cuts the query rows into equal chunks of at most 64") {
+  const auto tensor = [](PlanCase c) {
+    return plan_mla_decode(c.p, c.lens.data(), 132, {}, MlaDecodeKernel::kTensorCores);
+  };
+  auto plan = tensor(PlanCase(128, 1, {100}));
+  CHECK(plan.kernel == MlaDecodeKernel::kTensorCores);
+  CHECK(plan.row_chunks == 2);
+  CHECK(plan.rows_per_chunk == 64);
+  plan = tensor(PlanCase(128, 2, {100}));  // 256 rows: 4 x 64
+  CHECK(plan.row_chunks == 4);
+  CHECK(plan.rows_per_chunk == 64);
+  plan = tensor(PlanCase(65, 1, {100}));
+  CHECK(plan.row_chunks == 2);
+  CHECK(plan.rows_per_chunk == 33);
+  plan = tensor(PlanCase(20, 2, {100}));
+  CHECK(plan.row_chunks == 1);
+  CHECK(plan.rows_per_chunk == 40);
+  plan = tensor(PlanCase(1, 1, {1}));  // forced: allowed, if wasteful
+  CHECK(plan.rows_per_chunk == 1);
+}
+
+TEST_CASE("MLA plan picks tensor cores for bf16/fp16 with q of the cache's dtype and >= 16 rows per sequence") {
+  const auto pick = [](PlanCase c) { return plan_mla_decode(c.p, c.lens.data(), 132).kernel; };
+  CHECK(pick(PlanCase(128, 1, {100})) == MlaDecodeKernel::kTensorCores);
+  CHECK(pick(PlanCase(16, 1, {100})) == MlaDecodeKernel::kTensorCores);
+  CHECK(pick(PlanCase(8, 2, {100})) == MlaDecodeKernel::kTensorCores);
+  CHECK(pick(PlanCase(15, 1, {100})) == MlaDecodeKernel::kCudaCores);  // too few rows to fill a 16-row mma
+  PlanCase fp16(16, 1, {100});
+  fp16.p.q_dtype = fp16.p.kv_dtype = kvkit::DType::kFloat16;
+  CHECK(pick(fp16) == MlaDecodeKernel::kTensorCores);
+  PlanCase float_q(128, 1, {100});
+  float_q.p.q_dtype = kvkit::DType::kFloat32;  // not an mma operand: CUDA cores
+  CHECK(pick(float_q) == MlaDecodeKernel::kCudaCores);
+  CHECK(pick(PlanCase(128, 1, {100}, true)) == MlaDecodeKernel::kCudaCores);  // fp8 rows
+  SECTION("asking for tensor cores where they do not apply is an error") {
+    CHECK_THROWS_WITH(plan_mla_decode(float_q.p, float_q.lens.data(), 132, {}, MlaDecodeKernel::kTensorCores),
+                      Contains("'kv_dtype' = bfloat16: expected bfloat16 or float16 with q_dtype the same (got "
+                               "float32) for the tensor-core kernel"));
+    PlanCase fp8(128, 1, {100}, true);
+    CHECK_THROWS_WITH(plan_mla_decode(fp8.p, fp8.lens.data(), 132, {}, MlaDecodeKernel::kTensorCores),
+                      Contains("'kv_dtype' = float8_e4m3"));
+  }
+}
+
 TEST_CASE("MLA plan splits long contexts evenly and sizes the workspace") {
   PlanCase single(128, 1, {32768});
-  auto plan = plan_mla_decode(single.p, single.lens.data(), 132);
-  CHECK(plan.num_splits > 1);
-  CHECK(plan.chunk_keys % 64 == 0);
-  CHECK(plan.num_splits == (32768 + plan.chunk_keys - 1) / plan.chunk_keys);
-  CHECK(plan.workspace_bytes == std::size_t(plan.num_splits) * 128 * 513 * 4);
-  // 64 x 4,096 with 4 row chunks is 256 blocks, just under 2 x 132: two even halves.
+  for (const auto kernel : {MlaDecodeKernel::kCudaCores, MlaDecodeKernel::kTensorCores}) {
+    const auto plan = plan_mla_decode(single.p, single.lens.data(), 132, {}, kernel);
+    CHECK(plan.num_splits > 1);
+    CHECK(plan.chunk_keys % 64 == 0);
+    CHECK(plan.num_splits == (32768 + plan.chunk_keys - 1) / plan.chunk_keys);
+    CHECK(plan.workspace_bytes == std::size_t(plan.num_splits) * 128 * 513 * 4);
+  }
+  // CUDA cores, 64 x 4,096 with 4 row chunks is 256 blocks, just under 2 x 132: two even halves.
   PlanCase batch(128, 1, std::vector<std::int32_t>(64, 4096));
-  plan = plan_mla_decode(batch.p, batch.lens.data(), 132);
+  auto plan = plan_mla_decode(batch.p, batch.lens.data(), 132, {}, MlaDecodeKernel::kCudaCores);
   CHECK(plan.num_splits == 2);
   CHECK(plan.chunk_keys == 2048);
+  // Tensor cores (one block per SM): 64 x 2 row chunks = 128 blocks fill 132 SMs unsplit.
+  plan = plan_mla_decode(batch.p, batch.lens.data(), 132);
+  CHECK(plan.kernel == MlaDecodeKernel::kTensorCores);
+  CHECK(plan.num_splits == 1);
+  CHECK(plan.workspace_bytes == 0);
+  // ... but 16 sequences (32 blocks) leave most SMs idle: split to about one block per SM.
+  PlanCase few(128, 1, std::vector<std::int32_t>(16, 4096));
+  plan = plan_mla_decode(few.p, few.lens.data(), 132);
+  CHECK(plan.num_splits == 4);
+  CHECK(plan.chunk_keys == 1024);
   // Enough blocks without splitting: no workspace.
-  plan = plan_mla_decode(batch.p, batch.lens.data(), 100);
+  plan = plan_mla_decode(batch.p, batch.lens.data(), 100, {}, MlaDecodeKernel::kCudaCores);
   CHECK(plan.num_splits == 1);
   CHECK(plan.workspace_bytes == 0);
   DecodePlanOptions off;

@@ -18,7 +18,12 @@
 /// float16 or bfloat16 (chosen at run time inside the kernel, so that only
 /// three kernels are compiled). Accumulation is float32.
 ///
-/// Kernel (CUDA cores; no tensor cores yet): one block of 8 warps per
+/// Two kernels (MlaDecodePlan::kernel, chosen by plan_mla_decode): the
+/// tensor-core kernel of cuda/mla_decode_tc.cuh (bf16/fp16 cache with q of
+/// the same dtype, sm_80+; the default there when a sequence has >= 16 query
+/// rows), and the CUDA-core kernel below (every cache and q dtype).
+///
+/// CUDA-core kernel: one block of 8 warps per
 /// (sequence, key chunk, row chunk of up to 32 query rows = heads x q_len).
 /// The block streams tiles of 16 latent rows into shared memory with 16-byte
 /// cp.async copies, double-buffered; every warp owns 4 query rows and uses
@@ -43,6 +48,7 @@
 #include "kvkit/cuda/check.hpp"
 #include "kvkit/cuda/merge_states.cuh"
 #include "kvkit/cuda/mla_decode_plan.hpp"
+#include "kvkit/cuda/mla_decode_tc.cuh"
 #include "kvkit/cuda/vector_copy.cuh"
 #include "kvkit/layout/latent_fp8_layout.hpp"
 #include "kvkit/layout/page_table.hpp"
@@ -67,18 +73,6 @@ struct MlaCacheTraits {
   static constexpr std::size_t kSmemBytes = kMlaStages * kStageBytes + kScoreBytes;
   static_assert(kRowBytes % 16 == 0, "rows must be whole 16-byte units");
   static_assert(kSmemBytes <= 48 * 1024, "stay within the default dynamic shared memory limit");
-};
-
-/// Launch-time values the kernel needs besides PagedDecodeParams.
-struct MlaLaunch {
-  float* partial_o = nullptr;    ///< [num_splits, rows_total, 512]
-  float* partial_lse = nullptr;  ///< [num_splits, rows_total]
-  std::int64_t rows_total = 0;   ///< batch * q_len * num_q_heads
-  std::int64_t chunk_keys = 0;
-  int num_splits = 1;
-  int row_chunks = 1;
-  int rows_per_chunk = 1;
-  bool async_copy = true;        ///< cache pointer and strides are 16-byte aligned
 };
 
 __device__ KVKIT_FORCEINLINE float mla_load(const void* base, DType dtype, std::int64_t i) {
@@ -386,8 +380,8 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(const P
 /// nor synchronizes, so it can be captured in a CUDA graph. Throws
 /// kvkit::Error (launching nothing) on invalid params, a shape or cache
 /// dtype the kernel is not built for (kv_lora_rank 512 + rope 64 only), a
-/// plan made for another shape, or a missing or too small workspace; or a
-/// failed launch.
+/// plan made for another shape, a missing or too small workspace, or a
+/// tensor-core plan on a GPU older than sm_80; or a failed launch.
 inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan, void* workspace,
                            std::size_t workspace_bytes, cudaStream_t stream = nullptr) {
   constexpr const char* kWhere = "kvkit::cuda::run_mla_decode";
@@ -402,9 +396,11 @@ inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan
          "): call plan_mla_decode again");
   }
   const std::int64_t rows = std::int64_t(p.q_len) * p.num_q_heads;
+  const bool tc = plan.kernel == MlaDecodeKernel::kTensorCores;
   check_argument(plan.num_splits >= 1 && plan.num_splits <= kMaxDecodeSplits &&
                      (plan.num_splits == 1 || plan.chunk_keys > 0) && plan.row_chunks >= 1 &&
-                     plan.rows_per_chunk >= 1 && plan.rows_per_chunk <= detail::kMlaRowsPerBlock &&
+                     (tc || plan.kernel == MlaDecodeKernel::kCudaCores) && plan.rows_per_chunk >= 1 &&
+                     plan.rows_per_chunk <= detail::mla_rows_per_block(plan.kernel) &&
                      std::int64_t(plan.row_chunks) * plan.rows_per_chunk >= rows,
                  kWhere, "plan.num_splits", plan.num_splits, "a plan made by plan_mla_decode");
   const std::int64_t rows_total = p.page_table.batch_size * rows;
@@ -415,6 +411,16 @@ inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan
   }
   check_argument(detail::address_of(p.k_cache) % (p.kv_dtype == DType::kFloat8E4M3 ? 4 : 2) == 0, kWhere,
                  "k_cache", p.k_cache, "aligned to its elements (2 bytes; 4 for fp8 rows, whose scales are float32)");
+  if (tc) {
+    check_argument(detail::mla_tensor_core_dtypes(p), kWhere, "plan.kernel", "kTensorCores",
+                   "a plan for a bfloat16 or float16 cache with q of the same dtype");
+    int device = 0, major = 0;
+    KVKIT_CUDA_CHECK(cudaGetDevice(&device));
+    KVKIT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    check_argument(major >= 8, kWhere, "plan.kernel", "kTensorCores",
+                   "a GPU with compute capability 8.0 or newer for the tensor-core kernel (this one is ", major,
+                   ".x): plan with MlaDecodeKernel::kCudaCores");
+  }
   if (rows_total == 0) return;
 
   detail::MlaLaunch L;
@@ -430,6 +436,8 @@ inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan
   const std::uint64_t es = p.kv_dtype == DType::kFloat8E4M3 ? 1 : 2;
   L.async_copy = detail::copy_unit_bytes({detail::address_of(p.k_cache), std::uint64_t(p.layout.stride_page) * es,
                                           std::uint64_t(p.layout.stride_slot) * es}) == 16;
+  L.q_async = detail::copy_unit_bytes({detail::address_of(p.q), std::uint64_t(p.q_stride_token) * 2,
+                                       std::uint64_t(p.q_stride_head) * 2}) == 16;
   const std::int64_t blocks = p.page_table.batch_size * plan.row_chunks * plan.num_splits;
   const auto launch = [&](auto format) {
     constexpr detail::MlaCacheFormat kF = decltype(format)::value;
@@ -437,10 +445,14 @@ inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan
         <<<unsigned(blocks), detail::kMlaThreads, detail::MlaCacheTraits<kF>::kSmemBytes, stream>>>(p, L);
   };
   using detail::MlaCacheFormat;
-  switch (p.kv_dtype) {
-    case DType::kBFloat16: launch(std::integral_constant<MlaCacheFormat, MlaCacheFormat::kBFloat16>{}); break;
-    case DType::kFloat16: launch(std::integral_constant<MlaCacheFormat, MlaCacheFormat::kFloat16>{}); break;
-    default: launch(std::integral_constant<MlaCacheFormat, MlaCacheFormat::kFp8>{}); break;
+  if (tc) {
+    detail::launch_mla_decode_tc(p, L, blocks, stream);
+  } else {
+    switch (p.kv_dtype) {
+      case DType::kBFloat16: launch(std::integral_constant<MlaCacheFormat, MlaCacheFormat::kBFloat16>{}); break;
+      case DType::kFloat16: launch(std::integral_constant<MlaCacheFormat, MlaCacheFormat::kFloat16>{}); break;
+      default: launch(std::integral_constant<MlaCacheFormat, MlaCacheFormat::kFp8>{}); break;
+    }
   }
   if (plan.num_splits > 1) {
     detail::mla_decode_merge_kernel<<<detail::merge_blocks(rows_total), detail::kMergeThreads, 0, stream>>>(p, L);

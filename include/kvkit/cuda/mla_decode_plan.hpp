@@ -12,11 +12,21 @@
 #include "kvkit/core/dtype.hpp"
 #include "kvkit/core/error.hpp"
 #include "kvkit/cuda/decode_plan.hpp"
+#include "kvkit/cuda/mla_decode_tc_layout.hpp"
 #include "kvkit/layout/latent_fp8_layout.hpp"
 #include "kvkit/ops/attention_params.hpp"
 #include "kvkit/ops/mla_decode.hpp"
 
 namespace kvkit::cuda {
+
+/// Which kernel runs an absorbed MLA decode (MlaDecodePlan::kernel).
+///  - kCudaCores: FMAs on CUDA cores, 32 query rows per block; any cache
+///    (bf16, fp16, fp8 656-byte rows) and any q dtype.
+///  - kTensorCores: mma.sync m16n8k16 (sm_80 or newer), 64 query rows per
+///    block; bf16 or fp16 cache with q (and o) of the same dtype.
+///  - kAuto (plan argument only): tensor cores where they apply and a
+///    sequence has at least 16 query rows (q_len x num_q_heads), else CUDA cores.
+enum class MlaDecodeKernel { kAuto, kCudaCores, kTensorCores };
 
 /// What run_mla_decode needs besides the params (see DecodePlan, whose rules
 /// it follows: made on the host from host copies of the sequence lengths;
@@ -27,6 +37,7 @@ struct MlaDecodePlan {
   int num_q_heads = 0;
   DType q_dtype = DType::kFloat32;
   DType kv_dtype = DType::kBFloat16;
+  MlaDecodeKernel kernel = MlaDecodeKernel::kCudaCores;  ///< never kAuto in a made plan
   int row_chunks = 1;           ///< blocks along one sequence's q_len x num_q_heads query rows
   int rows_per_chunk = 1;       ///< query rows per block (the last chunk may have fewer)
   int num_splits = 1;           ///< most key chunks of any sequence (1: no split-KV)
@@ -47,6 +58,29 @@ inline constexpr int kMlaRowsPerBlock = kMlaWarps * kMlaRowsPerWarp;  // 32
 /// Keys per shared-memory tile and pipeline stages (2 x 16 bf16 rows = 36 KiB).
 inline constexpr int kMlaTileKeys = 16;
 inline constexpr int kMlaStages = 2;
+
+/// Launch-time values the decode kernels need besides PagedDecodeParams.
+struct MlaLaunch {
+  float* partial_o = nullptr;    ///< [num_splits, rows_total, 512]
+  float* partial_lse = nullptr;  ///< [num_splits, rows_total]
+  std::int64_t rows_total = 0;   ///< batch * q_len * num_q_heads
+  std::int64_t chunk_keys = 0;
+  int num_splits = 1;
+  int row_chunks = 1;
+  int rows_per_chunk = 1;
+  bool async_copy = true;        ///< cache pointer and strides are 16-byte aligned
+  bool q_async = true;           ///< q pointer and strides are 16-byte aligned (tensor-core kernel)
+};
+
+/// Whether the tensor-core kernel can run this call's dtypes.
+inline bool mla_tensor_core_dtypes(const PagedDecodeParams& p) {
+  return (p.kv_dtype == DType::kBFloat16 || p.kv_dtype == DType::kFloat16) && p.q_dtype == p.kv_dtype;
+}
+
+/// Query rows per block of a kernel.
+inline int mla_rows_per_block(MlaDecodeKernel kernel) {
+  return kernel == MlaDecodeKernel::kTensorCores ? kMlaTcRowsPerBlock : kMlaRowsPerBlock;
+}
 
 /// The GPU checks of an MLA decode call: the shape checks of the CPU op
 /// (without reading the page table) plus the compiled case (one kv head of
@@ -71,11 +105,18 @@ inline void validate_cuda_mla_decode_shapes(const PagedDecodeParams& p, const ch
 }  // namespace detail
 
 /// Plans an absorbed MLA decode call (see plan_decode for the arguments and
-/// the split heuristic, whose options it takes). Throws kvkit::Error on
-/// invalid params, a shape or dtype the GPU kernel is not built for, lengths
-/// < q_len or beyond the page table, or bad options.
+/// the split heuristic, whose options it takes) and picks its kernel
+/// (`kernel`, see MlaDecodeKernel; kAuto by default). The tensor-core kernel
+/// keeps one block per SM resident (225 KiB of shared memory), so for it the
+/// heuristic splits the keys only while the unsplit grid would leave at
+/// least half of the SMs idle, into as many chunks as fit in one wave. Throws
+/// kvkit::Error on invalid params, a shape or dtype the GPU kernel is not
+/// built for (also: kTensorCores asked for a cache other than bf16/fp16 or a
+/// q dtype other than the cache's), lengths < q_len or beyond the page
+/// table, or bad options.
 inline MlaDecodePlan plan_mla_decode(const PagedDecodeParams& p, const std::int32_t* host_seq_lens, int num_sms,
-                                     const DecodePlanOptions& options = {}) {
+                                     const DecodePlanOptions& options = {},
+                                     MlaDecodeKernel kernel = MlaDecodeKernel::kAuto) {
   constexpr const char* kWhere = "kvkit::cuda::plan_mla_decode";
   detail::validate_cuda_mla_decode_shapes(p, kWhere);
   detail::validate_plan_inputs(p, host_seq_lens, num_sms, options, kWhere);
@@ -90,23 +131,41 @@ inline MlaDecodePlan plan_mla_decode(const PagedDecodeParams& p, const std::int3
   plan.num_q_heads = p.num_q_heads;
   plan.q_dtype = p.q_dtype;
   plan.kv_dtype = p.kv_dtype;
-  // Equal row chunks of at most kMlaRowsPerBlock rows, none empty. The
+  const bool tc_dtypes = detail::mla_tensor_core_dtypes(p);
+  check_argument(kernel != MlaDecodeKernel::kTensorCores || tc_dtypes, kWhere, "kv_dtype", p.kv_dtype,
+                 "bfloat16 or float16 with q_dtype the same (got ", p.q_dtype,
+                 ") for the tensor-core kernel (MlaDecodeKernel::kTensorCores)");
+  if (kernel == MlaDecodeKernel::kAuto) {
+    kernel = tc_dtypes && rows >= 16 ? MlaDecodeKernel::kTensorCores : MlaDecodeKernel::kCudaCores;
+  }
+  plan.kernel = kernel;
+  const bool tc = kernel == MlaDecodeKernel::kTensorCores;
+  // Equal row chunks of at most the kernel's rows per block, none empty. The
   // chunks of one key range are neighbours in the grid, so they run at the
   // same time and all but the first read the latent rows from L2.
-  detail::split_rows(rows, detail::kMlaRowsPerBlock, plan.rows_per_chunk, plan.row_chunks);
+  detail::split_rows(rows, detail::mla_rows_per_block(kernel), plan.rows_per_chunk, plan.row_chunks);
 
   const std::int64_t base_blocks = t.batch_size * plan.row_chunks;
-  const std::int64_t target = std::int64_t(options.blocks_per_sm) * num_sms;
+  const std::int64_t target = tc ? std::int64_t(num_sms) : std::int64_t(options.blocks_per_sm) * num_sms;
+  const bool few_blocks = tc ? base_blocks * 2 <= target : base_blocks < target;
   std::int64_t chunk = options.chunk_keys;
   std::int64_t longest = 0;
   for (std::int64_t b = 0; b < t.batch_size; ++b) {
     const std::int64_t keys = attention_key_span(p, host_seq_lens[b]).size();
     longest = keys > longest ? keys : longest;
   }
-  if (chunk == 0 && base_blocks > 0 && base_blocks < target && options.max_splits > 1) {
+  if (chunk == 0 && base_blocks > 0 && few_blocks && options.max_splits > 1) {
     std::int64_t keys = 0;
     for (std::int64_t b = 0; b < t.batch_size; ++b) keys += attention_key_span(p, host_seq_lens[b]).size();
-    chunk = (keys * plan.row_chunks + target - 1) / target;
+    if (tc) {
+      // As many chunks per sequence as keep the grid within one wave (one
+      // resident block per SM): 16 x 2 row chunks on 132 SMs -> 4, not 5
+      // (160 blocks would need a second, mostly idle wave).
+      const std::int64_t n = target / base_blocks;
+      chunk = (longest + n - 1) / n;
+    } else {
+      chunk = (keys * plan.row_chunks + target - 1) / target;
+    }
     chunk = chunk < options.min_chunk_keys ? options.min_chunk_keys : chunk;
     // Even chunks for the longest sequence (4,096 keys in 2 chunks: 2 x 2,048,
     // not 4,032 + 64), in whole tiles.
