@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "support/ptx_fragment_emulation.hpp"
 #include "kvkit/cuda/prefill_plan.hpp"
 
 using Catch::Matchers::Contains;
@@ -246,61 +247,10 @@ TEST_CASE("plan_prefill rejects what the GPU prefill cannot run, with clear mess
   }
 }
 
-namespace {
-
-// PTX semantics, emulated: ldmatrix.x4 (optionally .trans) from a row-major
-// matrix, lane l addressing 8 elements at (row, col) = addr(l); register i of
-// lane l gets elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of 8x8
-// matrix i (of its transpose with .trans). Each register is a pair.
-using Pair = std::pair<double, double>;
-template <class Addr>
-std::vector<std::array<Pair, 4>> ldmatrix_x4(const std::vector<std::vector<double>>& m, Addr addr, bool trans) {
-  std::vector<std::array<Pair, 4>> regs(32);
-  for (int i = 0; i < 4; ++i) {
-    double tile[8][8];
-    for (int r = 0; r < 8; ++r) {
-      const std::pair<int, int> start = addr(8 * i + r);
-      for (int e = 0; e < 8; ++e) tile[r][e] = m[std::size_t(start.first)][std::size_t(start.second + e)];
-    }
-    for (int l = 0; l < 32; ++l) {
-      const int row = l / 4, col = 2 * (l % 4);
-      regs[std::size_t(l)][std::size_t(i)] = trans ? Pair{tile[col][row], tile[col + 1][row]}
-                                                   : Pair{tile[row][col], tile[row][col + 1]};
-    }
-  }
-  return regs;
-}
-
-// mma.m16n8k16 (row.col) with the PTX fragment layouts: g = l / 4, c = l % 4;
-// a0 A(g, 2c..), a1 A(g+8, 2c..), a2 A(g, 2c+8..), a3 A(g+8, 2c+8..);
-// b0 B(2c.., g), b1 B(2c+8.., g); d0, d1 D(g, 2c..), d2, d3 D(g+8, 2c..).
-void mma_16816(std::vector<std::array<double, 4>>& d, const std::vector<std::array<Pair, 4>>& a,
-               const std::vector<std::array<Pair, 2>>& b) {
-  double A[16][16], B[16][8];
-  for (int l = 0; l < 32; ++l) {
-    const int g = l / 4, c = l % 4;
-    const int ar[4] = {g, g + 8, g, g + 8}, ac[4] = {2 * c, 2 * c, 2 * c + 8, 2 * c + 8};
-    for (int j = 0; j < 4; ++j) {
-      A[ar[j]][ac[j]] = a[std::size_t(l)][std::size_t(j)].first;
-      A[ar[j]][ac[j] + 1] = a[std::size_t(l)][std::size_t(j)].second;
-    }
-    for (int j = 0; j < 2; ++j) {
-      B[2 * c + 8 * j][g] = b[std::size_t(l)][std::size_t(j)].first;
-      B[2 * c + 8 * j + 1][g] = b[std::size_t(l)][std::size_t(j)].second;
-    }
-  }
-  for (int l = 0; l < 32; ++l) {
-    const int g = l / 4, c = l % 4;
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + 8 * (i / 2), col = 2 * c + i % 2;
-      double sum = 0.0;
-      for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
-      d[std::size_t(l)][std::size_t(i)] += sum;
-    }
-  }
-}
-
-}  // namespace
+using kvkit_test::b_pair;
+using kvkit_test::ldmatrix_x4;
+using kvkit_test::mma_16816;
+using kvkit_test::Pair;
 
 TEST_CASE("the prefill kernel's ldmatrix lane offsets and fragment reuse compute S = Q K^T and O = P V") {
   // One warp's work on one key tile, as the kernel does it (16 rows, 64 keys,
@@ -309,29 +259,24 @@ TEST_CASE("the prefill kernel's ldmatrix lane offsets and fragment reuse compute
   constexpr int kRows = 16, kKeys = 64, kDim = 64;
   std::mt19937 rng(5);
   std::normal_distribution<double> normal;
-  const auto random_matrix = [&](int rows, int cols) {
-    std::vector<std::vector<double>> m(static_cast<std::size_t>(rows), std::vector<double>(static_cast<std::size_t>(cols)));
-    for (auto& row : m) {
-      for (auto& x : row) x = normal(rng);
-    }
+  // Row-major [rows, kDim] matrices, addressed like the kernel's shared memory.
+  const auto random_matrix = [&](int rows) {
+    std::vector<double> m(static_cast<std::size_t>(rows * kDim));
+    for (auto& x : m) x = normal(rng);
     return m;
   };
-  const auto q = random_matrix(kRows, kDim), k = random_matrix(kKeys, kDim), v = random_matrix(kKeys, kDim);
-  const auto second_pairs = [](const std::vector<std::array<Pair, 4>>& r, int first) {
-    std::vector<std::array<Pair, 2>> b(32);
-    for (std::size_t l = 0; l < 32; ++l) b[l] = {r[l][std::size_t(first)], r[l][std::size_t(first + 1)]};
-    return b;
-  };
+  const auto q = random_matrix(kRows), k = random_matrix(kKeys), v = random_matrix(kKeys);
+  const auto at = [](int row, int col) { return std::size_t(row * kDim + col); };
 
   // S: k steps kk over dims, key-block pairs jp.
   std::vector<std::vector<std::array<double, 4>>> s(kKeys / 8, std::vector<std::array<double, 4>>(32, {0, 0, 0, 0}));
   for (int kk = 0; kk < kDim / 16; ++kk) {
-    const auto a = ldmatrix_x4(q, [&](int l) { return std::pair<int, int>{Lanes::q_row(l), kk * 16 + Lanes::q_col(l)}; }, false);
+    const auto a = ldmatrix_x4(q, [&](int l) { return at(Lanes::q_row(l), kk * 16 + Lanes::q_col(l)); }, false);
     for (int jp = 0; jp < kKeys / 16; ++jp) {
       const auto bk = ldmatrix_x4(
-          k, [&](int l) { return std::pair<int, int>{jp * 16 + Lanes::k_row(l), kk * 16 + Lanes::k_col(l)}; }, false);
-      mma_16816(s[std::size_t(2 * jp)], a, second_pairs(bk, 0));
-      mma_16816(s[std::size_t(2 * jp + 1)], a, second_pairs(bk, 2));
+          k, [&](int l) { return at(jp * 16 + Lanes::k_row(l), kk * 16 + Lanes::k_col(l)); }, false);
+      mma_16816(s[std::size_t(2 * jp)], a, b_pair(bk, 0));
+      mma_16816(s[std::size_t(2 * jp + 1)], a, b_pair(bk, 2));
     }
   }
   // C fragment (nb, lane, i) holds S(g + 8 (i / 2), nb * 8 + 2c + i % 2).
@@ -341,7 +286,7 @@ TEST_CASE("the prefill kernel's ldmatrix lane offsets and fragment reuse compute
       for (int i = 0; i < 4; ++i) {
         const int row = l / 4 + 8 * (i / 2), key = nb * 8 + 2 * (l % 4) + i % 2;
         double want = 0.0;
-        for (int d = 0; d < kDim; ++d) want += q[std::size_t(row)][std::size_t(d)] * k[std::size_t(key)][std::size_t(d)];
+        for (int d = 0; d < kDim; ++d) want += q[at(row, d)] * k[at(key, d)];
         REQUIRE(std::fabs(s_at(nb, l, i) - want) < 1e-9);
       }
     }
@@ -350,7 +295,7 @@ TEST_CASE("the prefill kernel's ldmatrix lane offsets and fragment reuse compute
   // O = P V with P = S's C fragments reused as A fragments (P = S here).
   std::vector<std::vector<std::array<double, 4>>> o(kDim / 8, std::vector<std::array<double, 4>>(32, {0, 0, 0, 0}));
   for (int kk = 0; kk < kKeys / 16; ++kk) {
-    std::vector<std::array<Pair, 4>> a(32);
+    kvkit_test::Regs4 a(32);
     for (int l = 0; l < 32; ++l) {
       a[std::size_t(l)] = {Pair{s_at(2 * kk, l, 0), s_at(2 * kk, l, 1)}, Pair{s_at(2 * kk, l, 2), s_at(2 * kk, l, 3)},
                            Pair{s_at(2 * kk + 1, l, 0), s_at(2 * kk + 1, l, 1)},
@@ -358,9 +303,9 @@ TEST_CASE("the prefill kernel's ldmatrix lane offsets and fragment reuse compute
     }
     for (int dp = 0; dp < kDim / 16; ++dp) {
       const auto bv = ldmatrix_x4(
-          v, [&](int l) { return std::pair<int, int>{kk * 16 + Lanes::v_row(l), dp * 16 + Lanes::v_col(l)}; }, true);
-      mma_16816(o[std::size_t(2 * dp)], a, second_pairs(bv, 0));
-      mma_16816(o[std::size_t(2 * dp + 1)], a, second_pairs(bv, 2));
+          v, [&](int l) { return at(kk * 16 + Lanes::v_row(l), dp * 16 + Lanes::v_col(l)); }, true);
+      mma_16816(o[std::size_t(2 * dp)], a, b_pair(bv, 0));
+      mma_16816(o[std::size_t(2 * dp + 1)], a, b_pair(bv, 2));
     }
   }
   for (int nb = 0; nb < kDim / 8; ++nb) {
@@ -370,8 +315,8 @@ TEST_CASE("the prefill kernel's ldmatrix lane offsets and fragment reuse compute
         double want = 0.0;
         for (int key = 0; key < kKeys; ++key) {
           double score = 0.0;
-          for (int d = 0; d < kDim; ++d) score += q[std::size_t(row)][std::size_t(d)] * k[std::size_t(key)][std::size_t(d)];
-          want += score * v[std::size_t(key)][std::size_t(dim)];
+          for (int d = 0; d < kDim; ++d) score += q[at(row, d)] * k[at(key, d)];
+          want += score * v[at(key, dim)];
         }
         REQUIRE(std::fabs(o[std::size_t(nb)][std::size_t(l)][std::size_t(i)] - want) < 1e-8);
       }
