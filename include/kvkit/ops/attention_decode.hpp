@@ -18,6 +18,7 @@
 #include "kvkit/core/half.hpp"
 #include "kvkit/core/x86_dispatch.hpp"
 #include "kvkit/layout/kv_scales.hpp"
+#include "kvkit/layout/latent_fp8_layout.hpp"
 #include "kvkit/ops/attention_params.hpp"
 #include "kvkit/ops/attention_state.hpp"
 #include "kvkit/ops/cpu_vec.hpp"
@@ -41,20 +42,6 @@ namespace detail {
 /// DRAM ~15% faster than 32, 64 ~20% slower). A multiple of the widest
 /// vector's lanes (16).
 constexpr int kDecodeTile = 16;
-
-/// Dot product with 8 independent partial sums: compilers vectorize it
-/// without -ffast-math (a single running sum is a serial dependency they may
-/// not reorder).
-KVKIT_FORCEINLINE float dot_product(const float* a, const float* b, int n) {
-  float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  int d = 0;
-  for (; d + 8 <= n; d += 8) {
-    for (int l = 0; l < 8; ++l) lanes[l] += a[d + l] * b[d + l];
-  }
-  float tail = 0.0f;
-  for (; d < n; ++d) tail += a[d] * b[d];
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
-}
 
 /// Calls f(std::integral_constant<DType, t>) for a cache dtype the CPU
 /// decode reads: float32, float16, bfloat16, float8_e4m3, float8_e5m2, int8.
@@ -203,10 +190,27 @@ __attribute__((target("avx2,f16c"))) inline void half_row_to_float_f16c(
 /// One head row of the cache as float: `n` elements at element offset `off`,
 /// times `scale` for the 1-byte dtypes (float(stored) * scale, exactly
 /// dequantize_value). kF16C: the caller is built for F16C.
-template <DType kKV, bool kF16C>
+template <DType kKV, bool kF16C, bool kLatentRows = false>
 KVKIT_FORCEINLINE void load_cache_row(const void* cache, std::int64_t off, int n, float scale,
                                       const float* byte_table, float* dst) {
-  if constexpr (kKV == DType::kFloat32) {
+  if constexpr (kLatentRows) {
+    // FlashMLA's fp8 latent rows (layout/latent_fp8_layout.hpp): e4m3 c_kv
+    // with one float scale per 128 values, then bf16 k_pe; `off` in bytes.
+    // Equal to mla_fp8_value (one exact float product).
+    (void)scale;
+    const std::uint8_t* row = static_cast<const std::uint8_t*>(cache) + off;
+    const int c_kv = n < MlaFp8Row::kRank ? n : MlaFp8Row::kRank;
+    for (int g = 0; g * MlaFp8Row::kGroupSize < c_kv; ++g) {
+      const float group_scale = mla_fp8_scale(row, g);
+      const int end = std::min(c_kv, (g + 1) * MlaFp8Row::kGroupSize);
+      for (int d = g * MlaFp8Row::kGroupSize; d < end; ++d) dst[d] = group_scale * byte_table[row[d]];
+    }
+    for (int d = c_kv; d < n; ++d) {
+      std::uint16_t bits;
+      std::memcpy(&bits, row + MlaFp8Row::kRopeOffset + 2 * (d - MlaFp8Row::kRank), 2);
+      dst[d] = bits_to_float(std::uint32_t(bits) << 16);
+    }
+  } else if constexpr (kKV == DType::kFloat32) {
     std::memcpy(dst, static_cast<const float*>(cache) + off, sizeof(float) * std::size_t(n));
   } else if constexpr (kKV == DType::kBFloat16) {
     const auto* src = reinterpret_cast<const std::uint16_t*>(static_cast<const bfloat16*>(cache) + off);
@@ -353,7 +357,7 @@ KVKIT_FORCEINLINE float kv_scale_at(const PagedDecodeParams& p, const float* sca
 
 /// Keys [first, first + n) of one sequence, heads [head_begin, head_begin +
 /// heads), as float rows of `width` floats: tile[h][j][0, elements).
-template <DType kKV, bool kF16C>
+template <DType kKV, bool kF16C, bool kLatentRows>
 KVKIT_FORCEINLINE void load_kv_tile(const PagedDecodeParams& p, const void* cache, const float* scales,
                                     const std::int32_t* pages, std::int64_t first, int n, int head_begin,
                                     int heads, int elements, const float* byte_table, float* tile, int width) {
@@ -361,7 +365,7 @@ KVKIT_FORCEINLINE void load_kv_tile(const PagedDecodeParams& p, const void* cach
     const std::int64_t slot = token_slot(pages, first + j, p.layout.page_shift);
     for (int h = 0; h < heads; ++h) {
       const std::int64_t head = head_begin + h;
-      load_cache_row<kKV, kF16C>(cache, p.layout.slot_offset(slot, head), elements,
+      load_cache_row<kKV, kF16C, kLatentRows>(cache, p.layout.slot_offset(slot, head), elements,
                                  kv_scale_at(p, scales, slot, head), byte_table,
                                  tile + (std::size_t(h) * kDecodeTile + j) * width);
     }
@@ -436,7 +440,7 @@ inline int round_up_to_lanes(int n) { return (n + kVecPadLanes - 1) / kVecPadLan
 /// scores for all rows, one online-softmax step per row, then the same for V.
 /// Head rows are zero-padded to a multiple of 16 floats so that the vector
 /// loops need no tails.
-template <class QT, DType kKV, bool kF16C, class V>
+template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows>
 KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin,
                                                 int kv_head_end, DecodeScratch& scratch) {
   const int head_dim = int(p.layout.head_dim);
@@ -496,13 +500,14 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
       const int n = int(std::min<std::int64_t>(kDecodeTile, range[1] - first));
       const std::int64_t next = first + n;
       const int next_n = int(std::min<std::int64_t>(kDecodeTile, range[1] - next));
-      load_kv_tile<kKV, kF16C>(p, p.k_cache, p.k_scale, pages, first, n, kv_head_begin, kv_heads, head_dim,
+      load_kv_tile<kKV, kF16C, kLatentRows>(p, p.k_cache, p.k_scale, pages, first, n, kv_head_begin, kv_heads, head_dim,
                                byte_table, k_tile, k_width);
       for (int h = 0; h < kv_heads; ++h) {
         // The next tile's rows of this head, spread over the heads' work so
         // that the requests overlap the math instead of queueing at once.
         if (next_n > 0) {
-          prefetch_kv_tile<Storage>(p, p.k_cache, pages, next, next_n, kv_head_begin + h, 1, head_dim);
+          prefetch_kv_tile<Storage>(p, p.k_cache, pages, next, next_n, kv_head_begin + h, 1,
+                                    kLatentRows ? int(MlaFp8Row::kBytes) : head_dim);
           prefetch_kv_tile<Storage>(p, p.v_cache, pages, next, next_n, kv_head_begin + h, 1, v_dim);
         }
         const std::size_t row0 = std::size_t(h) * head_rows;
@@ -516,7 +521,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
                                              acc + std::size_t(r) * v_width, v_width);
       }
       if (!any_weight) continue;
-      load_kv_tile<kKV, kF16C>(p, p.v_cache, p.v_scale, pages, first, n, kv_head_begin, kv_heads, v_dim,
+      load_kv_tile<kKV, kF16C, kLatentRows>(p, p.v_cache, p.v_scale, pages, first, n, kv_head_begin, kv_heads, v_dim,
                                byte_table, v_tile, v_width);
       for (int h = 0; h < kv_heads; ++h) {
         const std::size_t row0 = std::size_t(h) * head_rows;
@@ -543,28 +548,62 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
 /// float16 caches. The lane count sets the order of the float additions, so
 /// results differ between ISAs in the last bits (the tests compare every
 /// path against float64 with the same tolerances).
-template <class QT, DType kKV>
+template <class QT, DType kKV, bool kLatentRows>
 __attribute__((target("avx2,fma,f16c"))) void decode_one_sequence_avx2(const PagedDecodeParams& p, std::int64_t b,
                                                                        int kv_head_begin, int kv_head_end,
                                                                        DecodeScratch& scratch) {
-  decode_one_sequence_body<QT, kKV, true, Vec8>(p, b, kv_head_begin, kv_head_end, scratch);
+  decode_one_sequence_body<QT, kKV, true, Vec8, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
 }
-template <class QT, DType kKV>
+template <class QT, DType kKV, bool kLatentRows>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void decode_one_sequence_avx512(
     const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end, DecodeScratch& scratch) {
-  decode_one_sequence_body<QT, kKV, true, Vec16>(p, b, kv_head_begin, kv_head_end, scratch);
+  decode_one_sequence_body<QT, kKV, true, Vec16, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
 }
 #endif
 
-template <class QT, DType kKV>
+template <class QT, DType kKV, bool kLatentRows>
 void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
                          DecodeScratch& scratch) {
 #if KVKIT_X86_DISPATCH
   const X86Level level = x86_level();
-  if (level == X86Level::kAvx512) return decode_one_sequence_avx512<QT, kKV>(p, b, kv_head_begin, kv_head_end, scratch);
-  if (level == X86Level::kAvx2) return decode_one_sequence_avx2<QT, kKV>(p, b, kv_head_begin, kv_head_end, scratch);
+  if (level == X86Level::kAvx512) return decode_one_sequence_avx512<QT, kKV, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
+  if (level == X86Level::kAvx2) return decode_one_sequence_avx2<QT, kKV, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
 #endif
-  decode_one_sequence_body<QT, kKV, false, Vec8>(p, b, kv_head_begin, kv_head_end, scratch);
+  decode_one_sequence_body<QT, kKV, false, Vec8, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
+}
+
+/// Runs every (sequence, group of kv heads) work item of a validated call.
+template <class QT, DType kKV, bool kLatentRows>
+void decode_all_sequences(const PagedDecodeParams& p) {
+  // Work items: (sequence, group of kv heads). With few sequences the kv
+  // heads are split so that every thread has work; each item reads its
+  // heads' part of every key row once. Threads: OpenMP where the program
+  // is built with it (kvkit adds no flags itself), else one.
+  const std::int64_t batch = p.page_table.batch_size;
+  const int kv_heads = int(p.layout.num_heads);
+  int threads = 1;
+#if defined(_OPENMP)
+  threads = omp_get_max_threads();
+#endif
+  int head_groups = 1;
+  while (batch * head_groups < threads && head_groups * 2 <= kv_heads) head_groups *= 2;
+  const std::int64_t items = batch * head_groups;
+#if defined(_OPENMP)
+#pragma omp parallel if (items > 1 && threads > 1)
+#endif
+  {
+    DecodeScratch scratch;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (std::int64_t item = 0; item < items; ++item) {
+      const std::int64_t b = item / head_groups;
+      const int g = int(item % head_groups);
+      const int h0 = int(std::int64_t(kv_heads) * g / head_groups);
+      const int h1 = int(std::int64_t(kv_heads) * (g + 1) / head_groups);
+      decode_one_sequence<QT, kKV, kLatentRows>(p, b, h0, h1, scratch);
+    }
+  }
 }
 
 }  // namespace detail
@@ -581,35 +620,7 @@ inline void paged_decode_attention(const PagedDecodeParams& p) {
     detail::dispatch_kv_cache_dtype(p.kv_dtype, kWhere, [&](auto kv_dtype) {
       using QT = typename decltype(qtag)::type;
       constexpr DType kKV = decltype(kv_dtype)::value;
-      // Work items: (sequence, group of kv heads). With few sequences the kv
-      // heads are split so that every thread has work; each item reads its
-      // heads' part of every key row once. Threads: OpenMP where the program
-      // is built with it (kvkit adds no flags itself), else one.
-      const std::int64_t batch = p.page_table.batch_size;
-      const int kv_heads = int(p.layout.num_heads);
-      int threads = 1;
-#if defined(_OPENMP)
-      threads = omp_get_max_threads();
-#endif
-      int head_groups = 1;
-      while (batch * head_groups < threads && head_groups * 2 <= kv_heads) head_groups *= 2;
-      const std::int64_t items = batch * head_groups;
-#if defined(_OPENMP)
-#pragma omp parallel if (items > 1 && threads > 1)
-#endif
-      {
-        detail::DecodeScratch scratch;
-#if defined(_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (std::int64_t item = 0; item < items; ++item) {
-          const std::int64_t b = item / head_groups;
-          const int g = int(item % head_groups);
-          const int h0 = int(std::int64_t(kv_heads) * g / head_groups);
-          const int h1 = int(std::int64_t(kv_heads) * (g + 1) / head_groups);
-          detail::decode_one_sequence<QT, kKV>(p, b, h0, h1, scratch);
-        }
-      }
+      detail::decode_all_sequences<QT, kKV, false>(p);
     });
   });
 }

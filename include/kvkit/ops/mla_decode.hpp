@@ -106,75 +106,6 @@ inline void validate_mla_fp8_decode(const PagedDecodeParams& p, const char* wher
                  ">= 656 bytes and, like stride_page (", p.layout.stride_page, "), a multiple of 4 (fp8 rows)");
 }
 
-/// All query rows of sequence b over the fp8 latent cache: the algorithm of
-/// decode_one_sequence with one kv head, keys dequantized a tile at a time.
-template <class QT>
-void mla_fp8_decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, std::vector<float>& scratch,
-                                 std::vector<OnlineSoftmax>& softmax, std::vector<std::int64_t>& q_pos) {
-  constexpr int kDim = MlaFp8Row::kLatentDim;
-  constexpr int kV = MlaFp8Row::kRank;
-  const int rows = p.q_len * p.num_q_heads;
-  const std::int64_t seq_len = p.page_table.seq_len(b);
-  const std::int32_t* pages = p.page_table.pages(b);
-  scratch.assign(std::size_t(rows) * (kDim + kV + kDecodeTile) + std::size_t(kDecodeTile) * kDim, 0.0f);
-  float* q = scratch.data();                           // [rows, 576]
-  float* acc = q + std::size_t(rows) * kDim;           // [rows, 512]
-  float* scores = acc + std::size_t(rows) * kV;        // [rows, tile]
-  float* tile = scores + std::size_t(rows) * kDecodeTile;  // [tile, 576]
-  softmax.assign(std::size_t(rows), OnlineSoftmax{});
-  q_pos.resize(std::size_t(rows));
-  const QT* q_base = static_cast<const QT*>(p.q);
-  for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = b * p.q_len + r / p.num_q_heads;
-    const QT* src = q_base + t * p.q_stride_token + (r % p.num_q_heads) * p.q_stride_head;
-    for (int d = 0; d < kDim; ++d) q[std::size_t(r) * kDim + d] = to_float(src[d]);
-    q_pos[r] = seq_len - p.q_len + r / p.num_q_heads;
-  }
-  const AttentionKeySpan span = attention_key_span(p, seq_len);
-  const std::uint8_t* cache = static_cast<const std::uint8_t*>(p.k_cache);
-  for (std::int64_t start = 0; start < span.size(); start += kDecodeTile) {
-    const int n = int(std::min<std::int64_t>(kDecodeTile, span.size() - start));
-    for (int j = 0; j < n; ++j) {
-      const std::uint8_t* row =
-          cache + p.layout.slot_offset(token_slot(pages, span.position(start + j), p.layout.page_shift), 0);
-      for (int d = 0; d < kDim; ++d) tile[std::size_t(j) * kDim + d] = mla_fp8_value(row, d);
-    }
-    for (int r = 0; r < rows; ++r) {
-      const float* qr = q + std::size_t(r) * kDim;
-      float* sr = scores + std::size_t(r) * kDecodeTile;
-      float block_max = -INFINITY;
-      for (int j = 0; j < n; ++j) {
-        if (!attention_visible(p, q_pos[r], span.position(start + j))) {
-          sr[j] = -INFINITY;
-          continue;
-        }
-        sr[j] = attention_logit(p, dot_product(qr, tile + std::size_t(j) * kDim, kDim));
-        block_max = std::max(block_max, sr[j]);
-      }
-      if (block_max == -INFINITY) continue;
-      float* ar = acc + std::size_t(r) * kV;
-      const float factor = softmax[r].rescale_for(block_max);
-      for (int d = 0; d < kV; ++d) ar[d] *= factor;
-      for (int j = 0; j < n; ++j) {
-        if (sr[j] == -INFINITY) continue;
-        const float w = expf(sr[j] - softmax[r].max);
-        softmax[r].sum += w;
-        const float* vd = tile + std::size_t(j) * kDim;
-        for (int d = 0; d < kV; ++d) ar[d] += w * vd[d];
-      }
-    }
-  }
-  QT* o_base = static_cast<QT*>(p.o);
-  for (int r = 0; r < rows; ++r) {
-    const std::int64_t t = b * p.q_len + r / p.num_q_heads;
-    const std::int64_t h = r % p.num_q_heads;
-    QT* dst = o_base + t * p.o_stride_token + h * p.o_stride_head;
-    const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
-    for (int d = 0; d < kV; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * kV + d] * inv);
-    if (p.lse != nullptr) p.lse[t * p.num_q_heads + h] = softmax[r].lse();
-  }
-}
-
 }  // namespace detail
 
 /// Absorbed MLA decode attention on the CPU over a latent cache of either
@@ -190,14 +121,11 @@ inline void mla_decode_attention(const PagedDecodeParams& p) {
     return;
   }
   detail::validate_mla_fp8_decode(p, kWhere, true);
+  // The generic CPU decode with a tile loader for the 656-byte rows: the
+  // same vector kernels, ISA dispatch and threads.
   dispatch_dtype<FloatTypes>(p.q_dtype, kWhere, "q_dtype", [&](auto qtag) {
     using QT = typename decltype(qtag)::type;
-    std::vector<float> scratch;
-    std::vector<OnlineSoftmax> softmax;
-    std::vector<std::int64_t> q_pos;
-    for (std::int64_t b = 0; b < p.page_table.batch_size; ++b) {
-      detail::mla_fp8_decode_one_sequence<QT>(p, b, scratch, softmax, q_pos);
-    }
+    detail::decode_all_sequences<QT, DType::kFloat8E4M3, true>(p);
   });
 }
 
