@@ -184,3 +184,43 @@ TEST_CASE("MLA plan accepts the fp8 cache and rejects what the kernel is not bui
     CHECK_THROWS_WITH(plan_mla_decode(c.p, c.lens.data(), 0), Contains("'num_sms' = 0"));
   }
 }
+
+TEST_CASE("MLA blocks cover every (sequence, query row, key of the span) exactly once") {
+  // The kernels' block -> work mapping (mla_block_work) over a plan's grid,
+  // for both kernels, split and unsplit, ragged lengths.
+  PlanCase c(40, 2, {2, 63, 64, 65, 5000, 777});
+  for (const auto kernel : {MlaDecodeKernel::kCudaCores, MlaDecodeKernel::kTensorCores}) {
+    for (const std::int64_t chunk : {std::int64_t(0), std::int64_t(64), std::int64_t(1024)}) {
+      DecodePlanOptions options;
+      options.chunk_keys = chunk;
+      options.max_splits = chunk > 0 ? 128 : 1;
+      const auto plan = plan_mla_decode(c.p, c.lens.data(), 132, options, kernel);
+      kvkit::cuda::detail::MlaLaunch L;
+      L.chunk_keys = plan.num_splits > 1 ? plan.chunk_keys : 0;
+      L.num_splits = plan.num_splits;
+      L.row_chunks = plan.row_chunks;
+      L.rows_per_chunk = plan.rows_per_chunk;
+      const int rows = c.p.q_len * c.p.num_q_heads;
+      std::vector<std::vector<int>> seen(c.lens.size());
+      for (std::size_t b = 0; b < c.lens.size(); ++b) seen[b].assign(std::size_t(rows) * std::size_t(c.lens[b]), 0);
+      const std::int64_t blocks = std::int64_t(c.lens.size()) * plan.num_splits * plan.row_chunks;
+      for (std::int64_t block = 0; block < blocks; ++block) {
+        const auto w = kvkit::cuda::detail::mla_block_work(c.p, L, block);
+        if (!w.active) continue;
+        REQUIRE(w.rows > 0);
+        REQUIRE(w.row_begin + w.rows <= rows);
+        REQUIRE(w.key_begin < w.key_end);
+        REQUIRE(w.key_end <= w.span.size());
+        for (int r = w.row_begin; r < w.row_begin + w.rows; ++r) {
+          for (std::int64_t k = w.key_begin; k < w.key_end; ++k) {
+            ++seen[std::size_t(w.b)][std::size_t(r) * std::size_t(c.lens[std::size_t(w.b)]) + std::size_t(w.span.position(k))];
+          }
+        }
+      }
+      for (std::size_t b = 0; b < c.lens.size(); ++b) {
+        INFO("kernel " << int(kernel) << " chunk " << chunk << " sequence " << b);
+        for (int x : seen[b]) REQUIRE(x == 1);
+      }
+    }
+  }
+}

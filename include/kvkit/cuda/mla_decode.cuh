@@ -175,28 +175,18 @@ __global__ void __launch_bounds__(kMlaThreads, 1)
   constexpr int kRows = kMlaRowsPerWarp;
   extern __shared__ uint4 smem[];
 
-  // Block -> (sequence, split, row chunk); row chunks innermost so that the
-  // blocks sharing a key range run side by side (L2 reuse).
-  std::int64_t block = blockIdx.x;
-  const int row_chunk = int(block % L.row_chunks);
-  block /= L.row_chunks;
-  const int split = int(block % L.num_splits);
-  const std::int64_t b = block / L.num_splits;
-
+  const MlaBlockWork work = mla_block_work(p, L, blockIdx.x);
+  if (!work.active) return;
+  const std::int64_t b = work.b;
   const std::int64_t seq_len = p.page_table.seq_len(b);
-  const AttentionKeySpan span = attention_key_span(p, seq_len);
-  const std::int64_t span_keys = span.size();
-  const int chunks = decode_num_chunks(span_keys, L.chunk_keys, L.num_splits);
-  if (split >= chunks) return;
-  const std::int64_t key_begin = std::int64_t(split) * L.chunk_keys;
-  const std::int64_t key_end = split == chunks - 1 ? span_keys : key_begin + L.chunk_keys;
+  const AttentionKeySpan span = work.span;
+  const std::int64_t key_begin = work.key_begin, key_end = work.key_end;
+  const int split = work.split;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int row_begin = row_chunk * L.rows_per_chunk;
-  const int all_rows = p.q_len * p.num_q_heads;
-  const int rows = L.rows_per_chunk < all_rows - row_begin ? L.rows_per_chunk : all_rows - row_begin;
+  const int row_begin = work.row_begin, rows = work.rows;
   // This warp's rows: local rows warp, warp + 8, ... (warp-uniform count).
   const int my_rows = warp < rows ? (rows - warp + kMlaWarps - 1) / kMlaWarps : 0;
 
@@ -321,7 +311,7 @@ __global__ void __launch_bounds__(kMlaThreads, 1)
   }
   cp_async_wait<0>();
 
-  const bool final_output = chunks == 1;
+  const bool final_output = work.chunks == 1;
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     if (i >= my_rows) continue;

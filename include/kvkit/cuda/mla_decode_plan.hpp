@@ -72,6 +72,41 @@ struct MlaLaunch {
   bool q_async = true;           ///< q pointer and strides are 16-byte aligned (tensor-core kernel)
 };
 
+/// What one block of either MLA decode kernel works on: blocks are
+/// (sequence, split, row chunk) with row chunks innermost, so that the blocks
+/// sharing a key range run side by side (L2 reuse). `active` is false for a
+/// split beyond the sequence's chunks (the block returns at once).
+struct MlaBlockWork {
+  std::int64_t b = 0;  ///< sequence
+  int split = 0;       ///< key chunk (index of the partial state)
+  int chunks = 1;      ///< key chunks of this sequence (1: the block writes o and lse itself)
+  AttentionKeySpan span{};
+  std::int64_t key_begin = 0, key_end = 0;  ///< this split's keys, indices into the span
+  int row_begin = 0, rows = 0;              ///< this chunk's query rows of the sequence
+  bool active = false;
+};
+
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE MlaBlockWork mla_block_work(const PagedDecodeParams& p, const MlaLaunch& L,
+                                                                std::int64_t block) {
+  MlaBlockWork w;
+  const int row_chunk = int(block % L.row_chunks);
+  block /= L.row_chunks;
+  const int split = int(block % L.num_splits);
+  w.split = split;
+  w.b = block / L.num_splits;
+  w.span = attention_key_span(p, p.page_table.seq_len(w.b));
+  const std::int64_t span_keys = w.span.size();
+  const int chunks = decode_num_chunks(span_keys, L.chunk_keys, L.num_splits);
+  w.chunks = chunks;
+  w.active = split < chunks;
+  w.key_begin = std::int64_t(split) * L.chunk_keys;
+  w.key_end = split == chunks - 1 ? span_keys : w.key_begin + L.chunk_keys;
+  w.row_begin = row_chunk * L.rows_per_chunk;
+  const int all_rows = p.q_len * p.num_q_heads;
+  w.rows = L.rows_per_chunk < all_rows - w.row_begin ? L.rows_per_chunk : all_rows - w.row_begin;
+  return w;
+}
+
 /// Whether the tensor-core kernel can run this call's dtypes.
 inline bool mla_tensor_core_dtypes(const PagedDecodeParams& p) {
   return (p.kv_dtype == DType::kBFloat16 || p.kv_dtype == DType::kFloat16) && p.q_dtype == p.kv_dtype;

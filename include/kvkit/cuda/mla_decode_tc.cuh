@@ -51,20 +51,13 @@ __global__ void __launch_bounds__(kMlaTcThreads, 1)
   T* s_p = s_k + kMlaTcStages * kMlaTcStageElems;       // [64][64], swizzled
   float* s_red = reinterpret_cast<float*>(s_p + kMlaTcPElems);  // [2 halves][64 rows]
 
-  // Block -> (sequence, split, row chunk), row chunks innermost (L2 reuse).
-  std::int64_t block = blockIdx.x;
-  const int row_chunk = int(block % L.row_chunks);
-  block /= L.row_chunks;
-  const int split = int(block % L.num_splits);
-  const std::int64_t b = block / L.num_splits;
-
+  const MlaBlockWork work = mla_block_work(p, L, blockIdx.x);
+  if (!work.active) return;  // uniform over the block: before any barrier
+  const std::int64_t b = work.b;
   const std::int64_t seq_len = p.page_table.seq_len(b);
-  const AttentionKeySpan span = attention_key_span(p, seq_len);
-  const std::int64_t span_keys = span.size();
-  const int chunks = decode_num_chunks(span_keys, L.chunk_keys, L.num_splits);
-  if (split >= chunks) return;  // uniform over the block: before any barrier
-  const std::int64_t key_begin = std::int64_t(split) * L.chunk_keys;
-  const std::int64_t key_end = split == chunks - 1 ? span_keys : key_begin + L.chunk_keys;
+  const AttentionKeySpan span = work.span;
+  const std::int64_t key_begin = work.key_begin, key_end = work.key_end;
+  const int split = work.split;
   const std::int64_t num_tiles = (key_end - key_begin + kTile - 1) / kTile;
 
   const int tid = threadIdx.x;
@@ -72,9 +65,7 @@ __global__ void __launch_bounds__(kMlaTcThreads, 1)
   const int warp = tid >> 5;
   const int rg = Lanes::row_group(warp);
   const int hf = Lanes::half(warp);
-  const int row_begin = row_chunk * L.rows_per_chunk;
-  const int all_rows = p.q_len * p.num_q_heads;
-  const int rows = L.rows_per_chunk < all_rows - row_begin ? L.rows_per_chunk : all_rows - row_begin;
+  const int row_begin = work.row_begin, rows = work.rows;
   const bool active = 16 * rg < rows;  // warp-uniform; both halves of a row group agree
 
   // Q rows -> shared memory; rows past the chunk are zeros.
@@ -245,7 +236,7 @@ __global__ void __launch_bounds__(kMlaTcThreads, 1)
   __syncthreads();
   if (!active) return;
 
-  const bool final_output = chunks == 1;
+  const bool final_output = work.chunks == 1;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = Lanes::c_row(warp, lane, 2 * h);
