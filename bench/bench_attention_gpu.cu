@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "harness/cuda_timer.cuh"
+#include "harness/device_random.cuh"
 #include "harness/harness.hpp"
 #include "kvkit/cuda/attention_decode.cuh"
 #include "kvkit/cuda/device_buffer.hpp"
@@ -39,45 +40,8 @@ namespace {
 using kvkit::bench::full_or_smoke;
 using kvkit::cuda::DeviceBuffer;
 
-// Pseudo-random values in [-2, 2) from a hash of the index: fills gigabytes
-// on the device without a host copy.
-__global__ void fill_random(kvkit::bfloat16* x, std::int64_t n, std::uint32_t seed) {
-  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    std::uint32_t h = std::uint32_t(i) * 0x9e3779b9u ^ seed ^ std::uint32_t(i >> 32) * 0x85ebca6bu;
-    h ^= h >> 16;
-    h *= 0x7feb352du;
-    h ^= h >> 15;
-    x[i] = kvkit::bfloat16(float(h >> 8) * (4.0f / 16777216.0f) - 2.0f);
-  }
-}
-
-// Random e4m3 bytes, NaN (0x7F / 0xFF) replaced by its neighbour 0x7E / 0xFE.
-__global__ void fill_random_e4m3(std::uint8_t* x, std::int64_t n, std::uint32_t seed) {
-  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    std::uint32_t h = std::uint32_t(i) * 0x9e3779b9u ^ seed ^ std::uint32_t(i >> 32) * 0x85ebca6bu;
-    h ^= h >> 16;
-    h *= 0x7feb352du;
-    h ^= h >> 15;
-    const std::uint32_t b = h >> 24;
-    x[i] = std::uint8_t((b & 0x7fu) == 0x7fu ? b - 1u : b);
-  }
-}
-
-DeviceBuffer random_device_e4m3(std::int64_t n, std::uint32_t seed) {
-  DeviceBuffer buffer(static_cast<std::size_t>(n));
-  fill_random_e4m3<<<1024, 256>>>(buffer.as<std::uint8_t>(), n, seed);
-  KVKIT_CUDA_CHECK(cudaGetLastError());
-  return buffer;
-}
-
-DeviceBuffer random_device_bf16(std::int64_t n, std::uint32_t seed) {
-  DeviceBuffer buffer(std::size_t(n) * sizeof(kvkit::bfloat16));
-  fill_random<<<1024, 256>>>(buffer.as<kvkit::bfloat16>(), n, seed);
-  KVKIT_CUDA_CHECK(cudaGetLastError());
-  return buffer;
-}
+using kvkit::bench::random_device_bf16;
+using kvkit::bench::random_device_e4m3;
 
 void BM_decode_gpu(benchmark::State& state, std::int64_t batch, std::int64_t context, int q_heads, int kv_heads,
                    int max_splits, kvkit::DType kv_dtype = kvkit::DType::kBFloat16) {

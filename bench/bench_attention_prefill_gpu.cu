@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "harness/cuda_timer.cuh"
+#include "harness/device_random.cuh"
 #include "harness/harness.hpp"
 #include "kvkit/cuda/attention_prefill.cuh"
 #include "kvkit/cuda/device_buffer.hpp"
@@ -29,24 +30,7 @@ namespace {
 using kvkit::bench::full_or_smoke;
 using kvkit::cuda::DeviceBuffer;
 
-// Pseudo-random values in [-2, 2) from a hash of the index (no host copy).
-__global__ void fill_random(kvkit::bfloat16* x, std::int64_t n, std::uint32_t seed) {
-  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    std::uint32_t h = std::uint32_t(i) * 0x9e3779b9u ^ seed ^ std::uint32_t(i >> 32) * 0x85ebca6bu;
-    h ^= h >> 16;
-    h *= 0x7feb352du;
-    h ^= h >> 15;
-    x[i] = kvkit::bfloat16(float(h >> 8) * (4.0f / 16777216.0f) - 2.0f);
-  }
-}
-
-DeviceBuffer random_device_bf16(std::int64_t n, std::uint32_t seed) {
-  DeviceBuffer buffer(std::size_t(n) * sizeof(kvkit::bfloat16));
-  fill_random<<<1024, 256>>>(buffer.as<kvkit::bfloat16>(), n, seed);
-  KVKIT_CUDA_CHECK(cudaGetLastError());
-  return buffer;
-}
+using kvkit::bench::random_device_bf16;
 
 void check_cublas(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS) {
