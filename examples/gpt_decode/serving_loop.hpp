@@ -26,6 +26,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>  // isatty
+
 #include "llama_model.hpp"
 #include "tokenizer.hpp"
 
@@ -225,6 +227,7 @@ int serve(const Options& opt, const Config& cfg, const Weights& weights, Model& 
   std::int64_t generated_total = 0, peak_blocks = 0, peak_active = 0, preemptions = 0;
   std::vector<float> logits;
   const auto start = Clock::now();
+  const bool progress_on_tty = isatty(fileno(stderr)) != 0;
   int step = 0;
   auto done = [&] { return std::all_of(requests.begin(), requests.end(), [](const Request& r) { return r.state == Request::kDone; }); };
   for (; !done(); ++step) {
@@ -335,11 +338,13 @@ int serve(const Options& opt, const Config& cfg, const Weights& weights, Model& 
     peak_blocks = std::max<std::int64_t>(peak_blocks, stats.device.num_used);
     peak_active = std::max<std::int64_t>(peak_active, stats.num_sequences);
     if (step % 20 == 0) {
-      std::fprintf(stderr, "\rstep %d: %lld tokens generated, %d sequences, %d/%d blocks used", step,
-                   (long long)generated_total, stats.num_sequences, stats.device.num_used, stats.device.num_blocks);
+      // One progress line rewritten in place on a terminal; a line each in a log.
+      std::fprintf(stderr, "%sstep %d: %lld tokens generated, %d sequences, %d/%d blocks used%s",
+                   progress_on_tty ? "\r" : "", step, (long long)generated_total, stats.num_sequences,
+                   stats.device.num_used, stats.device.num_blocks, progress_on_tty ? "" : "\n");
     }
   }
-  std::fprintf(stderr, "\n");
+  if (progress_on_tty) std::fprintf(stderr, "\n");
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
 
   // ---------------------------------------------------------------- summary
