@@ -17,6 +17,10 @@
 #include "kvkit/ops/merge_states.hpp"
 #include "support/paged_decode_problem.hpp"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 using Catch::Matchers::Contains;
 using kvkit::PagedDecodeParams;
 using kvkit::PagedKVLayout;
@@ -425,4 +429,27 @@ TEST_CASE("ragged queries: one call with q_indptr equals one call per sequence (
     p.q_indptr = indptr.data();
     CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("sequence 0 has seq_len 9 < q_len (10)"));
   }
+}
+
+TEST_CASE("one sequence of MQA splits its q heads over the threads and still matches float64") {
+  // With fewer sequences than threads the CPU op splits kv heads, then the q
+  // heads of each group; 4 threads force both kinds of split here.
+#if defined(_OPENMP)
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(4);
+#endif
+  for (int kv_heads : {1, 2}) {
+    DecodeCase c;
+    c.head_dim = 64;
+    c.kv_heads = kv_heads;
+    c.q_heads = 32;
+    c.page_size = 16;
+    c.q_len = 2;
+    c.seq_lens = {300};
+    INFO("kv_heads " << kv_heads);
+    DecodeProblem<float, kvkit::bfloat16>(c, 77 + std::uint64_t(kv_heads)).run_and_check();
+  }
+#if defined(_OPENMP)
+  omp_set_num_threads(saved);
+#endif
 }

@@ -423,6 +423,15 @@ KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int6
   return true;
 }
 
+/// One work item of the CPU decode: sequence b, kv heads [kv_head_begin,
+/// kv_head_end), and of each of their groups the q heads [group_begin,
+/// group_end) (q head = kv head * group + index in the group).
+struct DecodeWorkItem {
+  std::int64_t b = 0;
+  int kv_head_begin = 0, kv_head_end = 0;
+  int group_begin = 0, group_end = 0;
+};
+
 /// Per-thread buffers of the CPU decode, reused across work items.
 struct DecodeScratch {
   std::vector<float> floats;
@@ -441,14 +450,19 @@ inline int round_up_to_lanes(int n) { return (n + kVecPadLanes - 1) / kVecPadLan
 /// Head rows are zero-padded to a multiple of 16 floats so that the vector
 /// loops need no tails.
 template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows>
-KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin,
-                                                int kv_head_end, DecodeScratch& scratch) {
+KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, const DecodeWorkItem& item,
+                                                DecodeScratch& scratch) {
+  const std::int64_t b = item.b;
+  const int kv_head_begin = item.kv_head_begin, kv_head_end = item.kv_head_end;
   const int head_dim = int(p.layout.head_dim);
   const int v_dim = attention_v_dim(p);
   const int k_width = round_up_to_lanes(head_dim);
   const int v_width = round_up_to_lanes(v_dim);
   const int kv_heads = kv_head_end - kv_head_begin;
-  const int group = p.num_q_heads / int(p.layout.num_heads);
+  // This item's q heads of each kv head: [group_begin, group_begin + group)
+  // of the kv head's group_all.
+  const int group_all = p.num_q_heads / int(p.layout.num_heads);
+  const int group = item.group_end - item.group_begin;
   const int q_len = int(attention_q_count(p, b));
   const int head_rows = q_len * group;
   const int rows = kv_heads * head_rows;
@@ -474,12 +488,13 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
   std::int64_t* token_pos = scratch.token_pos.data();
 
   // Row r = (h * q_len + t) * group + g is token q_begin + t, q head
-  // (kv_head_begin + h) * group + g.
+  // (kv_head_begin + h) * group_all + group_begin + g.
   const QT* q_base = static_cast<const QT*>(p.q);
   for (int t = 0; t < q_len; ++t) token_pos[t] = seq_len - q_len + t;
   for (int r = 0; r < rows; ++r) {
     const int h = r / head_rows, t = (r % head_rows) / group, g = r % group;
-    const QT* src = q_base + (q_begin + t) * p.q_stride_token + std::int64_t((kv_head_begin + h) * group + g) * p.q_stride_head;
+    const std::int64_t q_head = std::int64_t(kv_head_begin + h) * group_all + item.group_begin + g;
+    const QT* src = q_base + (q_begin + t) * p.q_stride_token + q_head * p.q_stride_head;
     for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * k_width + d] = to_float(src[d]);
   }
 
@@ -535,7 +550,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
   for (int r = 0; r < rows; ++r) {
     const int h = r / head_rows, t = (r % head_rows) / group, g = r % group;
     const std::int64_t token = q_begin + t;
-    const std::int64_t q_head = std::int64_t(kv_head_begin + h) * group + g;
+    const std::int64_t q_head = std::int64_t(kv_head_begin + h) * group_all + item.group_begin + g;
     QT* dst = o_base + token * p.o_stride_token + q_head * p.o_stride_head;
     const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
     for (int d = 0; d < v_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * v_width + d] * inv);
@@ -549,45 +564,49 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, std:
 /// results differ between ISAs in the last bits (the tests compare every
 /// path against float64 with the same tolerances).
 template <class QT, DType kKV, bool kLatentRows>
-__attribute__((target("avx2,fma,f16c"))) void decode_one_sequence_avx2(const PagedDecodeParams& p, std::int64_t b,
-                                                                       int kv_head_begin, int kv_head_end,
+__attribute__((target("avx2,fma,f16c"))) void decode_one_sequence_avx2(const PagedDecodeParams& p,
+                                                                       const DecodeWorkItem& item,
                                                                        DecodeScratch& scratch) {
-  decode_one_sequence_body<QT, kKV, true, Vec8, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
+  decode_one_sequence_body<QT, kKV, true, Vec8, kLatentRows>(p, item, scratch);
 }
 template <class QT, DType kKV, bool kLatentRows>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void decode_one_sequence_avx512(
-    const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end, DecodeScratch& scratch) {
-  decode_one_sequence_body<QT, kKV, true, Vec16, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
+    const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
+  decode_one_sequence_body<QT, kKV, true, Vec16, kLatentRows>(p, item, scratch);
 }
 #endif
 
 template <class QT, DType kKV, bool kLatentRows>
-void decode_one_sequence(const PagedDecodeParams& p, std::int64_t b, int kv_head_begin, int kv_head_end,
-                         DecodeScratch& scratch) {
+void decode_one_sequence(const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
 #if KVKIT_X86_DISPATCH
   const X86Level level = x86_level();
-  if (level == X86Level::kAvx512) return decode_one_sequence_avx512<QT, kKV, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
-  if (level == X86Level::kAvx2) return decode_one_sequence_avx2<QT, kKV, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
+  if (level == X86Level::kAvx512) return decode_one_sequence_avx512<QT, kKV, kLatentRows>(p, item, scratch);
+  if (level == X86Level::kAvx2) return decode_one_sequence_avx2<QT, kKV, kLatentRows>(p, item, scratch);
 #endif
-  decode_one_sequence_body<QT, kKV, false, Vec8, kLatentRows>(p, b, kv_head_begin, kv_head_end, scratch);
+  decode_one_sequence_body<QT, kKV, false, Vec8, kLatentRows>(p, item, scratch);
 }
 
-/// Runs every (sequence, group of kv heads) work item of a validated call.
+/// Runs every work item of a validated call: (sequence, kv heads, q heads
+/// of their groups). With fewer sequences than threads the kv heads are split
+/// first (each item still reads its heads' part of every key row once), then
+/// the q heads of each group (MQA / MLA: one kv head, many q heads; those
+/// items read the same keys, which suits their compute-bound case). Threads:
+/// OpenMP where the program is built with it (kvkit adds no flags itself),
+/// else one.
 template <class QT, DType kKV, bool kLatentRows>
 void decode_all_sequences(const PagedDecodeParams& p) {
-  // Work items: (sequence, group of kv heads). With few sequences the kv
-  // heads are split so that every thread has work; each item reads its
-  // heads' part of every key row once. Threads: OpenMP where the program
-  // is built with it (kvkit adds no flags itself), else one.
   const std::int64_t batch = p.page_table.batch_size;
   const int kv_heads = int(p.layout.num_heads);
+  const int group = p.num_q_heads / kv_heads;
   int threads = 1;
 #if defined(_OPENMP)
   threads = omp_get_max_threads();
 #endif
-  int head_groups = 1;
-  while (batch * head_groups < threads && head_groups * 2 <= kv_heads) head_groups *= 2;
-  const std::int64_t items = batch * head_groups;
+  int head_splits = 1, group_splits = 1;
+  while (batch * head_splits < threads && head_splits * 2 <= kv_heads) head_splits *= 2;
+  while (batch * head_splits * group_splits < threads && group_splits * 2 <= group / 4) group_splits *= 2;
+  const std::int64_t splits = std::int64_t(head_splits) * group_splits;
+  const std::int64_t items = batch * splits;
 #if defined(_OPENMP)
 #pragma omp parallel if (items > 1 && threads > 1)
 #endif
@@ -596,12 +615,15 @@ void decode_all_sequences(const PagedDecodeParams& p) {
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (std::int64_t item = 0; item < items; ++item) {
-      const std::int64_t b = item / head_groups;
-      const int g = int(item % head_groups);
-      const int h0 = int(std::int64_t(kv_heads) * g / head_groups);
-      const int h1 = int(std::int64_t(kv_heads) * (g + 1) / head_groups);
-      decode_one_sequence<QT, kKV, kLatentRows>(p, b, h0, h1, scratch);
+    for (std::int64_t i = 0; i < items; ++i) {
+      DecodeWorkItem item;
+      item.b = i / splits;
+      const int hs = int((i % splits) / group_splits), gs = int(i % group_splits);
+      item.kv_head_begin = int(std::int64_t(kv_heads) * hs / head_splits);
+      item.kv_head_end = int(std::int64_t(kv_heads) * (hs + 1) / head_splits);
+      item.group_begin = int(std::int64_t(group) * gs / group_splits);
+      item.group_end = int(std::int64_t(group) * (gs + 1) / group_splits);
+      decode_one_sequence<QT, kKV, kLatentRows>(p, item, scratch);
     }
   }
 }
