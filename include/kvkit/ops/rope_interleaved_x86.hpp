@@ -1,17 +1,22 @@
 #pragma once
 /// @file rope_interleaved_x86.hpp
 /// AVX2 kernel for RoPE with interleaved pairs (dims 2i and 2i + 1:
-/// RopeStyle::kGptJ, DeepSeek's q_pe / k_pe) on float and bfloat16 rows,
-/// bit-identical to the scalar loop of ops/rope.hpp. rotate_heads picks it
-/// through the run-time ISA dispatch (core/x86_dispatch.hpp).
+/// RopeStyle::kGptJ, DeepSeek's q_pe / k_pe) on bfloat16 rows, bit-identical
+/// to the baseline loop of ops/rope.hpp. rotate_heads picks it through the
+/// run-time ISA dispatch (core/x86_dispatch.hpp). Float rows stay on the
+/// baseline loop, which already runs at memory speed for them; fp16 rows too
+/// (a vector fp16 conversion needs F16C, which the dispatch does not check).
 ///
-/// Why a hand-written kernel: the compiler vectorizes the pair loop badly
-/// (SSE2 shuffles on the baseline target; gathers under AVX2), and a
-/// compiler-vectorized version of the elementwise form below uses 32-byte
-/// loads and stores, which cross a cache line every other time on rows that
-/// are only 16-byte aligned (std::vector storage, q_pe inside a 192-wide
-/// head): split accesses to lines that miss in cache ran 3x slower than the
-/// scalar loop. This kernel touches memory 16 bytes at a time.
+/// Why a hand-written kernel: for bfloat16 the baseline loop is compute-bound.
+/// Compiled for SSE2 it separates and re-joins the pairs with shuffles and
+/// rounds to bfloat16 without SSE4's min/blend/pack: about 30 ns per 64-dim
+/// head even in L1 cache, 11 ns here (this machine, 2026-11-23). A
+/// compiler-vectorized AVX2 build of the elementwise form below was slower
+/// still on large buffers: its 32-byte loads and stores cross a cache line
+/// every other time on rows that are only 16-byte aligned (std::vector
+/// storage, q_pe inside a 192-wide head), and such split accesses to lines
+/// that miss in cache ran about 3x slower. This kernel touches memory 16 bytes
+/// at a time.
 
 #include "kvkit/core/x86_dispatch.hpp"
 
@@ -27,14 +32,7 @@
 
 namespace kvkit::detail {
 
-// 8 lanes of a row to floats and back, 16 bytes of memory per access.
-__attribute__((target("avx2"))) inline __m256 rope_load8(const float* x) {
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(x)), _mm_loadu_ps(x + 4), 1);
-}
-__attribute__((target("avx2"))) inline void rope_store8(float* x, __m256 v) {
-  _mm_storeu_ps(x, _mm256_castps256_ps128(v));
-  _mm_storeu_ps(x + 4, _mm256_extractf128_ps(v, 1));
-}
+// 8 bfloat16 lanes to floats and back, 16 bytes of memory per access.
 __attribute__((target("avx2"))) inline __m256 rope_load8(const bfloat16* x) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
@@ -55,7 +53,7 @@ __attribute__((target("avx2"))) inline void rope_store8(bfloat16* x, __m256 v) {
 
 /// Rotates the first `rotary_dim` dims of `num_heads` rows of `base` (rows
 /// head_stride elements apart) by interleaved pairs: pair i = dims (2i, 2i+1)
-/// by cos_row[i], sin_row[i] ([rotary_dim / 2] each). T is float or bfloat16.
+/// by cos_row[i], sin_row[i] ([rotary_dim / 2] each).
 ///
 /// Each 8-lane chunk is one elementwise step, x' = x * cos_dup +
 /// swap_pairs(x) * sin_signed with cos_dup = (c0, c0, c1, c1, ...) and
@@ -65,8 +63,7 @@ __attribute__((target("avx2"))) inline void rope_store8(bfloat16* x, __m256 v) {
 /// exactly, and IEEE subtraction is the addition of the negation, so
 /// x*c + y*(-s) == x*c - y*s, while y' = y*c + x*s is the same expression.
 /// Pairs past the last full chunk go through rope_rotate itself.
-template <class T>
-__attribute__((target("avx2"))) void rotate_heads_interleaved_avx2(T* base, std::int64_t head_stride,
+__attribute__((target("avx2"))) inline void rotate_heads_interleaved_avx2(bfloat16* base, std::int64_t head_stride,
                                                                    int num_heads, int rotary_dim,
                                                                    const float* cos_row,
                                                                    const float* sin_row) {
@@ -87,7 +84,7 @@ __attribute__((target("avx2"))) void rotate_heads_interleaved_avx2(T* base, std:
     }
     const int dims = 2 * pairs, vector_dims = dims & ~7;
     for (int h = 0; h < num_heads; ++h) {
-      T* x = base + h * head_stride + 2 * first;
+      bfloat16* x = base + h * head_stride + 2 * first;
       for (int j = 0; j < vector_dims; j += 8) {
         const __m256 v = rope_load8(x + j);
         const __m256 swapped = _mm256_permute_ps(v, 0xB1);  // lanes (1, 0, 3, 2, ...)
@@ -99,8 +96,8 @@ __attribute__((target("avx2"))) void rotate_heads_interleaved_avx2(T* base, std:
         float a = to_float(x[j]);
         float b = to_float(x[j + 1]);
         rope_rotate(a, b, cos_row[first + j / 2], sin_row[first + j / 2]);
-        x[j] = from_float<T>(a);
-        x[j + 1] = from_float<T>(b);
+        x[j] = from_float<bfloat16>(a);
+        x[j + 1] = from_float<bfloat16>(b);
       }
     }
   }
