@@ -7,12 +7,14 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
 #include "kvkit/core/x86_dispatch.hpp"
 #include "kvkit/ops/rope_config.hpp"
+#include "kvkit/ops/rope_interleaved_x86.hpp"
 #include "kvkit/ops/rope_params.hpp"
 
 namespace kvkit {
@@ -137,11 +139,17 @@ template <class T>
 void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopeParams& p,
                   const float* cos_row, const float* sin_row) {
 #if KVKIT_X86_DISPATCH
-  // Interleaved pairs stay on the baseline loop: with AVX2 the compiler turns
-  // their stride-2 accesses into gathers, which are slower than SSE2 shuffles.
-  if (p.style == RopeStyle::kNeox && x86_level() != X86Level::kBaseline) {
-    rotate_heads_avx2(base, head_stride, num_heads, p, cos_row, sin_row);
-    return;
+  if (x86_level() != X86Level::kBaseline) {
+    if (p.style == RopeStyle::kNeox) {
+      rotate_heads_avx2(base, head_stride, num_heads, p, cos_row, sin_row);
+      return;
+    }
+    // Interleaved pairs: the hand-written kernel for bfloat16 (why only
+    // bfloat16: see ops/rope_interleaved_x86.hpp).
+    if constexpr (std::is_same_v<T, bfloat16>) {
+      rotate_heads_interleaved_avx2(base, head_stride, num_heads, p.rotary_dim, cos_row, sin_row);
+      return;
+    }
   }
 #endif
   rotate_heads_body(base, head_stride, num_heads, p, cos_row, sin_row);

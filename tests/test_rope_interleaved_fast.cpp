@@ -1,0 +1,242 @@
+// The AVX2 kernel for interleaved-pair RoPE on bfloat16 (kvkit/ops/rope_interleaved_x86.hpp)
+// and apply_rope's dispatch give exactly the bits of the baseline loop
+// (rotate_heads_body, what the CUDA kernels are compared with), on odd sizes,
+// random and special values, both cos/sin sources and negative positions.
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+#include "kvkit/ops/rope.hpp"
+
+using kvkit::RopeParams;
+using kvkit::RopeStyle;
+
+namespace {
+
+template <class T>
+using RotateFn = void (*)(T*, std::int64_t, int, const RopeParams&, const float*, const float*);
+
+template <class T>
+void baseline_rotate(T* base, std::int64_t head_stride, int heads, const RopeParams& p, const float* c,
+                     const float* s) {
+  kvkit::detail::rotate_heads_body(base, head_stride, heads, p, c, s);
+}
+#if KVKIT_X86_DISPATCH
+void avx2_rotate(kvkit::bfloat16* base, std::int64_t head_stride, int heads, const RopeParams& p,
+                 const float* c, const float* s) {
+  kvkit::detail::rotate_heads_interleaved_avx2(base, head_stride, heads, p.rotary_dim, c, s);
+}
+#endif
+
+float float_of_bits(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+std::uint32_t bits_of_float(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// A value of T: normal(0, 2) draws, or with `special` arbitrary bit patterns
+// (subnormals, infinities, NaNs, huge values whose rotation overflows).
+template <class T>
+T draw(std::mt19937_64& rng, bool special) {
+  if (!special) return kvkit::from_float<T>(std::normal_distribution<float>(0.0f, 2.0f)(rng));
+  if constexpr (sizeof(T) == 2) {
+    return T::from_bits(std::uint16_t(rng()));
+  } else {
+    return float_of_bits(std::uint32_t(rng()));
+  }
+}
+
+// Bit equality; for float, two NaNs count as equal (which NaN an operation
+// returns when two meet depends on operand order, which C++ leaves open;
+// bfloat16 stores every NaN as the canonical 0x7fff, so it is compared exactly).
+template <class T>
+bool same_bits(const T& a, const T& b) {
+  if (std::memcmp(&a, &b, sizeof(T)) == 0) return true;
+  if constexpr (std::is_same_v<T, float>) return std::isnan(a) && std::isnan(b);
+  return false;
+}
+
+struct Shape {
+  int head_dim;
+  int rotary_dim;
+  int heads;
+  std::int64_t tokens;
+};
+
+// Rotates [tokens, heads, head_dim] rows (padded strides, poisoned gaps) with
+// `fn` and with the baseline loop, and requires identical buffers: rotated
+// dims, untouched tail dims and the poisoned gaps alike.
+template <class T>
+void check_against_baseline(RotateFn<T> fn, const Shape& sh, bool special, bool on_the_fly,
+                            std::uint64_t seed) {
+  CAPTURE(sh.head_dim, sh.rotary_dim, sh.heads, sh.tokens, special, on_the_fly);
+  const std::int64_t head_stride = sh.head_dim + 3, token_stride = sh.heads * head_stride + 5;
+  std::mt19937_64 rng(seed);
+  std::vector<T> x(std::size_t(sh.tokens * token_stride + 1), kvkit::from_float<T>(-12345.0f));
+  std::vector<std::int64_t> positions(static_cast<std::size_t>(sh.tokens));
+  std::uniform_int_distribution<std::int64_t> pos_dist(-4095, 4095);
+  for (std::int64_t t = 0; t < sh.tokens; ++t) {
+    positions[std::size_t(t)] = t == 1 ? 0 : pos_dist(rng);  // position 0: sin is exactly 0
+    for (int h = 0; h < sh.heads; ++h)
+      for (int d = 0; d < sh.head_dim; ++d) x[std::size_t(t * token_stride + h * head_stride + d)] = draw<T>(rng, special);
+  }
+  kvkit::RopeConfig cfg{sh.head_dim, sh.rotary_dim, 10000.0, RopeStyle::kGptJ, {}};
+  const kvkit::RopeCache cache(cfg, 4096);
+  RopeParams p;
+  p.head_dim = sh.head_dim;
+  p.rotary_dim = sh.rotary_dim;
+  p.style = RopeStyle::kGptJ;
+  cache.attach(p);
+  if (on_the_fly) p.cos_sin_cache = nullptr;
+
+  // Rows start at an odd element offset too, so 16-byte accesses are unaligned.
+  const auto run = [&](RotateFn<T> f, std::vector<T>& buf) {
+    std::vector<float> c(std::size_t(sh.rotary_dim / 2)), s(c.size());
+    for (std::int64_t t = 0; t < sh.tokens; ++t) {
+      kvkit::detail::load_cos_sin_row(p, positions[std::size_t(t)], c.data(), s.data());
+      f(buf.data() + 1 + t * token_stride, head_stride, sh.heads, p, c.data(), s.data());
+    }
+  };
+  std::vector<T> expect = x, got = x;
+  run(&baseline_rotate<T>, expect);
+  run(fn, got);
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (!same_bits(got[i], expect[i])) {
+      FAIL("element " << i << ": got " << double(kvkit::to_float(got[i])) << ", baseline "
+                      << double(kvkit::to_float(expect[i])) << " (input " << double(kvkit::to_float(x[i]))
+                      << ")");
+    }
+  }
+  // A rotation that changed nothing would make the comparison vacuous.
+  std::size_t changed = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) changed += !same_bits(got[i], x[i]);
+  CHECK(changed > 0);
+}
+
+template <class T>
+std::vector<RotateFn<T>> fast_paths() {
+  std::vector<RotateFn<T>> fns{&kvkit::detail::rotate_heads<T>};  // what apply_rope dispatches to
+#if KVKIT_X86_DISPATCH
+  if constexpr (std::is_same_v<T, kvkit::bfloat16>) {  // the only type with an AVX2 kernel
+    if (kvkit::detail::x86_level() != kvkit::detail::X86Level::kBaseline) fns.push_back(&avx2_rotate);
+  }
+#endif
+  return fns;
+}
+
+template <class T>
+void check_all_shapes() {
+  // rotary_dim 64 (DeepSeek's q_pe / k_pe, also inside a 192-wide head),
+  // tails of 1 and 3 pairs past a full 8-lane chunk, partial rotary, a single
+  // pair, and more than one 256-dim block of the duplicated table.
+  const std::vector<Shape> shapes = {
+      {64, 64, 3, 7},  {192, 64, 16, 1}, {96, 32, 5, 33}, {14, 14, 2, 7},
+      {22, 22, 1, 33}, {2, 2, 7, 1},     {530, 520, 1, 7}, {128, 64, 1, 33},
+  };
+  std::uint64_t seed = 1;
+  for (RotateFn<T> fn : fast_paths<T>()) {
+    for (const Shape& sh : shapes) {
+      for (bool special : {false, true}) {
+        for (bool fly : {false, true}) check_against_baseline<T>(fn, sh, special, fly, seed++);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("interleaved rope AVX2 kernel and dispatch equal the baseline loop bit for bit (bfloat16)") {
+  check_all_shapes<kvkit::bfloat16>();
+}
+
+TEST_CASE("interleaved rope dispatch equals the baseline loop bit for bit (float, half)") {
+  check_all_shapes<float>();
+  check_all_shapes<kvkit::half>();
+}
+
+TEST_CASE("apply_rope with interleaved pairs equals the baseline loop bit for bit") {
+  // The public op (dispatch, OpenMP token split) on DeepSeek's q_pe / k_pe
+  // shapes: 64-d rope inside 192-wide q heads, one shared 64-d k_pe.
+  using T = kvkit::bfloat16;
+  const std::int64_t tokens = GENERATE(1, 7, 33, 130);
+  CAPTURE(tokens);
+  const int q_heads = 16, q_stride = 192, rd = 64;
+  std::mt19937_64 rng(42);
+  std::vector<T> q(std::size_t(tokens * q_heads * q_stride)), k(std::size_t(tokens * rd));
+  for (auto& v : q) v = draw<T>(rng, false);
+  for (auto& v : k) v = draw<T>(rng, false);
+  std::vector<std::int64_t> positions(static_cast<std::size_t>(tokens));
+  std::uniform_int_distribution<std::int64_t> pos_dist(0, 4095);
+  for (auto& pos : positions) pos = pos_dist(rng);
+  const kvkit::RopeCache cache(kvkit::RopeConfig::deepseek_yarn(), 4096);
+  RopeParams p;
+  p.q = q.data(); p.q_head_stride = q_stride; p.q_token_stride = q_heads * q_stride; p.num_q_heads = q_heads;
+  p.k = k.data(); p.k_head_stride = rd; p.k_token_stride = rd; p.num_k_heads = 1;
+  p.positions = positions.data(); p.num_tokens = tokens;
+  p.head_dim = rd; p.rotary_dim = rd; p.style = RopeStyle::kGptJ; p.dtype = kvkit::DType::kBFloat16;
+  cache.attach(p);
+
+  std::vector<T> q_expect = q, k_expect = k;
+  std::vector<float> c(rd / 2), s(rd / 2);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    kvkit::detail::load_cos_sin_row(p, positions[std::size_t(t)], c.data(), s.data());
+    kvkit::detail::rotate_heads_body(q_expect.data() + t * p.q_token_stride, q_stride, q_heads, p, c.data(), s.data());
+    kvkit::detail::rotate_heads_body(k_expect.data() + t * rd, rd, 1, p, c.data(), s.data());
+  }
+  kvkit::apply_rope(p);
+  CHECK(std::memcmp(q.data(), q_expect.data(), q.size() * sizeof(T)) == 0);
+  CHECK(std::memcmp(k.data(), k_expect.data(), k.size() * sizeof(T)) == 0);
+}
+
+#if KVKIT_X86_DISPATCH
+namespace {
+// 8 floats through the kernel's bfloat16 store (vector types stay inside AVX2 code).
+__attribute__((target("avx2"))) void round_trip_avx2(const float* in, kvkit::bfloat16* out) {
+  kvkit::detail::rope_store8(out, _mm256_loadu_ps(in));
+}
+}  // namespace
+
+TEST_CASE("the AVX2 bfloat16 store rounds like float_to_bfloat16_bits") {
+  if (kvkit::detail::x86_level() == kvkit::detail::X86Level::kBaseline) {
+    WARN("this CPU has no AVX2; the AVX2 kernel is not exercised");
+    return;
+  }
+  // Ties (low half exactly 0x8000) with even and odd kept bits, one ulp either
+  // side of them, carries into the exponent and up to infinity, subnormals,
+  // zeros, infinities, NaNs of every kind, then random patterns.
+  std::vector<std::uint32_t> patterns = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                                         0xffc00001u, 0x7f800001u, 0x7fbfffffu, 0x7f7fffffu, 0x7f7f8000u,
+                                         0xff7f8000u, 0x00008000u, 0x00018000u, 0x0000ffffu, 0x807fffffu};
+  for (std::uint32_t hi : {0x3f80u, 0x3f81u, 0x4049u, 0xc2f7u, 0x0001u, 0x7f7eu}) {
+    for (std::uint32_t lo : {0x7fffu, 0x8000u, 0x8001u, 0xffffu, 0x0000u, 0x0001u})
+      patterns.push_back((hi << 16) | lo);
+  }
+  std::mt19937_64 rng(7);
+  while (patterns.size() % 8 != 0 || patterns.size() < (1u << 16)) patterns.push_back(std::uint32_t(rng()));
+  for (std::size_t i = 0; i < patterns.size(); i += 8) {
+    alignas(32) float in[8];
+    for (int l = 0; l < 8; ++l) in[l] = float_of_bits(patterns[i + std::size_t(l)]);
+    kvkit::bfloat16 out[9];
+    out[8] = kvkit::bfloat16::from_bits(0x1234);  // just past the 16 bytes: must stay
+    round_trip_avx2(in, out);
+    for (int l = 0; l < 8; ++l) {
+      INFO("float bits 0x" << std::hex << bits_of_float(in[l]));
+      REQUIRE(out[l].bits == kvkit::float_to_bfloat16_bits(in[l]));
+    }
+    REQUIRE(out[8].bits == 0x1234);
+  }
+}
+#endif
