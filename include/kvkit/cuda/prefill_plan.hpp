@@ -24,7 +24,7 @@
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
 #include "kvkit/layout/page_table.hpp"
-#include "kvkit/ops/attention_decode.hpp"
+#include "kvkit/ops/attention_checks.hpp"
 #include "kvkit/ops/attention_params.hpp"
 
 namespace kvkit::cuda {
