@@ -6,9 +6,12 @@
 /// default x86-64 target is SSE2 (4 float lanes). Where KVKIT_X86_DISPATCH is
 /// 1, hot loops are also compiled with __attribute__((target("avx2"))) (and
 /// AVX-512 where an op says so) and picked once per process from the CPU's
-/// features. The AVX2 variants are built without FMA, so every ISA rounds the
-/// same IEEE operations the same way and results stay bit-identical (and equal
-/// to the CUDA kernels, which also avoid contraction).
+/// features. Ops whose bytes must not depend on the machine (quantize, RoPE,
+/// conversions) build their AVX2 variants without FMA, so every ISA rounds
+/// the same IEEE operations the same way and results stay bit-identical (and
+/// equal to the CUDA kernels, which also avoid contraction). The CPU decode
+/// attention (ops/attention_decode.hpp) uses FMA and the vector width to
+/// order its sums: deterministic per ISA, equal across ISAs to fp32 rounding.
 ///
 /// KVKIT_X86_DISPATCH is 1 with GCC or Clang on x86-64, when not already built
 /// for AVX-512 and not inside nvcc (which compiles the CPU ops only as test
