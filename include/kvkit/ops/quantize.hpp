@@ -156,16 +156,18 @@ KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const Quantize
       auto* cache = static_cast<std::uint8_t*>(which ? a.v_cache : a.k_cache);
       const float* static_scales = which ? a.v_scale : a.k_scale;
       float* dynamic_scales = (which ? a.v_scale_cache : a.k_scale_cache);
-      for (std::int64_t h = 0; h < heads; ++h) {
-        const Src* row = src + h * sh;
-        float scale;
-        if (dynamic) {
-          scale = dynamic_scale(row_amax(row, hd), kCache);
-          dynamic_scales[slot * heads + h] = scale;
-        } else {
-          scale = static_scales[h * scale_step];
+      if (dynamic) {
+        // All of the token's row scales first: their divisions then overlap
+        // instead of each stalling its row's quantization.
+        float* scales = dynamic_scales + slot * heads;
+        for (std::int64_t h = 0; h < heads; ++h) scales[h] = dynamic_scale(row_amax(src + h * sh, hd), kCache);
+        for (std::int64_t h = 0; h < heads; ++h) {
+          quantize_row<Src, kCache>(src + h * sh, hd, scales[h], cache + layout.slot_offset(slot, h));
         }
-        quantize_row<Src, kCache>(row, hd, scale, cache + layout.slot_offset(slot, h));
+        continue;
+      }
+      for (std::int64_t h = 0; h < heads; ++h) {
+        quantize_row<Src, kCache>(src + h * sh, hd, static_scales[h * scale_step], cache + layout.slot_offset(slot, h));
       }
     }
   }
