@@ -56,7 +56,7 @@ PagedDecodeParams ragged_params(std::int64_t batch, int kv_heads, int group, std
 
 }  // namespace
 
-TEST_CASE("prefill_key_span holds every key some row of the tile sees, and exactly those for one row") {
+TEST_CASE("attention_key_span of a row range holds every key some row of the tile sees, and exactly those for one row") {
   std::mt19937 rng(11);
   const auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   int visible_keys = 0;
@@ -73,7 +73,7 @@ TEST_CASE("prefill_key_span holds every key some row of the tile sees, and exact
     const std::int64_t first_pos = seq_len - chunk;
     const std::int64_t lo = first_pos + (chunk > 0 ? uniform(0, int(chunk) - 1) : 0);
     const std::int64_t hi = chunk > 0 ? uniform(int(lo), int(seq_len) - 1) : lo;
-    const kvkit::AttentionKeySpan span = kvkit::cuda::detail::prefill_key_span(p, seq_len, lo, hi);
+    const kvkit::AttentionKeySpan span = kvkit::attention_key_span(p, seq_len, lo, hi);
     INFO("seq_len " << seq_len << " rows at [" << lo << ", " << hi << "] causal " << p.causal << " window "
                     << p.window << " sinks " << p.num_sinks << " keys [" << p.kv_begin << ", " << p.kv_end << ")");
     REQUIRE(span.begin <= span.first_end);

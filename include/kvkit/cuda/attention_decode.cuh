@@ -370,8 +370,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
     const std::int64_t pos_first = span.position(first);
     const std::int64_t pos_last = span.position(first + n - 1);
     // Most tiles are visible to every row: skip the per-row mask there.
-    const bool all_visible = pos_last <= q_pos_lo &&
-                             (p.window <= 0 || pos_first > q_pos_hi - p.window || pos_last < p.num_sinks);
+    const bool all_visible = attention_keys_all_visible(p, q_pos_lo, q_pos_hi, pos_first, pos_last);
     // Every key group runs kTile / key_groups iterations, so the shuffles
     // below see whole warps even when the tile is partly empty.
     for (int j = kg; j < kTile; j += key_groups) {

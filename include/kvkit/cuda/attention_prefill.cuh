@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1)
   const std::int64_t pos0 = seq_len - q_count;  // position of the chunk's first token
   const std::int64_t q_pos_lo = pos0 + row0 / group;
   const std::int64_t q_pos_hi = pos0 + (row0 + rows - 1) / group;
-  const AttentionKeySpan span = prefill_key_span(p, seq_len, q_pos_lo, q_pos_hi);
+  const AttentionKeySpan span = attention_key_span(p, seq_len, q_pos_lo, q_pos_hi);
   const std::int64_t num_tiles = prefill_num_key_tiles(span, kBlockN);
 
   const int tid = threadIdx.x;
@@ -286,9 +286,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1)
     // Scores, mask and online softmax. Element (nb, i): row g + 8 (i / 2),
     // key first + nb * 8 + 2c + (i % 2).
     const std::int64_t last = first + n - 1;
-    const bool all_visible = n == kBlockN && (!p.causal || (last <= q_pos_lo && (p.window <= 0 ||
-                                                                                 first > q_pos_hi - p.window ||
-                                                                                 last < p.num_sinks)));
+    const bool all_visible = n == kBlockN && attention_keys_all_visible(p, q_pos_lo, q_pos_hi, first, last);
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nb = 0; nb < Tr::kKeyBlocks; ++nb) {

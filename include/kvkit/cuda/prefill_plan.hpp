@@ -116,38 +116,6 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int64_t prefill_q_tiles(std::int64_t q_
   return (q_count * group + kPrefillRowsPerBlock - 1) / kPrefillRowsPerBlock;
 }
 
-/// The keys that query rows at positions [q_pos_lo, q_pos_hi] of a sequence
-/// of `seq_len` tokens may see, as at most two ranges (see AttentionKeySpan):
-/// [kv_begin, kv_end) ∩ [0, seq_len), cut at q_pos_hi + 1 under causal
-/// attention; with a window, the sinks and then the window of the earliest
-/// row (keys between them are hidden from every row). Adjacent ranges are
-/// merged into the first. Keys inside can still be hidden from some rows
-/// (the causal diagonal, the window's edge): attention_visible decides.
-KVKIT_HOST_DEVICE KVKIT_FORCEINLINE AttentionKeySpan prefill_key_span(const PagedDecodeParams& p,
-                                                                      std::int64_t seq_len,
-                                                                      std::int64_t q_pos_lo,
-                                                                      std::int64_t q_pos_hi) {
-  AttentionKeySpan s;
-  s.end = p.kv_end < seq_len ? p.kv_end : seq_len;
-  if (p.causal && q_pos_hi + 1 < s.end) s.end = q_pos_hi + 1;
-  if (s.end < 0) s.end = 0;
-  s.begin = p.kv_begin > 0 ? p.kv_begin : 0;
-  if (s.begin > s.end) s.begin = s.end;
-  s.first_end = s.end;
-  s.second_begin = s.end;
-  if (!p.causal || p.window <= 0) return s;
-  std::int64_t sinks_end = p.num_sinks < s.begin ? s.begin : p.num_sinks;
-  if (sinks_end > s.end) sinks_end = s.end;
-  const std::int64_t earliest = q_pos_lo - p.window + 1;
-  std::int64_t window_begin = earliest > sinks_end ? earliest : sinks_end;
-  if (window_begin > s.end) window_begin = s.end;
-  if (window_begin > sinks_end) {  // a gap: two ranges
-    s.first_end = sinks_end;
-    s.second_begin = window_begin;
-  }
-  return s;
-}
-
 /// Key tiles of `tile_keys` consecutive positions covering a span, none
 /// straddling its two ranges: the first range's tiles, then the second's.
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int64_t prefill_num_key_tiles(const AttentionKeySpan& s, int tile_keys) {

@@ -86,13 +86,13 @@ KVKIT_FORCEINLINE void load_cache_row(const void* cache, std::int64_t off, int n
     for (int d = c_kv; d < n; ++d) {
       std::uint16_t bits;
       std::memcpy(&bits, row + MlaFp8Row::kRopeOffset + 2 * (d - MlaFp8Row::kRank), 2);
-      dst[d] = bits_to_float(std::uint32_t(bits) << 16);
+      dst[d] = bfloat16_bits_to_float(bits);
     }
   } else if constexpr (kKV == DType::kFloat32) {
     std::memcpy(dst, static_cast<const float*>(cache) + off, sizeof(float) * std::size_t(n));
   } else if constexpr (kKV == DType::kBFloat16) {
     const auto* src = reinterpret_cast<const std::uint16_t*>(static_cast<const bfloat16*>(cache) + off);
-    for (int d = 0; d < n; ++d) dst[d] = bits_to_float(std::uint32_t(src[d]) << 16);
+    for (int d = 0; d < n; ++d) dst[d] = bfloat16_bits_to_float(src[d]);
   } else if constexpr (kKV == DType::kFloat16) {
     const auto* src = reinterpret_cast<const std::uint16_t*>(static_cast<const half*>(cache) + off);
 #if KVKIT_X86_DISPATCH
@@ -216,17 +216,6 @@ KVKIT_FORCEINLINE void decode_accumulate_rows(const float* weights, const float*
   }
 }
 
-/// Whether every key in [first, first + n) is visible to the query at q_pos
-/// (the common case, which then needs no per-key mask). The keys come from
-/// the sequence's key span, so they are inside [kv_begin, kv_end).
-KVKIT_FORCEINLINE bool decode_tile_fully_visible(const PagedDecodeParams& p, std::int64_t q_pos,
-                                                 std::int64_t first, int n) {
-  if (!p.causal) return true;
-  const std::int64_t last = first + n - 1;
-  if (last > q_pos) return false;
-  return p.window <= 0 || first > q_pos - p.window || last < p.num_sinks;
-}
-
 /// The scale of (slot, head) in a quantized cache's scale array; 1 for float caches.
 KVKIT_FORCEINLINE float kv_scale_at(const PagedDecodeParams& p, const float* scales, std::int64_t slot,
                                     std::int64_t head) {
@@ -275,7 +264,7 @@ KVKIT_FORCEINLINE void prefetch_kv_tile(const PagedDecodeParams& p, const void* 
 template <class V>
 KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int64_t q_pos, std::int64_t first, int n,
                                            float* s, OnlineSoftmax& softmax, float* acc, int v_width) {
-  if (!decode_tile_fully_visible(p, q_pos, first, n)) {
+  if (!attention_keys_all_visible(p, q_pos, q_pos, first, first + n - 1)) {
     for (int j = 0; j < n; ++j) {
       if (!attention_visible(p, q_pos, first + j)) s[j] = -INFINITY;
     }

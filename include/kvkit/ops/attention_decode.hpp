@@ -112,9 +112,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
   }
   // The keys some row may see (the window's gap between sinks and window is
   // skipped), a tile at a time.
-  PagedDecodeParams seq_params = p;
-  seq_params.q_len = q_len;  // ragged queries: this sequence's count
-  const AttentionKeySpan span = attention_key_span(seq_params, seq_len);
+  const AttentionKeySpan span = attention_key_span(p, seq_len, seq_len - q_len, seq_len - 1);
   const std::int64_t ranges[2][2] = {{span.begin, span.first_end}, {span.second_begin, span.end}};
   for (const auto& range : ranges) {
     for (std::int64_t first = range[0]; first < range[1]; first += kDecodeTile) {

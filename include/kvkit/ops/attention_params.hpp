@@ -85,6 +85,17 @@ KVKIT_HOST_DEVICE KVKIT_FORCEINLINE bool attention_visible(const PagedDecodePara
   return p.window <= 0 || k_pos > q_pos - p.window || k_pos < p.num_sinks;
 }
 
+/// Whether every key at positions [first, last] is visible to every query
+/// row at positions [q_pos_lo, q_pos_hi], so that a tile of them needs no
+/// per-key mask (the common case). The keys must come from the rows' key
+/// span (inside [kv_begin, kv_end)). Shared by the CPU decode and the kernels.
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE bool attention_keys_all_visible(const PagedDecodeParams& p,
+                                                                    std::int64_t q_pos_lo, std::int64_t q_pos_hi,
+                                                                    std::int64_t first, std::int64_t last) {
+  if (!p.causal) return true;
+  return last <= q_pos_lo && (p.window <= 0 || first > q_pos_hi - p.window || last < p.num_sinks);
+}
+
 /// Score after scaling and the optional soft-cap.
 /// First query row of sequence b and its number of query tokens.
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int64_t attention_q_begin(const PagedDecodeParams& p, std::int64_t b) {
@@ -130,29 +141,43 @@ struct AttentionKeySpan {
   }
 };
 
-/// The key span of a sequence of `seq_len` tokens (see AttentionKeySpan).
+/// The keys that query rows at positions [q_pos_lo, q_pos_hi] of a sequence
+/// of `seq_len` tokens may see, as at most two ranges (see AttentionKeySpan):
+/// [kv_begin, kv_end) ∩ [0, seq_len), cut at q_pos_hi + 1 under causal
+/// attention; with a window, the sinks and then the window of the earliest
+/// row (keys between them are hidden from every row). Adjacent ranges are
+/// merged into the first. Keys inside can still be hidden from some rows
+/// (the causal diagonal, the window's edge): attention_visible decides.
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE AttentionKeySpan attention_key_span(const PagedDecodeParams& p,
-                                                                        std::int64_t seq_len) {
+                                                                        std::int64_t seq_len,
+                                                                        std::int64_t q_pos_lo,
+                                                                        std::int64_t q_pos_hi) {
   AttentionKeySpan s;
   s.end = p.kv_end < seq_len ? p.kv_end : seq_len;
+  if (p.causal && q_pos_hi + 1 < s.end) s.end = q_pos_hi + 1;
   if (s.end < 0) s.end = 0;
   s.begin = p.kv_begin > 0 ? p.kv_begin : 0;
   if (s.begin > s.end) s.begin = s.end;
-  if (p.window <= 0) {
-    s.first_end = s.end;
-    s.second_begin = s.end;
-    return s;
-  }
-  // Keys before `earliest` are outside the window of every row (the first
-  // new token, at seq_len - q_len, sees the least).
-  const std::int64_t earliest = seq_len - p.q_len - p.window + 1;
+  s.first_end = s.end;
+  s.second_begin = s.end;
+  if (!p.causal || p.window <= 0) return s;
   std::int64_t sinks_end = p.num_sinks < s.begin ? s.begin : p.num_sinks;
   if (sinks_end > s.end) sinks_end = s.end;
+  const std::int64_t earliest = q_pos_lo - p.window + 1;
   std::int64_t window_begin = earliest > sinks_end ? earliest : sinks_end;
   if (window_begin > s.end) window_begin = s.end;
-  s.first_end = sinks_end;
-  s.second_begin = window_begin;
+  if (window_begin > sinks_end) {  // a gap: two ranges
+    s.first_end = sinks_end;
+    s.second_begin = window_begin;
+  }
   return s;
+}
+
+/// The key span of a sequence of `seq_len` tokens whose last p.q_len tokens
+/// are the query rows (see AttentionKeySpan).
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE AttentionKeySpan attention_key_span(const PagedDecodeParams& p,
+                                                                        std::int64_t seq_len) {
+  return attention_key_span(p, seq_len, seq_len - p.q_len, seq_len - 1);
 }
 
 }  // namespace kvkit
