@@ -112,6 +112,21 @@ struct DecodeLaunch {
   bool per_token_scales = false;
 };
 
+/// Throws kvkit::Error (naming `where`, the sizes and `remedy`) when the
+/// current device cannot give one block `bytes` of dynamic shared memory:
+/// the opt-in limit is 227 KiB on sm_90 but 163 KiB on sm_80 / sm_87 and
+/// 99 KiB on sm_86 / sm_89, where the launch would otherwise fail with an
+/// opaque "invalid argument" from cudaFuncSetAttribute.
+inline void check_smem_optin(std::size_t bytes, const char* where, const char* remedy) {
+  int device = 0, optin = 0;
+  KVKIT_CUDA_CHECK(cudaGetDevice(&device));
+  KVKIT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (std::size_t(optin) < bytes) {
+    fail(where, "the kernel needs ", bytes, " bytes of shared memory per block; this GPU (device ", device,
+         ") allows at most ", optin, ": ", remedy);
+  }
+}
+
 __device__ KVKIT_FORCEINLINE void copy_unit_16(void* smem_dst, const void* global_src, bool async_copy,
                                                int elem_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

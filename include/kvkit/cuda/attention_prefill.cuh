@@ -376,7 +376,9 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1)
 /// included (see prefill_plan.hpp). Neither allocates nor synchronizes, so
 /// it can be captured in a CUDA graph. Throws kvkit::Error (launching
 /// nothing) on invalid params, head_dim or dtypes the kernel is not built
-/// for, or a plan made for another shape; or on a failed launch.
+/// for, a plan made for another shape, or head_dim 128 on a GPU with less
+/// than 102 KiB of shared memory per block (sm_86 / sm_89); or on a failed
+/// launch.
 inline void run_prefill(const PagedDecodeParams& p, const PrefillPlan& plan, cudaStream_t stream = nullptr) {
   constexpr const char* kWhere = "kvkit::cuda::run_prefill";
   detail::validate_cuda_prefill_shapes(p, kWhere);
@@ -414,6 +416,8 @@ inline void run_prefill(const PagedDecodeParams& p, const PrefillPlan& plan, cud
     using T = typename decltype(tag)::type;
     using Tr = detail::PrefillTraits<kHeadDim>;
     const auto kernel = detail::paged_prefill_kernel<kHeadDim, T>;
+    detail::check_smem_optin(Tr::kSmemBytes, kWhere,
+                             "head_dim 128 needs sm_80 / sm_87 / sm_90 or newer (head_dim <= 96 fits 99 KiB)");
     // Above 48 KiB of dynamic shared memory needs an opt-in (a per-function
     // attribute, not a stream operation: allowed while a graph is captured).
     KVKIT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmemBytes)));

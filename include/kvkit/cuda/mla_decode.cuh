@@ -371,7 +371,9 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(const P
 /// kvkit::Error (launching nothing) on invalid params, a shape or cache
 /// dtype the kernel is not built for (kv_lora_rank 512 + rope 64 only), a
 /// plan made for another shape, a missing or too small workspace, or a
-/// tensor-core plan on a GPU older than sm_80; or a failed launch.
+/// tensor-core plan on a GPU older than sm_80 or without 225 KiB of shared
+/// memory per block (sm_80 / sm_86 / sm_89: plan with kCudaCores); or a
+/// failed launch.
 inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan, void* workspace,
                            std::size_t workspace_bytes, cudaStream_t stream = nullptr) {
   constexpr const char* kWhere = "kvkit::cuda::run_mla_decode";
@@ -410,6 +412,10 @@ inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan
     check_argument(major >= 8, kWhere, "plan.kernel", "kTensorCores",
                    "a GPU with compute capability 8.0 or newer for the tensor-core kernel (this one is ", major,
                    ".x): plan with MlaDecodeKernel::kCudaCores");
+    // Its 225 KiB of shared memory fit sm_90 (227 KiB per block) but not
+    // sm_80 (163 KiB) or sm_86 / sm_89 (99 KiB), where kAuto still picks it.
+    detail::check_smem_optin(std::size_t(detail::kMlaTcSmemBytes), kWhere,
+                             "the tensor-core kernel does not fit; plan with MlaDecodeKernel::kCudaCores");
   }
   if (rows_total == 0) return;
 

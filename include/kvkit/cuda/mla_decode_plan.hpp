@@ -22,10 +22,12 @@ namespace kvkit::cuda {
 /// Which kernel runs an absorbed MLA decode (MlaDecodePlan::kernel).
 ///  - kCudaCores: FMAs on CUDA cores, 32 query rows per block; any cache
 ///    (bf16, fp16, fp8 656-byte rows) and any q dtype.
-///  - kTensorCores: mma.sync m16n8k16 (sm_80 or newer), 64 query rows per
-///    block; bf16 or fp16 cache with q (and o) of the same dtype.
+///  - kTensorCores: mma.sync m16n8k16, 64 query rows per block, 225 KiB of
+///    shared memory (sm_90; sm_80 / sm_86 / sm_89 cannot hold it and
+///    run_mla_decode refuses); bf16 or fp16 cache with q (and o) of the same dtype.
 ///  - kAuto (plan argument only): tensor cores where they apply and a
-///    sequence has at least 16 query rows (q_len x num_q_heads), else CUDA cores.
+///    sequence has at least 16 query rows (q_len x num_q_heads), else CUDA
+///    cores. The plan does not see the device: before sm_90, ask for kCudaCores.
 enum class MlaDecodeKernel { kAuto, kCudaCores, kTensorCores };
 
 /// What run_mla_decode needs besides the params (see DecodePlan, whose rules
