@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "kvkit/ops/append.hpp"
 #include "kvkit/ops/copy_blocks.hpp"
 #include "kvkit/ops/gather.hpp"
+#include "kvkit/ops/streaming_copy.hpp"
 
 using Catch::Matchers::Contains;
 using kvkit::AppendKVArgs;
@@ -65,7 +67,8 @@ std::int64_t reference_index(Kind kind, bool interleaved, bool is_v, std::int64_
 
 void run_append_case(Kind kind, KVStorage storage, std::int64_t pages, std::int64_t ps,
                      std::int64_t heads, std::int64_t hd, std::int64_t num_tokens, bool pad,
-                     bool padded_source) {
+                     bool padded_source,
+                     kvkit::detail::StoreKind stores = kvkit::detail::StoreKind::kAuto) {
   const bool inter = storage == KVStorage::kInterleaved;
   const auto layout = kind == Kind::kNhd ? PagedKVLayout::nhd(pages, ps, heads, hd, storage)
                                          : PagedKVLayout::hnd(pages, ps, heads, hd, storage);
@@ -89,7 +92,7 @@ void run_append_case(Kind kind, KVStorage storage, std::int64_t pages, std::int6
   a.k_cache = k_cache.data();
   a.v_cache = v_ptr;
   a.src_dtype = a.cache_dtype = DType::kFloat32;
-  kvkit::append_kv(layout, a);
+  kvkit::detail::append_kv_with(layout, a, stores);
 
   std::vector<float> expect_k(cache_elems, kPoison), expect_v(cache_elems, kPoison);
   std::vector<float>& ev = inter ? expect_k : expect_v;
@@ -120,6 +123,80 @@ TEST_CASE("append_kv writes each token's rows at its slot and nothing else") {
   SECTION("page size 1") { run_append_case(kind, storage, 40, 1, 3, 32, 33, true, false); }
   SECTION("head_dim 96, 128, 256, 576 with padding slots and a strided source") {
     for (std::int64_t hd : {96, 128, 256, 576}) run_append_case(kind, storage, 4, 8, 2, hd, 25, true, true);
+  }
+}
+
+TEST_CASE("append_kv writes the same cache with ordinary and with streaming stores") {
+  // append_kv picks the stores by cache size; both kinds are forced here on
+  // small caches (rows of 4 to 2,304 bytes, whole tokens and single heads).
+  using kvkit::detail::StoreKind;
+  const StoreKind stores = GENERATE(StoreKind::kOrdinary, StoreKind::kStreaming);
+  const Kind kind = GENERATE(Kind::kNhd, Kind::kHnd);
+  const KVStorage storage = GENERATE(KVStorage::kSeparate, KVStorage::kInterleaved);
+  CAPTURE(int(stores));
+  run_append_case(kind, storage, 3, 4, 2, 8, 1, false, false, stores);
+  run_append_case(kind, storage, 40, 1, 3, 1, 33, true, false, stores);
+  run_append_case(kind, storage, 5, 16, 7, 7, 17, true, true, stores);
+  for (std::int64_t hd : {33, 128, 576}) run_append_case(kind, storage, 4, 8, 2, hd, 25, true, true, stores);
+}
+
+TEST_CASE("append_kv streams into caches of at least kStreamingStoreMinCacheBytes") {
+  using kvkit::detail::StoreKind;
+  using kvkit::detail::use_streaming_stores;
+  constexpr std::int64_t kMin = kvkit::kStreamingStoreMinCacheBytes;
+  CHECK_FALSE(use_streaming_stores(StoreKind::kAuto, kMin - 1));
+  CHECK(use_streaming_stores(StoreKind::kAuto, kMin));
+  CHECK(use_streaming_stores(StoreKind::kStreaming, 64));
+  CHECK_FALSE(use_streaming_stores(StoreKind::kOrdinary, kMin * 4));
+  // Through the public entry point: a 4 MiB bfloat16 cache (2,048 pages of 16
+  // x 64), K and V, written at 300 scattered slots of which every third is padding.
+  const auto layout = PagedKVLayout::nhd(2048, 16, 1, 64);
+  REQUIRE(layout.num_slots() * 64 * 2 == kMin);
+  const std::int64_t n = 300;
+  std::vector<std::uint16_t> key(std::size_t(n * 64)), value(key.size());
+  std::mt19937 rng(21);
+  for (auto& x : key) x = std::uint16_t(rng());
+  for (auto& x : value) x = std::uint16_t(rng());
+  const auto slots = random_slots(n, layout.num_slots(), true, 22);
+  const std::uint16_t poison = 0xdead;
+  std::vector<std::uint16_t> kc(std::size_t(layout.span_elements()), poison), vc(kc);
+  kvkit::append_kv(layout, AppendKVArgs::dense(key.data(), value.data(), slots.data(), n, 1, 64,
+                                               kc.data(), vc.data(), DType::kBFloat16));
+  std::vector<std::uint16_t> ek(kc.size(), poison), ev(kc.size(), poison);
+  for (std::int64_t t = 0; t < n; ++t) {
+    const std::int64_t s = slots[std::size_t(t)];
+    if (s < 0) continue;
+    for (std::int64_t d = 0; d < 64; ++d) {
+      ek[std::size_t(s * 64 + d)] = key[std::size_t(t * 64 + d)];
+      ev[std::size_t(s * 64 + d)] = value[std::size_t(t * 64 + d)];
+    }
+  }
+  CHECK(kc == ek);
+  CHECK(vc == ev);
+}
+
+TEST_CASE("copy_row_streaming copies exactly the addressed bytes at any alignment") {
+  // Destination and source offsets 0..17 bytes off a 64-byte boundary,
+  // lengths around the 16- and 64-byte steps: only [dst, dst + n) changes.
+  std::vector<unsigned char> src(512);
+  std::mt19937 rng(23);
+  for (auto& b : src) b = static_cast<unsigned char>(rng());
+  alignas(64) unsigned char dst[512];
+  for (std::size_t doff = 0; doff < 18; ++doff) {
+    for (std::size_t soff : {std::size_t(0), std::size_t(1), std::size_t(8), std::size_t(17)}) {
+      for (std::size_t n : {0, 1, 2, 15, 16, 17, 31, 47, 63, 64, 65, 100, 127, 128, 129, 255, 256, 300}) {
+        std::memset(dst, 0xa5, sizeof dst);
+        kvkit::detail::copy_row_streaming(dst + doff, src.data() + soff, n);
+        kvkit::detail::streaming_store_fence();
+        bool ok = true;
+        for (std::size_t i = 0; i < sizeof dst; ++i) {
+          const bool inside = i >= doff && i < doff + n;
+          ok = ok && dst[i] == (inside ? src[soff + i - doff] : 0xa5);
+        }
+        CAPTURE(doff, soff, n);
+        REQUIRE(ok);
+      }
+    }
   }
 }
 
@@ -212,6 +289,44 @@ TEST_CASE("append_latent writes [c_kv | k_pe] rows with page size 64") {
     for (std::int64_t d = 0; d < 64; ++d) expect[std::size_t(s * 576 + 512 + d)] = r[std::size_t(t * 64 + d)];
   }
   CHECK(cache == expect);
+}
+
+TEST_CASE("append_latent writes the same rows with ordinary and streaming stores, unaligned") {
+  // bfloat16 rows [512 | 64] in a cache that starts 2 bytes past a 64-byte
+  // boundary, so every row has partial 16-byte chunks at both ends and at
+  // the c_kv / k_pe junction.
+  using kvkit::detail::StoreKind;
+  const StoreKind stores = GENERATE(StoreKind::kOrdinary, StoreKind::kStreaming);
+  const auto layout = kvkit::LatentKVLayout::dense(3, 64, 512, 64);
+  const std::int64_t n = 65, row = 576;
+  std::vector<std::uint16_t> c(std::size_t(n * 515)), r(std::size_t(n * 64));  // c_kv stride 515
+  std::mt19937 rng(24);
+  for (auto& x : c) x = std::uint16_t(rng());
+  for (auto& x : r) x = std::uint16_t(rng());
+  const auto slots = random_slots(n, layout.num_slots(), true, 25);
+  const std::uint16_t poison = 0xbeef;
+  std::vector<std::uint16_t> storage(std::size_t(layout.num_slots() * row + 64), poison);
+  auto* base = reinterpret_cast<std::uint16_t*>(
+      (reinterpret_cast<std::uintptr_t>(storage.data()) + 63) / 64 * 64 + 2);
+  kvkit::AppendLatentArgs a;
+  a.c_kv = c.data();
+  a.k_pe = r.data();
+  a.c_kv_stride_token = 515;
+  a.k_pe_stride_token = 64;
+  a.slot_mapping = slots.data();
+  a.num_tokens = n;
+  a.cache = base;
+  a.src_dtype = a.cache_dtype = DType::kBFloat16;
+  kvkit::detail::append_latent_with(layout, a, stores);
+  std::vector<std::uint16_t> expect(storage.size(), poison);
+  const std::size_t at = std::size_t(base - storage.data());
+  for (std::int64_t t = 0; t < n; ++t) {
+    const std::int64_t s = slots[std::size_t(t)];
+    if (s < 0) continue;
+    for (std::int64_t d = 0; d < 512; ++d) expect[at + std::size_t(s * row + d)] = c[std::size_t(t * 515 + d)];
+    for (std::int64_t d = 0; d < 64; ++d) expect[at + std::size_t(s * row + 512 + d)] = r[std::size_t(t * 64 + d)];
+  }
+  CHECK(storage == expect);
 }
 
 TEST_CASE("append rejects bad slots, dtypes and pointers before writing anything") {

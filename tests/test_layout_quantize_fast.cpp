@@ -5,10 +5,12 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -267,6 +269,33 @@ TEST_CASE("row_amax equals fold_amax over the row, non-finite values ignored") {
     for (std::int64_t i = 0; i < n; ++i) expect = kvkit::fold_amax(expect, v[std::size_t(i)]);
     CHECK(kvkit::detail::row_amax(v.data(), n) == expect);
   }
+}
+
+TEST_CASE("row_amax of bfloat16 and half rows (compared on 16-bit patterns) equals fold_amax") {
+  // Every 16-bit pattern (inf, NaN, subnormals, both zeros included), shuffled
+  // and cut into rows of odd lengths, for both types.
+  std::vector<std::uint16_t> all(65536);
+  std::iota(all.begin(), all.end(), std::uint16_t(0));
+  std::shuffle(all.begin(), all.end(), std::mt19937(4));
+  std::vector<kvkit::bfloat16> b(all.size());
+  std::vector<kvkit::half> h(all.size());
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    b[i] = kvkit::bfloat16::from_bits(all[i]);
+    h[i] = kvkit::half::from_bits(all[i]);
+  }
+  std::size_t rows = 0;
+  for (std::size_t at = 0, n = 1; at < all.size(); at += n, n = n % 257 + 33) {
+    const std::size_t len = std::min(n, all.size() - at);
+    float eb = 0.0f, eh = 0.0f;
+    for (std::size_t i = at; i < at + len; ++i) {
+      eb = kvkit::fold_amax(eb, float(b[i]));
+      eh = kvkit::fold_amax(eh, kvkit::half_bits_to_float(all[i]));
+    }
+    REQUIRE(kvkit::detail::row_amax(b.data() + at, std::int64_t(len)) == eb);
+    REQUIRE(kvkit::detail::row_amax(h.data() + at, std::int64_t(len)) == eh);
+    ++rows;
+  }
+  CHECK(rows > 200);
 }
 
 TEST_CASE("quantize_append_kv from float32 equals the scalar rules on every ISA") {
