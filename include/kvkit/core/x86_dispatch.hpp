@@ -26,21 +26,35 @@
 #endif
 #endif
 
+#include <cstdlib>
+#include <string_view>
+
 namespace kvkit::detail {
 
 #if KVKIT_X86_DISPATCH
 /// The widest vector ISA of the CPU running us that the dispatched loops use.
 enum class X86Level { kBaseline, kAvx2, kAvx512 };
 
-/// Asked once per process.
+/// Asked once per process. The environment variable KVKIT_CPU_ISA
+/// (`baseline`, `avx2` or `avx512`) lowers it, never raises it: the tests run
+/// every variant on one machine that way, and a user can compare them.
 inline X86Level x86_level() {
   static const X86Level level = [] {
     __builtin_cpu_init();
+    X86Level detected = X86Level::kBaseline;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl")) {
-      return X86Level::kAvx512;
+      detected = X86Level::kAvx512;
+    } else if (__builtin_cpu_supports("avx2")) {
+      detected = X86Level::kAvx2;
     }
-    return __builtin_cpu_supports("avx2") ? X86Level::kAvx2 : X86Level::kBaseline;
+    const char* asked = std::getenv("KVKIT_CPU_ISA");
+    if (asked == nullptr) return detected;
+    const std::string_view name(asked);
+    const X86Level cap = name == "baseline" ? X86Level::kBaseline
+                         : name == "avx2"   ? X86Level::kAvx2
+                                            : X86Level::kAvx512;
+    return cap < detected ? cap : detected;
   }();
   return level;
 }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kvkit/core/bfloat16.hpp"
 #include "kvkit/core/half.hpp"
@@ -35,7 +36,6 @@ namespace kvkit::detail {
 /// vector's lanes (16).
 constexpr int kDecodeTile = 16;
 
-inline int round_up_to_lanes(int n) { return (n + kVecPadLanes - 1) / kVecPadLanes * kVecPadLanes; }
 /// float(stored) of every byte of a 1-byte cache dtype, built once.
 struct ByteDequantTable {
   float value[256];
@@ -108,110 +108,259 @@ KVKIT_FORCEINLINE void load_cache_row(const void* cache, std::int64_t off, int n
   }
 }
 
-/// Scores of R query rows against n keys of one kv head, two keys at a time
-/// (2R running sums in registers; each q and k load feeds several of them).
-/// q: [R, width] (row stride width); keys: [n, width]; scores row stride kDecodeTile.
-template <int R, class V>
-KVKIT_FORCEINLINE void decode_scores(const PagedDecodeParams& p, const float* q, const float* keys, int n,
-                                     int width, float* scores) {
+/// Elements of a head row per step of the vector loops: two vectors.
+template <class V>
+inline constexpr int kChunk = 2 * kLanes<V>;
+
+/// Head rows in the CPU decode's scratch (q, accumulators, float tiles) are
+/// padded with zeros to a multiple of the widest chunk, so loops need no tails.
+inline int round_up_to_chunk(int n) { return (n + 2 * kVecPadLanes - 1) / (2 * kVecPadLanes) * (2 * kVecPadLanes); }
+
+/// Elements [0, kChunk) of a float row as two vectors, in order.
+template <class V>
+KVKIT_FORCEINLINE void load_chunk(const float* row, V& lo, V& hi) {
+  lo = vec_at<V>(row);
+  hi = vec_at<V>(row + kLanes<V>);
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+/// The CPU decode reads bf16 and fp32 caches in place (no float tile): see
+/// decode_one_sequence_body.
+#define KVKIT_CPU_DECODE_READS_IN_PLACE 1
+/// 32-bit lanes of a vector, for the bf16 rows (a pair of bf16 per lane).
+template <class V>
+struct PairBits;
+template <>
+struct PairBits<Vec4> {
+  typedef std::uint32_t type __attribute__((vector_size(16)));
+  typedef std::uint32_t unaligned __attribute__((vector_size(16), aligned(2)));
+};
+template <>
+struct PairBits<Vec8> {
+  typedef std::uint32_t type __attribute__((vector_size(32)));
+  typedef std::uint32_t unaligned __attribute__((vector_size(32), aligned(2)));
+};
+template <>
+struct PairBits<Vec16> {
+  typedef std::uint32_t type __attribute__((vector_size(64)));
+  typedef std::uint32_t unaligned __attribute__((vector_size(64), aligned(2)));
+};
+
+/// Elements [0, kChunk) of a bf16 row (its bits) as two float vectors: the
+/// even elements, then the odd ones. A 32-bit lane holds a pair; shifting it
+/// left by 16 gives the even one as a float, masking the low half the odd one:
+/// two integer operations per 2L elements and no lane shuffles. q and the
+/// accumulators are kept in the same order (bf16_chunk_position).
+template <class V>
+KVKIT_FORCEINLINE void load_chunk(const std::uint16_t* row, V& lo, V& hi) {
+  const typename PairBits<V>::type pairs = *reinterpret_cast<const typename PairBits<V>::unaligned*>(row);
+  lo = reinterpret_cast<V>(pairs << 16);
+  hi = reinterpret_cast<V>(pairs & 0xFFFF0000u);
+}
+#else
+#define KVKIT_CPU_DECODE_READS_IN_PLACE 0
+#endif
+
+/// Where element d of a row sits in the order load_chunk gives it: in place
+/// for float rows; evens then odds within each chunk for bf16 rows.
+template <class Elem, class V>
+KVKIT_FORCEINLINE int chunk_position(int d) {
+  if constexpr (std::is_same_v<Elem, std::uint16_t>) {
+    const int e = d % kChunk<V>;
+    return d - e + (e & 1) * kLanes<V> + e / 2;
+  } else {
+    return d;
+  }
+}
+
+/// Asks for the cache lines of kBytes bytes at p (a whole number of lines
+/// when p is line-aligned).
+template <std::size_t kBytes>
+KVKIT_FORCEINLINE void prefetch_bytes(const void* p) {
+  const char* c = static_cast<const char*>(p);
+  for (std::size_t b = 0; b < kBytes; b += 64) __builtin_prefetch(c + b);
+}
+
+/// The 2R dot products of 4 rows x 2 keys (a0: key 0, a1: key 1) summed
+/// across lanes together, by halving shuffles (a few operations per sum
+/// instead of a full reduction each): out = r0k0 r0k1 r1k0 r1k1 ... r3k1.
+#if defined(__GNUC__) || defined(__clang__)
+KVKIT_FORCEINLINE void fold_4x2(const Vec16 (&a0)[4], const Vec16 (&a1)[4], float* out) {
+  Vec16 b[4];
+  for (int i = 0; i < 4; ++i) {
+    b[i] = __builtin_shufflevector(a0[i], a1[i], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a0[i], a1[i], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  Vec16 c[2];
+  for (int i = 0; i < 2; ++i) {
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  const Vec16 d = __builtin_shufflevector(c[0], c[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                  __builtin_shufflevector(c[0], c[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  vec_at<Vec8>(out) = __builtin_shufflevector(d, d, 0, 2, 4, 6, 8, 10, 12, 14) +
+                      __builtin_shufflevector(d, d, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+KVKIT_FORCEINLINE void fold_4x2(const Vec8 (&a0)[4], const Vec8 (&a1)[4], float* out) {
+  Vec8 b[4];
+  for (int i = 0; i < 4; ++i) {
+    b[i] = __builtin_shufflevector(a0[i], a1[i], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a0[i], a1[i], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  Vec8 c[2];
+  for (int i = 0; i < 2; ++i) {
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  }
+  vec_at<Vec8>(out) = __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+                      __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#endif
+
+/// Scores of R query rows against the n key rows `keys[j]` of one kv head,
+/// two keys at a time (2R running sums in registers; each q and k load feeds
+/// several of them), over `len` elements (a multiple of kChunk). q: [R,
+/// q_stride] in load_chunk's order; scores (q·k, before attention_logit,
+/// which decode_softmax_step applies a tile at a time): row stride
+/// kDecodeTile. While a
+/// pair of keys is read, the same keys of the next tile (`next`, when not
+/// null) are prefetched: pages are scattered, so the hardware prefetcher
+/// loses the stream at every page, and requests spread over the math overlap
+/// it instead of queueing at once.
+template <int R, class V, class Elem>
+KVKIT_FORCEINLINE void decode_scores(const float* q, int q_stride,
+                                     const Elem* const* keys, const Elem* const* next, int n, int len,
+                                     float* scores) {
   int j = 0;
   for (; j + 2 <= n; j += 2) {
-    const float* k0 = keys + std::size_t(j) * width;
-    const float* k1 = k0 + width;
+    const Elem* k0 = keys[j];
+    const Elem* k1 = keys[j + 1];
+    // Without a next tile the rows prefetch themselves (no branch in the loop).
+    const Elem* p0 = next != nullptr ? next[j] : k0;
+    const Elem* p1 = next != nullptr ? next[j + 1] : k1;
     V a0[R] = {}, a1[R] = {};
-    for (int d = 0; d < width; d += kLanes<V>) {
-      const V x0 = vec_at<V>(k0 + d), x1 = vec_at<V>(k1 + d);
+    for (int d = 0; d < len; d += kChunk<V>) {
+      prefetch_bytes<kChunk<V> * sizeof(Elem)>(p0 + d);
+      prefetch_bytes<kChunk<V> * sizeof(Elem)>(p1 + d);
+      V x0, y0, x1, y1;
+      load_chunk(k0 + d, x0, y0);
+      load_chunk(k1 + d, x1, y1);
       for (int i = 0; i < R; ++i) {
-        const V qi = vec_at<V>(q + std::size_t(i) * width + d);
-        a0[i] += qi * x0;
-        a1[i] += qi * x1;
+        const V qa = vec_at<V>(q + std::size_t(i) * q_stride + d);
+        const V qb = vec_at<V>(q + std::size_t(i) * q_stride + d + kLanes<V>);
+        a0[i] += qa * x0;
+        a1[i] += qa * x1;
+        a0[i] += qb * y0;
+        a1[i] += qb * y1;
       }
     }
+#if defined(__GNUC__) || defined(__clang__)
+    if constexpr (R == 4 && kLanes<V> >= 8) {
+      float sums[8];
+      fold_4x2(a0, a1, sums);
+      for (int i = 0; i < 4; ++i) {
+        scores[i * kDecodeTile + j] = sums[2 * i];
+        scores[i * kDecodeTile + j + 1] = sums[2 * i + 1];
+      }
+      continue;
+    }
+#endif
     for (int i = 0; i < R; ++i) {
-      scores[i * kDecodeTile + j] = attention_logit(p, vec_sum(a0[i]));
-      scores[i * kDecodeTile + j + 1] = attention_logit(p, vec_sum(a1[i]));
+      scores[i * kDecodeTile + j] = vec_sum(a0[i]);
+      scores[i * kDecodeTile + j + 1] = vec_sum(a1[i]);
     }
   }
   if (j < n) {
-    const float* k0 = keys + std::size_t(j) * width;
+    const Elem* k0 = keys[j];
+    const Elem* p0 = next != nullptr ? next[j] : k0;
     V a0[R] = {};
-    for (int d = 0; d < width; d += kLanes<V>) {
-      const V x0 = vec_at<V>(k0 + d);
-      for (int i = 0; i < R; ++i) a0[i] += vec_at<V>(q + std::size_t(i) * width + d) * x0;
-    }
-    for (int i = 0; i < R; ++i) scores[i * kDecodeTile + j] = attention_logit(p, vec_sum(a0[i]));
-  }
-}
-
-/// acc[R, width] += weights[R, n] · values[n, width], 16 columns at a time
-/// so that the 2R sums stay in registers across the keys.
-/// weights row stride kDecodeTile; acc row stride width.
-template <int R, class V>
-KVKIT_FORCEINLINE void decode_accumulate(const float* weights, const float* values, int n, int width,
-                                         float* acc) {
-  int d = 0;
-  for (; d + 2 * kLanes<V> <= width; d += 2 * kLanes<V>) {
-    V a0[R], a1[R];
-    for (int i = 0; i < R; ++i) {
-      a0[i] = vec_at<V>(acc + std::size_t(i) * width + d);
-      a1[i] = vec_at<V>(acc + std::size_t(i) * width + d + kLanes<V>);
-    }
-    for (int j = 0; j < n; ++j) {
-      const float* v = values + std::size_t(j) * width + d;
-      const V x0 = vec_at<V>(v), x1 = vec_at<V>(v + kLanes<V>);
+    for (int d = 0; d < len; d += kChunk<V>) {
+      prefetch_bytes<kChunk<V> * sizeof(Elem)>(p0 + d);
+      V x0, y0;
+      load_chunk(k0 + d, x0, y0);
       for (int i = 0; i < R; ++i) {
-        const float w = weights[i * kDecodeTile + j];
-        a0[i] += x0 * w;
-        a1[i] += x1 * w;
+        a0[i] += vec_at<V>(q + std::size_t(i) * q_stride + d) * x0;
+        a0[i] += vec_at<V>(q + std::size_t(i) * q_stride + d + kLanes<V>) * y0;
       }
     }
-    for (int i = 0; i < R; ++i) {
-      vec_at<V>(acc + std::size_t(i) * width + d) = a0[i];
-      vec_at<V>(acc + std::size_t(i) * width + d + kLanes<V>) = a1[i];
-    }
-  }
-  for (; d < width; d += kLanes<V>) {
-    V a0[R];
-    for (int i = 0; i < R; ++i) a0[i] = vec_at<V>(acc + std::size_t(i) * width + d);
-    for (int j = 0; j < n; ++j) {
-      const V x0 = vec_at<V>(values + std::size_t(j) * width + d);
-      for (int i = 0; i < R; ++i) a0[i] += x0 * weights[i * kDecodeTile + j];
-    }
-    for (int i = 0; i < R; ++i) vec_at<V>(acc + std::size_t(i) * width + d) = a0[i];
+    for (int i = 0; i < R; ++i) scores[i * kDecodeTile + j] = vec_sum(a0[i]);
   }
 }
 
-/// decode_scores / decode_accumulate over `rows` rows in blocks of at most 4
-/// (4 rows x 2 keys or x 16 columns keep 8 of the 16 vector registers busy).
-template <class V>
-KVKIT_FORCEINLINE void decode_scores_rows(const PagedDecodeParams& p, const float* q, const float* keys, int n,
-                                          int width, float* scores, int rows) {
+/// acc[R, cols d0 .. d0 + P chunks) += weights[R, n] · values[n][same cols],
+/// keeping the 2PR sums in registers across the keys; prefetches the same
+/// columns of the next tile's rows (see decode_scores).
+template <int R, int P, class V, class Elem>
+KVKIT_FORCEINLINE void decode_accumulate_pass(const float* weights, const Elem* const* values,
+                                              const Elem* const* next, int n, int d0, float* acc,
+                                              int acc_stride) {
+  constexpr int kVecs = 2 * P;
+  V a[R][kVecs];
+  for (int i = 0; i < R; ++i) {
+    for (int u = 0; u < kVecs; ++u) a[i][u] = vec_at<V>(acc + std::size_t(i) * acc_stride + d0 + u * kLanes<V>);
+  }
+  for (int j = 0; j < n; ++j) {
+    prefetch_bytes<P * kChunk<V> * sizeof(Elem)>((next != nullptr ? next[j] : values[j]) + d0);
+    V x[kVecs];
+    for (int c = 0; c < P; ++c) load_chunk(values[j] + d0 + c * kChunk<V>, x[2 * c], x[2 * c + 1]);
+    for (int i = 0; i < R; ++i) {
+      const float w = weights[i * kDecodeTile + j];
+      for (int u = 0; u < kVecs; ++u) a[i][u] += x[u] * w;
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int u = 0; u < kVecs; ++u) vec_at<V>(acc + std::size_t(i) * acc_stride + d0 + u * kLanes<V>) = a[i][u];
+  }
+}
+
+/// acc[R, 0 .. len) += weights[R, n] · values[n, 0 .. len), len a multiple
+/// of kChunk: two chunks per pass where the registers allow (16 lanes).
+template <int R, class V, class Elem>
+KVKIT_FORCEINLINE void decode_accumulate(const float* weights, const Elem* const* values, const Elem* const* next,
+                                         int n, int len, float* acc, int acc_stride) {
+  constexpr int P = kLanes<V> == 16 ? 2 : 1;
+  int d = 0;
+  for (; d + P * kChunk<V> <= len; d += P * kChunk<V>) {
+    decode_accumulate_pass<R, P, V>(weights, values, next, n, d, acc, acc_stride);
+  }
+  for (; d < len; d += kChunk<V>) decode_accumulate_pass<R, 1, V>(weights, values, next, n, d, acc, acc_stride);
+}
+
+/// decode_scores / decode_accumulate over `rows` rows in blocks of at most 4.
+template <class V, class Elem>
+KVKIT_FORCEINLINE void decode_scores_rows(const float* q, int q_stride,
+                                          const Elem* const* keys, const Elem* const* next, int n, int len,
+                                          float* scores, int rows) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
-    decode_scores<4, V>(p, q + std::size_t(r) * width, keys, n, width, scores + std::size_t(r) * kDecodeTile);
+    decode_scores<4, V>(q + std::size_t(r) * q_stride, q_stride, keys, next, n, len,
+                        scores + std::size_t(r) * kDecodeTile);
+    next = nullptr;  // once per tile
   }
-  const float* qr = q + std::size_t(r) * width;
+  const float* qr = q + std::size_t(r) * q_stride;
   float* sr = scores + std::size_t(r) * kDecodeTile;
   switch (rows - r) {
-    case 3: decode_scores<3, V>(p, qr, keys, n, width, sr); break;
-    case 2: decode_scores<2, V>(p, qr, keys, n, width, sr); break;
-    case 1: decode_scores<1, V>(p, qr, keys, n, width, sr); break;
+    case 3: decode_scores<3, V>(qr, q_stride, keys, next, n, len, sr); break;
+    case 2: decode_scores<2, V>(qr, q_stride, keys, next, n, len, sr); break;
+    case 1: decode_scores<1, V>(qr, q_stride, keys, next, n, len, sr); break;
     default: break;
   }
 }
-template <class V>
-KVKIT_FORCEINLINE void decode_accumulate_rows(const float* weights, const float* values, int n, int width,
-                                              float* acc, int rows) {
+template <class V, class Elem>
+KVKIT_FORCEINLINE void decode_accumulate_rows(const float* weights, const Elem* const* values, const Elem* const* next,
+                                              int n, int len, float* acc, int acc_stride, int rows) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
-    decode_accumulate<4, V>(weights + std::size_t(r) * kDecodeTile, values, n, width, acc + std::size_t(r) * width);
+    decode_accumulate<4, V>(weights + std::size_t(r) * kDecodeTile, values, next, n, len,
+                            acc + std::size_t(r) * acc_stride, acc_stride);
+    next = nullptr;
   }
   const float* wr = weights + std::size_t(r) * kDecodeTile;
-  float* ar = acc + std::size_t(r) * width;
+  float* ar = acc + std::size_t(r) * acc_stride;
   switch (rows - r) {
-    case 3: decode_accumulate<3, V>(wr, values, n, width, ar); break;
-    case 2: decode_accumulate<2, V>(wr, values, n, width, ar); break;
-    case 1: decode_accumulate<1, V>(wr, values, n, width, ar); break;
+    case 3: decode_accumulate<3, V>(wr, values, next, n, len, ar, acc_stride); break;
+    case 2: decode_accumulate<2, V>(wr, values, next, n, len, ar, acc_stride); break;
+    case 1: decode_accumulate<1, V>(wr, values, next, n, len, ar, acc_stride); break;
     default: break;
   }
 }
@@ -257,21 +406,30 @@ KVKIT_FORCEINLINE void prefetch_kv_tile(const PagedDecodeParams& p, const void* 
   }
 }
 
-/// One online-softmax step of a query row at q_pos over the tile's n scores
-/// (keys first..first+n-1): masks invisible keys, turns the scores into
-/// weights exp(s - max) in place (0 beyond n and for masked keys), and
-/// rescales the row's accumulator. Returns whether any key had weight.
+/// One online-softmax step of a query row at q_pos over the tile's n dot
+/// products (keys first..first+n-1): turns them into logits
+/// (attention_logit), masks invisible keys, turns the logits into weights
+/// exp(s - max) in place (0 beyond n and for masked keys), and rescales the
+/// row's accumulator. Returns whether any key had weight.
 template <class V>
 KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int64_t q_pos, std::int64_t first, int n,
                                            float* s, OnlineSoftmax& softmax, float* acc, int v_width) {
+  static_assert(kDecodeTile % kLanes<V> == 0, "a tile is whole vectors");
+  if (p.logit_softcap > 0.0f) {
+    for (int j = 0; j < n; ++j) s[j] = attention_logit(p, s[j]);
+  } else {
+    const float scale = p.sm_scale;
+    for (int j = 0; j < kDecodeTile; j += kLanes<V>) vec_at<V>(s + j) *= scale;
+  }
   if (!attention_keys_all_visible(p, q_pos, q_pos, first, first + n - 1)) {
     for (int j = 0; j < n; ++j) {
       if (!attention_visible(p, q_pos, first + j)) s[j] = -INFINITY;
     }
   }
   for (int j = n; j < kDecodeTile; ++j) s[j] = -INFINITY;
-  float tile_max = -INFINITY;
-  for (int j = 0; j < kDecodeTile; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
+  V m = vec_at<V>(s);
+  for (int j = kLanes<V>; j < kDecodeTile; j += kLanes<V>) vec_max_into(m, vec_at<V>(s + j));
+  const float tile_max = vec_max(m);
   if (tile_max == -INFINITY) {
     for (int j = 0; j < kDecodeTile; ++j) s[j] = 0.0f;
     return false;
@@ -285,7 +443,7 @@ KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int6
   }
   softmax.sum += vec_sum(sum);
   if (factor != 1.0f) {
-    for (int d = 0; d < v_width; ++d) acc[d] *= factor;
+    for (int d = 0; d < v_width; d += kLanes<V>) vec_at<V>(acc + d) *= factor;
   }
   return true;
 }

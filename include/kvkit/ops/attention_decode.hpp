@@ -49,21 +49,31 @@ struct DecodeScratch {
 
 /// All query rows of one sequence for kv heads [kv_head_begin, kv_head_end).
 /// Rows are ordered (kv head, token, q head in the group), so that a kv
-/// head's rows are contiguous. Per tile of keys: the tile's K rows of every
-/// head are converted (dequantized) to float in one pass over the cache (in
-/// NHD a token's heads are contiguous, so the cache is read as a stream),
-/// scores for all rows, one online-softmax step per row, then the same for V.
-/// Head rows are zero-padded to a multiple of 16 floats so that the vector
-/// loops need no tails.
-template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows>
-KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, const DecodeWorkItem& item,
+/// head's rows are contiguous. Per tile of keys and per kv head: scores of
+/// the head's rows, one online-softmax step per row, then the weighted sum of
+/// the values.
+///
+/// bf16 and fp32 caches are read in place, converted in registers
+/// (load_chunk), with the next tile's rows prefetched as the current ones are
+/// read. Other caches (fp16, the 1-byte dtypes, FlashMLA's fp8 latent rows)
+/// and head sizes that are not a multiple of two vectors are first converted
+/// (dequantized) into float tiles, a tile's K rows of every head in one pass
+/// over the cache (in NHD a token's heads are contiguous, so that read is a
+/// stream). Scratch rows are zero-padded to a multiple of 32 floats so that
+/// the vector loops need no tails.
+template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows, bool kInPlace>
+KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, const DecodeWorkItem& item,
                                                 DecodeScratch& scratch) {
+  // What a row is read as: the cache's bf16 bits or floats in place, or the
+  // floats of a tile.
+  constexpr bool in_place = kInPlace;
+  using Elem = std::conditional_t<kInPlace && kKV == DType::kBFloat16, std::uint16_t, float>;
   const std::int64_t b = item.b;
   const int kv_head_begin = item.kv_head_begin, kv_head_end = item.kv_head_end;
   const int head_dim = int(p.layout.head_dim);
   const int v_dim = attention_v_dim(p);
-  const int k_width = round_up_to_lanes(head_dim);
-  const int v_width = round_up_to_lanes(v_dim);
+  const int k_width = round_up_to_chunk(head_dim);
+  const int v_width = round_up_to_chunk(v_dim);
   const int kv_heads = kv_head_end - kv_head_begin;
   // This item's q heads of each kv head: [group_begin, group_begin + group)
   // of the kv head's group_all.
@@ -77,10 +87,13 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
   const std::int64_t seq_len = p.page_table.seq_len(b);
   const std::int32_t* pages = p.page_table.pages(b);
 
+  const int k_len = in_place ? head_dim : k_width;  // elements the loops read per row
+  const int v_len = in_place ? v_dim : v_width;
+
   const std::size_t q_floats = std::size_t(rows) * k_width;
   const std::size_t acc_floats = std::size_t(rows) * v_width;
-  const std::size_t k_tile_floats = std::size_t(kv_heads) * kDecodeTile * k_width;
-  const std::size_t v_tile_floats = std::size_t(kv_heads) * kDecodeTile * v_width;
+  const std::size_t k_tile_floats = in_place ? 0 : std::size_t(kv_heads) * kDecodeTile * k_width;
+  const std::size_t v_tile_floats = in_place ? 0 : std::size_t(kv_heads) * kDecodeTile * v_width;
   scratch.floats.assign(q_floats + acc_floats + k_tile_floats + v_tile_floats + std::size_t(rows) * kDecodeTile,
                         0.0f);
   float* q = scratch.floats.data();       // [rows, k_width]
@@ -94,14 +107,15 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
   std::int64_t* token_pos = scratch.token_pos.data();
 
   // Row r = (h * q_len + t) * group + g is token q_begin + t, q head
-  // (kv_head_begin + h) * group_all + group_begin + g.
+  // (kv_head_begin + h) * group_all + group_begin + g. q and the
+  // accumulators hold a row's elements in the order load_chunk reads them.
   const QT* q_base = static_cast<const QT*>(p.q);
   for (int t = 0; t < q_len; ++t) token_pos[t] = seq_len - q_len + t;
   for (int r = 0; r < rows; ++r) {
     const int h = r / head_rows, t = (r % head_rows) / group, g = r % group;
     const std::int64_t q_head = std::int64_t(kv_head_begin + h) * group_all + item.group_begin + g;
     const QT* src = q_base + (q_begin + t) * p.q_stride_token + q_head * p.q_stride_head;
-    for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * k_width + d] = to_float(src[d]);
+    for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * k_width + chunk_position<Elem, V>(d)] = to_float(src[d]);
   }
 
   using Storage = std::conditional_t<kKV == DType::kFloat32, float,
@@ -110,6 +124,21 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
   if constexpr (kKV == DType::kFloat8E4M3 || kKV == DType::kFloat8E5M2 || kKV == DType::kInt8) {
     byte_table = byte_dequant_table(kKV).value;
   }
+  // Row pointers of one head's keys in this tile and the next (prefetched).
+  std::int64_t slots[kDecodeTile], next_slots[kDecodeTile];
+  const Elem* rows_now[kDecodeTile];
+  const Elem* rows_next[kDecodeTile];
+  const auto cache_rows = [&](const void* cache, const std::int64_t* tile_slots, int count, int head,
+                              const Elem** out) {
+    for (int j = 0; j < count; ++j) {
+      out[j] = static_cast<const Elem*>(cache) + p.layout.slot_offset(tile_slots[j], head);
+    }
+  };
+  const auto tile_rows = [&](float* tile, int width, int h, int count, const Elem** out) {
+    for (int j = 0; j < count; ++j) {
+      out[j] = reinterpret_cast<const Elem*>(tile + (std::size_t(h) * kDecodeTile + j) * width);
+    }
+  };
   // The keys some row may see (the window's gap between sinks and window is
   // skipped), a tile at a time.
   const AttentionKeySpan span = attention_key_span(p, seq_len, seq_len - q_len, seq_len - 1);
@@ -119,18 +148,29 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
       const int n = int(std::min<std::int64_t>(kDecodeTile, range[1] - first));
       const std::int64_t next = first + n;
       const int next_n = int(std::min<std::int64_t>(kDecodeTile, range[1] - next));
-      load_kv_tile<kKV, kF16C, kLatentRows>(p, p.k_cache, p.k_scale, pages, first, n, kv_head_begin, kv_heads, head_dim,
-                               byte_table, k_tile, k_width);
+      for (int j = 0; j < n; ++j) slots[j] = token_slot(pages, first + j, p.layout.page_shift);
+      for (int j = 0; j < next_n; ++j) next_slots[j] = token_slot(pages, next + j, p.layout.page_shift);
+      // Prefetches of the next tile's rows: in place, key by key as the
+      // current rows are read; from tiles, per head before its scores.
+      const Elem* const* prefetch = in_place && next_n == n ? rows_next : nullptr;
+      if constexpr (!in_place) {
+        load_kv_tile<kKV, kF16C, kLatentRows>(p, p.k_cache, p.k_scale, pages, first, n, kv_head_begin, kv_heads,
+                                              head_dim, byte_table, k_tile, k_width);
+      }
       for (int h = 0; h < kv_heads; ++h) {
-        // The next tile's rows of this head, spread over the heads' work so
-        // that the requests overlap the math instead of queueing at once.
-        if (next_n > 0) {
-          prefetch_kv_tile<Storage>(p, p.k_cache, pages, next, next_n, kv_head_begin + h, 1,
-                                    kLatentRows ? int(MlaFp8Row::kBytes) : head_dim);
-          prefetch_kv_tile<Storage>(p, p.v_cache, pages, next, next_n, kv_head_begin + h, 1, v_dim);
+        if constexpr (in_place) {
+          cache_rows(p.k_cache, slots, n, kv_head_begin + h, rows_now);
+          cache_rows(p.k_cache, next_slots, next_n, kv_head_begin + h, rows_next);
+        } else {
+          tile_rows(k_tile, k_width, h, n, rows_now);
+          if (next_n > 0) {
+            prefetch_kv_tile<Storage>(p, p.k_cache, pages, next, next_n, kv_head_begin + h, 1,
+                                      kLatentRows ? int(MlaFp8Row::kBytes) : head_dim);
+            prefetch_kv_tile<Storage>(p, p.v_cache, pages, next, next_n, kv_head_begin + h, 1, v_dim);
+          }
         }
         const std::size_t row0 = std::size_t(h) * head_rows;
-        decode_scores_rows<V>(p, q + row0 * k_width, k_tile + std::size_t(h) * kDecodeTile * k_width, n, k_width,
+        decode_scores_rows<V>(q + row0 * k_width, k_width, rows_now, prefetch, n, k_len,
                               scores + row0 * kDecodeTile, head_rows);
       }
       bool any_weight = false;
@@ -140,12 +180,20 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
                                              acc + std::size_t(r) * v_width, v_width);
       }
       if (!any_weight) continue;
-      load_kv_tile<kKV, kF16C, kLatentRows>(p, p.v_cache, p.v_scale, pages, first, n, kv_head_begin, kv_heads, v_dim,
-                               byte_table, v_tile, v_width);
+      if constexpr (!in_place) {
+        load_kv_tile<kKV, kF16C, kLatentRows>(p, p.v_cache, p.v_scale, pages, first, n, kv_head_begin, kv_heads,
+                                              v_dim, byte_table, v_tile, v_width);
+      }
       for (int h = 0; h < kv_heads; ++h) {
+        if constexpr (in_place) {
+          cache_rows(p.v_cache, slots, n, kv_head_begin + h, rows_now);
+          cache_rows(p.v_cache, next_slots, next_n, kv_head_begin + h, rows_next);
+        } else {
+          tile_rows(v_tile, v_width, h, n, rows_now);
+        }
         const std::size_t row0 = std::size_t(h) * head_rows;
-        decode_accumulate_rows<V>(scores + row0 * kDecodeTile, v_tile + std::size_t(h) * kDecodeTile * v_width, n,
-                                  v_width, acc + row0 * v_width, head_rows);
+        decode_accumulate_rows<V>(scores + row0 * kDecodeTile, rows_now, prefetch, n, v_len, acc + row0 * v_width,
+                                  v_width, head_rows);
       }
     }
   }
@@ -157,9 +205,25 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
     const std::int64_t q_head = std::int64_t(kv_head_begin + h) * group_all + item.group_begin + g;
     QT* dst = o_base + token * p.o_stride_token + q_head * p.o_stride_head;
     const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
-    for (int d = 0; d < v_dim; ++d) dst[d] = from_float<QT>(acc[std::size_t(r) * v_width + d] * inv);
+    const float* acc_row = acc + std::size_t(r) * v_width;
+    for (int d = 0; d < v_dim; ++d) dst[d] = from_float<QT>(acc_row[chunk_position<Elem, V>(d)] * inv);
     if (p.lse != nullptr) p.lse[token * p.num_q_heads + q_head] = softmax[r].lse();
   }
+}
+
+/// decode_one_sequence_rows, reading the cache in place where it can:
+/// bf16 or fp32 rows whose sizes are a multiple of kChunk (GCC or Clang).
+template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows>
+KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, const DecodeWorkItem& item,
+                                                DecodeScratch& scratch) {
+#if KVKIT_CPU_DECODE_READS_IN_PLACE
+  if constexpr (!kLatentRows && (kKV == DType::kBFloat16 || kKV == DType::kFloat32)) {
+    if (p.layout.head_dim % kChunk<V> == 0 && attention_v_dim(p) % kChunk<V> == 0) {
+      return decode_one_sequence_rows<QT, kKV, kF16C, V, kLatentRows, true>(p, item, scratch);
+    }
+  }
+#endif
+  decode_one_sequence_rows<QT, kKV, kF16C, V, kLatentRows, false>(p, item, scratch);
 }
 
 #if KVKIT_X86_DISPATCH
@@ -187,7 +251,13 @@ void decode_one_sequence(const PagedDecodeParams& p, const DecodeWorkItem& item,
   if (level == X86Level::kAvx512) return decode_one_sequence_avx512<QT, kKV, kLatentRows>(p, item, scratch);
   if (level == X86Level::kAvx2) return decode_one_sequence_avx2<QT, kKV, kLatentRows>(p, item, scratch);
 #endif
+  // Without AVX, 8-lane vectors would be pairs of SSE registers that GCC
+  // spills; 4 lanes fit the 16 SSE registers.
+#if defined(__GNUC__) || defined(__clang__)
+  decode_one_sequence_body<QT, kKV, false, Vec4, kLatentRows>(p, item, scratch);
+#else
   decode_one_sequence_body<QT, kKV, false, Vec8, kLatentRows>(p, item, scratch);
+#endif
 }
 
 /// Runs every work item of a validated call: (sequence, kv heads, q heads

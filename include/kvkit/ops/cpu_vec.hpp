@@ -1,7 +1,7 @@
 #pragma once
 /// @file cpu_vec.hpp
-/// Float vectors for the CPU attention loops (8 and 16 lanes), and the exp
-/// they use.
+/// Float vectors for the CPU attention loops (4, 8 and 16 lanes), and the
+/// exp they use.
 ///
 /// With GCC or Clang the vectors are native vector types: the same source
 /// compiles to SSE2 operations in the baseline build and to AVX2 or AVX-512
@@ -25,8 +25,13 @@ template <class V>
 struct UnalignedVec;
 
 #if defined(__GNUC__) || defined(__clang__)
+typedef float Vec4 __attribute__((vector_size(16)));
 typedef float Vec8 __attribute__((vector_size(32)));
 typedef float Vec16 __attribute__((vector_size(64)));
+template <>
+struct UnalignedVec<Vec4> {
+  typedef float type __attribute__((vector_size(16), aligned(4)));
+};
 template <>
 struct UnalignedVec<Vec8> {
   typedef float type __attribute__((vector_size(32), aligned(4)));
@@ -72,8 +77,8 @@ KVKIT_FORCEINLINE typename UnalignedVec<V>::type& vec_at(float* p) {
 /// Sum of the lanes, halves folded pairwise (in registers: the upper half is
 /// added to the lower until four lanes remain).
 #if defined(__GNUC__) || defined(__clang__)
-typedef float Vec4 __attribute__((vector_size(16)));
 KVKIT_FORCEINLINE float vec4_sum(const Vec4& v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+KVKIT_FORCEINLINE float vec_sum(const Vec4& v) { return vec4_sum(v); }
 KVKIT_FORCEINLINE float vec_sum(const Vec8& v) {
   const Vec4 h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   return vec4_sum(h);
@@ -83,7 +88,33 @@ KVKIT_FORCEINLINE float vec_sum(const Vec16& v) {
                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   return vec_sum(h);
 }
+/// m = max(m, x) lane by lane, and the largest lane (halves folded).
+template <class V>
+KVKIT_FORCEINLINE void vec_max_into(V& m, const V& x) {
+  m = m > x ? m : x;
+}
+KVKIT_FORCEINLINE float vec_max(const Vec4& v) {
+  const float a = v[0] > v[2] ? v[0] : v[2], b = v[1] > v[3] ? v[1] : v[3];
+  return a > b ? a : b;
+}
+KVKIT_FORCEINLINE float vec_max(const Vec8& v) {
+  const Vec4 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3), hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return vec_max(Vec4(lo > hi ? lo : hi));
+}
+KVKIT_FORCEINLINE float vec_max(const Vec16& v) {
+  const Vec8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Vec8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return vec_max(Vec8(lo > hi ? lo : hi));
+}
 #else
+KVKIT_FORCEINLINE void vec_max_into(Vec8& m, const Vec8& x) {
+  for (int i = 0; i < 8; ++i) m.lane[i] = m.lane[i] > x.lane[i] ? m.lane[i] : x.lane[i];
+}
+KVKIT_FORCEINLINE float vec_max(const Vec8& v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
 KVKIT_FORCEINLINE float vec_sum(const Vec8& v) {
   return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
