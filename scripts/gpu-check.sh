@@ -3,6 +3,8 @@
 # tests and the GPU benchmarks (full size), and prints a short table last.
 # Usage: scripts/gpu-check.sh [out_dir]   (JSON results and logs go to out_dir)
 # CUDA_ARCHS overrides the architectures (default 90).
+# Needs CMake, Catch2 and Google Benchmark on the GPU machine; where those are
+# missing, build here and carry the binaries: scripts/gpu-bundle.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-build-gpu/results}
