@@ -43,7 +43,7 @@ inline X86Level x86_level() {
     __builtin_cpu_init();
     X86Level detected = X86Level::kBaseline;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       detected = X86Level::kAvx512;
     } else if (__builtin_cpu_supports("avx2")) {
       detected = X86Level::kAvx2;
