@@ -2,9 +2,10 @@
 /// @file attention_cpu_kernels.hpp
 /// The building blocks of the CPU decode (attention_decode.hpp), written once
 /// over a vector type (cpu_vec.hpp) and always inlined into each ISA's
-/// variant: tiles of cache rows converted (dequantized) to float, scores of
-/// a few query rows against a tile, one online-softmax step per row, and the
-/// weighted sum of the values.
+/// variant: rows read two vectors at a time (bf16 and fp32 in place, other
+/// dtypes from tiles converted or dequantized to float), scores of a few
+/// query rows against a tile of keys, one online-softmax step per row, and
+/// the weighted sum of the values.
 
 #include <algorithm>
 #include <cmath>
@@ -218,16 +219,15 @@ KVKIT_FORCEINLINE void fold_4x2(const Vec8 (&a0)[4], const Vec8 (&a1)[4], float*
 #endif
 
 /// Scores of R query rows against the n key rows `keys[j] + offset` of one
-/// kv head (the row pointers are a tile's, the offset picks the head),
-/// two keys at a time (2R running sums in registers; each q and k load feeds
+/// kv head (the row pointers are a tile's, the offset picks the head), two
+/// keys at a time (2R running sums in registers; each q and k load feeds
 /// several of them), over `len` elements (a multiple of kChunk). q: [R,
-/// q_stride] in load_chunk's order; scores (q·k, before attention_logit,
-/// which decode_softmax_step applies a tile at a time): row stride
-/// kDecodeTile. While a
-/// pair of keys is read, the same keys of the next tile (`next`, when not
-/// null) are prefetched: pages are scattered, so the hardware prefetcher
-/// loses the stream at every page, and requests spread over the math overlap
-/// it instead of queueing at once.
+/// q_stride] in load_chunk's order; scores: q·k before attention_logit
+/// (decode_softmax_step applies it a tile at a time), row stride
+/// kDecodeTile. Before a pair of keys is read, the same keys of the next
+/// tile (`next`, when not null) are prefetched: pages are scattered, so the
+/// hardware prefetcher loses the stream at every page, and requests spread
+/// over the math overlap it instead of queueing at once.
 template <int R, class V, class Elem>
 KVKIT_FORCEINLINE void decode_scores(const float* q, int q_stride, const Elem* const* keys,
                                      const Elem* const* next, std::int64_t offset, int n, int len,
