@@ -213,7 +213,7 @@ std::vector<AppendFn> entries() {
 #if KVKIT_QUANTIZE_X86_DISPATCH
   const auto level = kvkit::detail::x86_level();
   if (level != kvkit::detail::X86Level::kBaseline) fns.push_back(&avx2_entry<Src, kCache>);
-  if (level == kvkit::detail::X86Level::kAvx512) fns.push_back(&avx512_entry<Src, kCache>);
+  if (level >= kvkit::detail::X86Level::kAvx512) fns.push_back(&avx512_entry<Src, kCache>);
 #endif
   return fns;
 }

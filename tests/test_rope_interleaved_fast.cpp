@@ -1,4 +1,4 @@
-// The AVX2 kernel for interleaved-pair RoPE on bfloat16 (kvkit/ops/rope_interleaved_x86.hpp)
+// The AVX2 kernel for interleaved-pair RoPE on bfloat16 and float16 (kvkit/ops/rope_interleaved_x86.hpp)
 // and apply_rope's dispatch give exactly the bits of the baseline loop
 // (rotate_heads_body, what the CUDA kernels are compared with), on odd sizes,
 // random and special values, both cos/sin sources and negative positions.
@@ -29,8 +29,9 @@ void baseline_rotate(T* base, std::int64_t head_stride, int heads, const RopePar
   kvkit::detail::rotate_heads_body(base, head_stride, heads, p, c, s);
 }
 #if KVKIT_X86_DISPATCH
-void avx2_rotate(kvkit::bfloat16* base, std::int64_t head_stride, int heads, const RopeParams& p,
-                 const float* c, const float* s) {
+template <class T>
+void avx2_rotate(T* base, std::int64_t head_stride, int heads, const RopeParams& p, const float* c,
+                 const float* s) {
   kvkit::detail::rotate_heads_interleaved_avx2(base, head_stride, heads, p.rotary_dim, c, s);
 }
 #endif
@@ -61,7 +62,7 @@ T draw(std::mt19937_64& rng, bool special) {
 
 // Bit equality; for float, two NaNs count as equal (which NaN an operation
 // returns when two meet depends on operand order, which C++ leaves open;
-// bfloat16 stores every NaN as the canonical 0x7fff, so it is compared exactly).
+// bfloat16 and half store every NaN as the canonical 0x7fff, so they are compared exactly).
 template <class T>
 bool same_bits(const T& a, const T& b) {
   if (std::memcmp(&a, &b, sizeof(T)) == 0) return true;
@@ -130,8 +131,8 @@ template <class T>
 std::vector<RotateFn<T>> fast_paths() {
   std::vector<RotateFn<T>> fns{&kvkit::detail::rotate_heads<T>};  // what apply_rope dispatches to
 #if KVKIT_X86_DISPATCH
-  if constexpr (std::is_same_v<T, kvkit::bfloat16>) {  // the only type with an AVX2 kernel
-    if (kvkit::detail::x86_level() != kvkit::detail::X86Level::kBaseline) fns.push_back(&avx2_rotate);
+  if constexpr (sizeof(T) == 2) {  // the 16-bit types have an AVX2 kernel
+    if (kvkit::detail::x86_level() != kvkit::detail::X86Level::kBaseline) fns.push_back(&avx2_rotate<T>);
   }
 #endif
   return fns;
@@ -162,9 +163,12 @@ TEST_CASE("interleaved rope AVX2 kernel and dispatch equal the baseline loop bit
   check_all_shapes<kvkit::bfloat16>();
 }
 
-TEST_CASE("interleaved rope dispatch equals the baseline loop bit for bit (float, half)") {
-  check_all_shapes<float>();
+TEST_CASE("interleaved rope AVX2 kernel and dispatch equal the baseline loop bit for bit (half)") {
   check_all_shapes<kvkit::half>();
+}
+
+TEST_CASE("interleaved rope dispatch equals the baseline loop bit for bit (float)") {
+  check_all_shapes<float>();
 }
 
 TEST_CASE("apply_rope with interleaved pairs equals the baseline loop bit for bit") {
@@ -203,9 +207,37 @@ TEST_CASE("apply_rope with interleaved pairs equals the baseline loop bit for bi
 
 #if KVKIT_X86_DISPATCH
 namespace {
-// 8 floats through the kernel's bfloat16 store (vector types stay inside AVX2 code).
+// 8 floats through the kernel's 16-bit stores (vector types stay inside AVX2 code).
 __attribute__((target("avx2"))) void round_trip_avx2(const float* in, kvkit::bfloat16* out) {
   kvkit::detail::rope_store8(out, _mm256_loadu_ps(in));
+}
+__attribute__((target("avx2,f16c"))) void round_trip_avx2(const float* in, kvkit::half* out) {
+  kvkit::detail::rope_store8(out, _mm256_loadu_ps(in));
+}
+
+// Every float pattern in `patterns` through the kernel's store, against the
+// scalar conversion `expect`.
+template <class T, class Expect>
+void check_store(const std::vector<std::uint32_t>& patterns, Expect expect) {
+  for (std::size_t i = 0; i + 8 <= patterns.size(); i += 8) {
+    alignas(32) float in[8];
+    for (int l = 0; l < 8; ++l) in[l] = float_of_bits(patterns[i + std::size_t(l)]);
+    T out[9];
+    out[8] = T::from_bits(0x1234);  // just past the 16 bytes: must stay
+    round_trip_avx2(in, out);
+    for (int l = 0; l < 8; ++l) {
+      INFO("float bits 0x" << std::hex << bits_of_float(in[l]));
+      REQUIRE(out[l].bits == expect(in[l]));
+    }
+    REQUIRE(out[8].bits == 0x1234);
+  }
+}
+
+// `patterns` padded with random ones to a whole number of 8-lane groups of at least 2^16.
+std::vector<std::uint32_t> with_random_patterns(std::vector<std::uint32_t> patterns) {
+  std::mt19937_64 rng(7);
+  while (patterns.size() % 8 != 0 || patterns.size() < (1u << 16)) patterns.push_back(std::uint32_t(rng()));
+  return patterns;
 }
 }  // namespace
 
@@ -224,19 +256,30 @@ TEST_CASE("the AVX2 bfloat16 store rounds like float_to_bfloat16_bits") {
     for (std::uint32_t lo : {0x7fffu, 0x8000u, 0x8001u, 0xffffu, 0x0000u, 0x0001u})
       patterns.push_back((hi << 16) | lo);
   }
-  std::mt19937_64 rng(7);
-  while (patterns.size() % 8 != 0 || patterns.size() < (1u << 16)) patterns.push_back(std::uint32_t(rng()));
-  for (std::size_t i = 0; i < patterns.size(); i += 8) {
-    alignas(32) float in[8];
-    for (int l = 0; l < 8; ++l) in[l] = float_of_bits(patterns[i + std::size_t(l)]);
-    kvkit::bfloat16 out[9];
-    out[8] = kvkit::bfloat16::from_bits(0x1234);  // just past the 16 bytes: must stay
-    round_trip_avx2(in, out);
-    for (int l = 0; l < 8; ++l) {
-      INFO("float bits 0x" << std::hex << bits_of_float(in[l]));
-      REQUIRE(out[l].bits == kvkit::float_to_bfloat16_bits(in[l]));
-    }
-    REQUIRE(out[8].bits == 0x1234);
+  check_store<kvkit::bfloat16>(with_random_patterns(patterns),
+                               [](float f) { return kvkit::float_to_bfloat16_bits(f); });
+}
+
+TEST_CASE("the AVX2 (F16C) float16 store rounds like float_to_half_bits") {
+  if (kvkit::detail::x86_level() == kvkit::detail::X86Level::kBaseline) {
+    WARN("this CPU has no AVX2/F16C; the AVX2 kernel is not exercised");
+    return;
   }
+  // Around every place float_to_half_bits decides something: ties at each
+  // exponent (13 dropped bits, 0x1000 exactly half), 65504 and the 65520
+  // overflow edge, the smallest normal 2^-14, subnormal results with ties at
+  // every shift, 2^-25 (rounds to 0) and just above it, NaNs and infinities.
+  std::vector<std::uint32_t> patterns = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                                         0xffc00001u, 0x7f800001u, 0x7fbfffffu, 0x477fe000u, 0x477fefffu,
+                                         0x477ff000u, 0xc77ff000u, 0x38800000u, 0x387fffffu, 0x33000000u,
+                                         0x33000001u, 0xb3000001u, 0x337fffffu, 0x00000001u, 0x807fffffu};
+  for (std::uint32_t exponent = 100; exponent <= 143; ++exponent) {
+    for (std::uint32_t mantissa : {0x000000u, 0x001000u, 0x003000u, 0x000fffu, 0x001001u, 0x7ff000u,
+                                   0x7fefffu, 0x400000u, 0x402000u, 0x7fffffu}) {
+      patterns.push_back((exponent << 23) | mantissa);
+      patterns.push_back(0x80000000u | (exponent << 23) | mantissa);
+    }
+  }
+  check_store<kvkit::half>(with_random_patterns(patterns), [](float f) { return kvkit::float_to_half_bits(f); });
 }
 #endif

@@ -33,19 +33,27 @@ namespace kvkit::detail {
 
 #if KVKIT_X86_DISPATCH
 /// The widest vector ISA of the CPU running us that the dispatched loops use.
-enum class X86Level { kBaseline, kAvx2, kAvx512 };
+/// kAvx512Bf16 adds AVX512-BF16's dot products of bfloat16 pairs (Cooper
+/// Lake, Sapphire Rapids, Zen 4 and later), used where both operands already
+/// are bfloat16; everything else treats it as kAvx512.
+enum class X86Level { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 
 /// Asked once per process. The environment variable KVKIT_CPU_ISA
-/// (`baseline`, `avx2` or `avx512`) lowers it, never raises it: the tests run
-/// every variant on one machine that way, and a user can compare them.
+/// (`baseline`, `avx2`, `avx512` or `avx512bf16`) lowers it, never raises it:
+/// the tests run every variant on one machine that way, and a user can
+/// compare them.
 inline X86Level x86_level() {
   static const X86Level level = [] {
     __builtin_cpu_init();
     X86Level detected = X86Level::kBaseline;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    // The AVX2 variants also use FMA and F16C (every AVX2 CPU has them, but a
+    // VM can hide features one by one), the AVX-512 ones all of AVX2's.
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      detected = X86Level::kAvx512;
-    } else if (__builtin_cpu_supports("avx2")) {
+      detected = __builtin_cpu_supports("avx512bf16") ? X86Level::kAvx512Bf16 : X86Level::kAvx512;
+    } else if (avx2) {
       detected = X86Level::kAvx2;
     }
     const char* asked = std::getenv("KVKIT_CPU_ISA");
@@ -53,7 +61,8 @@ inline X86Level x86_level() {
     const std::string_view name(asked);
     const X86Level cap = name == "baseline" ? X86Level::kBaseline
                          : name == "avx2"   ? X86Level::kAvx2
-                                            : X86Level::kAvx512;
+                         : name == "avx512" ? X86Level::kAvx512
+                                            : X86Level::kAvx512Bf16;
     return cap < detected ? cap : detected;
   }();
   return level;

@@ -199,7 +199,7 @@ template <class Src, DType kCache, class Layout>
 void quantize_append_isa(const Layout& layout, const QuantizeAppendArgs& a) {
 #if KVKIT_QUANTIZE_X86_DISPATCH
   const X86Level level = x86_level();
-  if (level == X86Level::kAvx512) return quantize_append_avx512<Src, kCache>(layout, a);
+  if (level >= X86Level::kAvx512) return quantize_append_avx512<Src, kCache>(layout, a);
   if (level == X86Level::kAvx2) return quantize_append_avx2<Src, kCache>(layout, a);
 #endif
   quantize_append_baseline<Src, kCache>(layout, a);

@@ -144,9 +144,9 @@ void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopePa
       rotate_heads_avx2(base, head_stride, num_heads, p, cos_row, sin_row);
       return;
     }
-    // Interleaved pairs: the hand-written kernel for bfloat16 (why only
-    // bfloat16: see ops/rope_interleaved_x86.hpp).
-    if constexpr (std::is_same_v<T, bfloat16>) {
+    // Interleaved pairs: the hand-written kernel for 16-bit rows (why not
+    // float: see ops/rope_interleaved_x86.hpp).
+    if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, half>) {
       rotate_heads_interleaved_avx2(base, head_stride, num_heads, p.rotary_dim, cos_row, sin_row);
       return;
     }

@@ -1,13 +1,13 @@
 #pragma once
 /// @file rope_interleaved_x86.hpp
 /// AVX2 kernel for RoPE with interleaved pairs (dims 2i and 2i + 1:
-/// RopeStyle::kGptJ, DeepSeek's q_pe / k_pe) on bfloat16 rows, bit-identical
-/// to the baseline loop of ops/rope.hpp. rotate_heads picks it through the
-/// run-time ISA dispatch (core/x86_dispatch.hpp). Float rows stay on the
-/// baseline loop, which already runs at memory speed for them; fp16 rows too
-/// (a vector fp16 conversion needs F16C, which the dispatch does not check).
+/// RopeStyle::kGptJ, DeepSeek's q_pe / k_pe) on bfloat16 and float16 rows
+/// (float16 through F16C, which the dispatch's AVX2 level includes),
+/// bit-identical to the baseline loop of ops/rope.hpp. rotate_heads picks it
+/// through the run-time ISA dispatch (core/x86_dispatch.hpp). Float rows stay
+/// on the baseline loop, which already runs at memory speed for them.
 ///
-/// Why a hand-written kernel: for bfloat16 the baseline loop is compute-bound.
+/// Why a hand-written kernel: for 16-bit rows the baseline loop is compute-bound.
 /// Compiled for SSE2 it separates and re-joins the pairs with shuffles and
 /// rounds to bfloat16 without SSE4's min/blend/pack: about 30 ns per 64-dim
 /// head even in L1 cache, 11 ns here (this machine, 2026-11-23). A
@@ -28,6 +28,7 @@
 
 #include "kvkit/core/bfloat16.hpp"
 #include "kvkit/core/config.hpp"
+#include "kvkit/core/half.hpp"
 #include "kvkit/ops/rope_math.hpp"
 
 namespace kvkit::detail {
@@ -51,6 +52,20 @@ __attribute__((target("avx2"))) inline void rope_store8(bfloat16* x, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm256_castsi256_si128(packed));
 }
 
+// 8 float16 lanes to floats and back with F16C, 16 bytes per access. The
+// conversion to float is exact; back, it rounds to nearest even like
+// float_to_half_bits, whose canonical NaN (0x7fff) replaces F16C's quieted
+// payloads.
+__attribute__((target("avx2,f16c"))) inline __m256 rope_load8(const half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+__attribute__((target("avx2,f16c"))) inline void rope_store8(half* x, __m256 v) {
+  const __m128i rounded = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm_blendv_epi8(rounded, _mm_set1_epi16(0x7fff), nan16));
+}
+
 /// Rotates the first `rotary_dim` dims of `num_heads` rows of `base` (rows
 /// head_stride elements apart) by interleaved pairs: pair i = dims (2i, 2i+1)
 /// by cos_row[i], sin_row[i] ([rotary_dim / 2] each).
@@ -63,10 +78,12 @@ __attribute__((target("avx2"))) inline void rope_store8(bfloat16* x, __m256 v) {
 /// exactly, and IEEE subtraction is the addition of the negation, so
 /// x*c + y*(-s) == x*c - y*s, while y' = y*c + x*s is the same expression.
 /// Pairs past the last full chunk go through rope_rotate itself.
-__attribute__((target("avx2"))) inline void rotate_heads_interleaved_avx2(bfloat16* base, std::int64_t head_stride,
-                                                                   int num_heads, int rotary_dim,
-                                                                   const float* cos_row,
-                                                                   const float* sin_row) {
+/// T: bfloat16 or half.
+template <class T>
+__attribute__((target("avx2,f16c"))) inline void rotate_heads_interleaved_avx2(T* base, std::int64_t head_stride,
+                                                                        int num_heads, int rotary_dim,
+                                                                        const float* cos_row,
+                                                                        const float* sin_row) {
   // The duplicated table is built per block of pairs so that the stack use
   // stays fixed (2 KiB) for any rotary_dim; one block covers rotary_dim <= 256.
   constexpr int kBlockPairs = 128;
@@ -84,7 +101,7 @@ __attribute__((target("avx2"))) inline void rotate_heads_interleaved_avx2(bfloat
     }
     const int dims = 2 * pairs, vector_dims = dims & ~7;
     for (int h = 0; h < num_heads; ++h) {
-      bfloat16* x = base + h * head_stride + 2 * first;
+      T* x = base + h * head_stride + 2 * first;
       for (int j = 0; j < vector_dims; j += 8) {
         const __m256 v = rope_load8(x + j);
         const __m256 swapped = _mm256_permute_ps(v, 0xB1);  // lanes (1, 0, 3, 2, ...)
@@ -96,8 +113,8 @@ __attribute__((target("avx2"))) inline void rotate_heads_interleaved_avx2(bfloat
         float a = to_float(x[j]);
         float b = to_float(x[j + 1]);
         rope_rotate(a, b, cos_row[first + j / 2], sin_row[first + j / 2]);
-        x[j] = from_float<bfloat16>(a);
-        x[j + 1] = from_float<bfloat16>(b);
+        x[j] = from_float<T>(a);
+        x[j + 1] = from_float<T>(b);
       }
     }
   }
