@@ -61,7 +61,10 @@ struct DecodeScratch {
 /// over the cache (in NHD a token's heads are contiguous, so that read is a
 /// stream). Scratch rows are zero-padded to a multiple of 32 floats so that
 /// the vector loops need no tails.
-template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows, bool kInPlace>
+///
+/// kBf16Pairs (bf16 q, bf16 cache in place, a CPU with AVX512-BF16): q rows
+/// keep their bf16 bits and the scores come from decode_scores_bf16_rows.
+template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows, bool kInPlace, bool kBf16Pairs>
 KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, const DecodeWorkItem& item,
                                                 DecodeScratch& scratch) {
   // What a row is read as: the cache's bf16 bits or floats in place, or the
@@ -115,7 +118,12 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
     const int h = r / head_rows, t = (r % head_rows) / group, g = r % group;
     const std::int64_t q_head = std::int64_t(kv_head_begin + h) * group_all + item.group_begin + g;
     const QT* src = q_base + (q_begin + t) * p.q_stride_token + q_head * p.q_stride_head;
-    for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * k_width + chunk_position<Elem, V>(d)] = to_float(src[d]);
+    if constexpr (kBf16Pairs) {
+      static_assert(std::is_same_v<QT, bfloat16> && kKV == DType::kBFloat16 && kInPlace, "bf16 q and cache");
+      std::memcpy(q + std::size_t(r) * k_width, src, sizeof(QT) * std::size_t(head_dim));
+    } else {
+      for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * k_width + chunk_position<Elem, V>(d)] = to_float(src[d]);
+    }
   }
 
   using Storage = std::conditional_t<kKV == DType::kFloat32, float,
@@ -187,8 +195,17 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
           }
         }
         const std::size_t row0 = std::size_t(h) * head_rows;
-        decode_scores_rows<V>(q + row0 * k_width, k_width, k_rows, k_prefetch, k_offset, n, k_len,
-                              scores + row0 * kDecodeTile, head_rows);
+#if KVKIT_X86_DISPATCH
+        if constexpr (kBf16Pairs) {
+          // A q row of k_width floats holds 2 * k_width bf16.
+          decode_scores_bf16_rows(reinterpret_cast<const std::uint16_t*>(q + row0 * k_width), 2 * k_width, k_rows,
+                                  k_prefetch, k_offset, n, k_len, scores + row0 * kDecodeTile, head_rows);
+        } else
+#endif
+        {
+          decode_scores_rows<V>(q + row0 * k_width, k_width, k_rows, k_prefetch, k_offset, n, k_len,
+                                scores + row0 * kDecodeTile, head_rows);
+        }
         bool any_weight = false;
         std::size_t r = row0;
         for (int t = 0; t < q_len; ++t) {
@@ -226,17 +243,18 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
 
 /// decode_one_sequence_rows, reading the cache in place where it can:
 /// bf16 or fp32 rows whose sizes are a multiple of kChunk (GCC or Clang).
-template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows>
+/// kBf16Pairs: see decode_one_sequence_rows (only with 16-lane vectors).
+template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows, bool kBf16Pairs = false>
 KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, const DecodeWorkItem& item,
                                                 DecodeScratch& scratch) {
 #if KVKIT_CPU_DECODE_READS_IN_PLACE
   if constexpr (!kLatentRows && (kKV == DType::kBFloat16 || kKV == DType::kFloat32)) {
     if (p.layout.head_dim % kChunk<V> == 0 && attention_v_dim(p) % kChunk<V> == 0) {
-      return decode_one_sequence_rows<QT, kKV, kF16C, V, kLatentRows, true>(p, item, scratch);
+      return decode_one_sequence_rows<QT, kKV, kF16C, V, kLatentRows, true, kBf16Pairs>(p, item, scratch);
     }
   }
 #endif
-  decode_one_sequence_rows<QT, kKV, kF16C, V, kLatentRows, false>(p, item, scratch);
+  decode_one_sequence_rows<QT, kKV, kF16C, V, kLatentRows, false, false>(p, item, scratch);
 }
 
 #if KVKIT_X86_DISPATCH
@@ -255,13 +273,26 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void
     const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
   decode_one_sequence_body<QT, kKV, true, Vec16, kLatentRows>(p, item, scratch);
 }
+
+/// bf16 q against a bf16 cache with AVX512-BF16's pair dot products for
+/// the scores (decode_scores_bf16_rows); the rest as decode_one_sequence_avx512.
+template <class QT, DType kKV, bool kLatentRows>
+__attribute__((target(KVKIT_AVX512_BF16_TARGET))) void decode_one_sequence_avx512_bf16(
+    const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
+  decode_one_sequence_body<QT, kKV, true, Vec16, kLatentRows, true>(p, item, scratch);
+}
 #endif
 
 template <class QT, DType kKV, bool kLatentRows>
 void decode_one_sequence(const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
 #if KVKIT_X86_DISPATCH
   const X86Level level = x86_level();
-  if (level == X86Level::kAvx512) return decode_one_sequence_avx512<QT, kKV, kLatentRows>(p, item, scratch);
+  if constexpr (std::is_same_v<QT, bfloat16> && kKV == DType::kBFloat16 && !kLatentRows) {
+    if (level == X86Level::kAvx512Bf16) {
+      return decode_one_sequence_avx512_bf16<QT, kKV, kLatentRows>(p, item, scratch);
+    }
+  }
+  if (level >= X86Level::kAvx512) return decode_one_sequence_avx512<QT, kKV, kLatentRows>(p, item, scratch);
   if (level == X86Level::kAvx2) return decode_one_sequence_avx2<QT, kKV, kLatentRows>(p, item, scratch);
 #endif
   // Without AVX, 8-lane vectors would be pairs of SSE registers that GCC
