@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "harness/harness.hpp"
+#include "kvkit/layout/host_cache_buffer.hpp"
 #include "kvkit/ops/attention_decode.hpp"
 #include "kvkit/ops/merge_states.hpp"
 
@@ -37,11 +38,15 @@ void BM_decode(benchmark::State& state, std::int64_t batch, std::int64_t context
   const std::int64_t pages_per_seq = (context + page - 1) / page;
   const std::int64_t num_pages = batch * pages_per_seq;
   const auto layout = kvkit::PagedKVLayout::nhd(num_pages, page, kv_heads, head_dim);
-  std::vector<KV> k(std::size_t(num_pages * layout.page_elements())), v(k.size());
+  // The cache as an engine would allocate it: HostCacheBuffer (2 MiB pages).
+  const std::int64_t elements = num_pages * layout.page_elements();
+  kvkit::HostCacheBuffer k_buffer(elements * std::int64_t(sizeof(KV))), v_buffer(k_buffer.bytes());
+  KV* k = k_buffer.as<KV>();
+  KV* v = v_buffer.as<KV>();
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
-  for (auto& x : k) x = KV(normal(rng));
-  for (auto& x : v) x = KV(normal(rng));
+  for (std::int64_t i = 0; i < elements; ++i) k[i] = KV(normal(rng));
+  for (std::int64_t i = 0; i < elements; ++i) v[i] = KV(normal(rng));
   std::vector<std::int32_t> table(static_cast<std::size_t>(num_pages));
   std::iota(table.begin(), table.end(), 0);
   std::shuffle(table.begin(), table.end(), rng);
@@ -53,8 +58,8 @@ void BM_decode(benchmark::State& state, std::int64_t batch, std::int64_t context
   p.q = q.data();
   p.q_stride_head = head_dim;
   p.q_stride_token = q_heads * head_dim;
-  p.k_cache = k.data();
-  p.v_cache = v.data();
+  p.k_cache = k;
+  p.v_cache = v;
   p.layout = layout;
   p.page_table = {table.data(), seq_lens.data(), batch, pages_per_seq, pages_per_seq};
   p.num_q_heads = q_heads;

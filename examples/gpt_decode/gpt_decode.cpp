@@ -37,12 +37,12 @@ class CpuModel {
         // llama2.c models rotate interleaved pairs with base 10000.
         rope_cfg_{cfg.head_dim(), cfg.head_dim(), 10000.0, kvkit::RopeStyle::kGptJ, {}},
         rope_table_(rope_cfg_, cfg.max_seq_len) {
-    // One paged K and one paged V cache per layer, addressed by layout_.
-    k_cache_.resize(std::size_t(cfg.n_layers));
-    v_cache_.resize(std::size_t(cfg.n_layers));
+    // One paged K and one paged V cache per layer, addressed by layout_, in
+    // zeroed host memory with 2 MiB pages (HostCacheBuffer).
+    const std::int64_t cache_bytes = layout_.num_pages * layout_.page_elements() * std::int64_t(sizeof(float));
     for (int l = 0; l < cfg.n_layers; ++l) {
-      k_cache_[l].assign(std::size_t(layout_.num_pages * layout_.page_elements()), 0.0f);
-      v_cache_[l].assign(k_cache_[l].size(), 0.0f);
+      k_cache_.emplace_back(cache_bytes);
+      v_cache_.emplace_back(cache_bytes);
     }
   }
 
@@ -126,7 +126,7 @@ class CpuModel {
   kvkit::PagedKVLayout layout_;
   kvkit::RopeConfig rope_cfg_;
   kvkit::RopeCache rope_table_;
-  std::vector<std::vector<float>> k_cache_, v_cache_;
+  std::vector<kvkit::HostCacheBuffer> k_cache_, v_cache_;
 };
 
 }  // namespace

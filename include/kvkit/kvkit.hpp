@@ -25,6 +25,7 @@
 #include "kvkit/layout/capacity.hpp"
 #include "kvkit/layout/contiguous_kv_layout.hpp"
 #include "kvkit/layout/contiguous_page_view.hpp"
+#include "kvkit/layout/host_cache_buffer.hpp"
 #include "kvkit/layout/virtual_kv_cache.hpp"
 #include "kvkit/layout/kv_scales.hpp"
 #include "kvkit/layout/latent_fp8_layout.hpp"
