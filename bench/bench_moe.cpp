@@ -88,7 +88,7 @@ void BM_dispatch_combine(benchmark::State& state) {
   kvkit::bench::report_host_bandwidth(state, bytes);
 }
 
-BENCHMARK(BM_router_deepseek_v3)->Name("moe/router_deepseek_v3_4096x256")->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_router_deepseek_v3)->Name("moe/router_deepseek_v3_4096x256")->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_dispatch_combine)->Name("moe/dispatch_combine_bf16_4096x7168_top8")->Arg(0)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_dispatch_combine)->Name("moe/dispatch_only_bf16_4096x7168_top8")->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 

@@ -264,6 +264,24 @@ TEST_CASE("chosen experts are distinct and every output slot is written") {
   }
 }
 
+TEST_CASE("a batch routed at once (threaded where OpenMP is on) equals each token routed alone") {
+  for (auto cfg : {RouterConfig::deepseek_v3(), RouterConfig::mixtral()}) {
+    const int tokens = 1000;  // far above the threading threshold; not a multiple of any thread count
+    auto logits = kvkit::testing::random_normal(std::size_t(tokens * cfg.n_experts), 41, 1.5f);
+    auto bias = kvkit::testing::random_normal(std::size_t(cfg.n_experts), 42, 0.1f);
+    std::vector<float>* bias_arg = cfg.use_correction_bias ? &bias : nullptr;
+    const auto batch = run_router(cfg, logits, bias_arg);
+    for (int t = 0; t < tokens; ++t) {
+      std::vector<float> row(logits.begin() + t * cfg.n_experts, logits.begin() + (t + 1) * cfg.n_experts);
+      const auto alone = run_router(cfg, row, bias_arg);
+      for (int j = 0; j < cfg.top_k; ++j) {
+        REQUIRE(batch.ids[std::size_t(t * cfg.top_k + j)] == alone.ids[std::size_t(j)]);
+        REQUIRE(batch.weights[std::size_t(t * cfg.top_k + j)] == alone.weights[std::size_t(j)]);
+      }
+    }
+  }
+}
+
 TEST_CASE("NaN and inf logits are rejected on the CPU path and outputs stay untouched") {
   auto cfg = RouterConfig::mixtral();
   std::vector<float> logits = kvkit::testing::random_normal(8 * 3, 1);

@@ -171,15 +171,25 @@ inline void moe_route(const RouterConfig& cfg, const TensorView& logits,
     }
   }
 
-  std::vector<float> score(static_cast<std::size_t>(cfg.n_experts));
-  std::vector<float> select(static_cast<std::size_t>(cfg.n_experts));
-  std::vector<std::uint64_t> best(static_cast<std::size_t>(cfg.top_k));
   std::int32_t* ids = topk_ids.data_as<std::int32_t>();
   float* weights = topk_weights.data_as<float>();
-  for (std::int64_t t = 0; t < tokens; ++t) {
-    moe_detail::route_token(cfg, rows.data() + t * cfg.n_experts, bias, score.data(),
-                            select.data(), best.data(), ids + t * cfg.top_k,
-                            weights + t * cfg.top_k);
+  // Tokens are independent (and each one's result does not depend on the
+  // thread that routes it): OpenMP threads share them where the program
+  // enables OpenMP.
+#if defined(_OPENMP)
+#pragma omp parallel if (tokens >= 64)
+#endif
+  {
+    std::vector<float> score(static_cast<std::size_t>(cfg.n_experts));
+    std::vector<float> select(static_cast<std::size_t>(cfg.n_experts));
+    std::vector<std::uint64_t> best(static_cast<std::size_t>(cfg.top_k));
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      moe_detail::route_token(cfg, rows.data() + t * cfg.n_experts, bias, score.data(), select.data(),
+                              best.data(), ids + t * cfg.top_k, weights + t * cfg.top_k);
+    }
   }
 }
 
