@@ -24,7 +24,6 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include <cerrno>
 #define KVKIT_HOST_CACHE_BUFFER_MMAP 1
@@ -49,30 +48,25 @@ class HostCacheBuffer {
     check_argument(bytes >= 0, kWhere, "bytes", bytes, "a size >= 0");
     if (bytes == 0) return;
 #if KVKIT_HOST_CACHE_BUFFER_MMAP
-    // Over-reserve by one alignment and trim both ends: mmap only promises
-    // the OS page size. Anonymous mappings are zero-filled.
-    const std::size_t want = std::size_t(bytes), span = want + std::size_t(kAlignment);
-    void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED) fail(kWhere, "mmap of ", span, " bytes failed: ", std::strerror(errno));
-    const auto start = reinterpret_cast<std::uintptr_t>(raw);
-    const std::uintptr_t aligned = (start + std::uintptr_t(kAlignment) - 1) & ~std::uintptr_t(kAlignment - 1);
-    if (aligned > start) (void)munmap(raw, aligned - start);
-    const std::uintptr_t end = aligned + want, span_end = start + span;
-    // munmap works on whole OS pages: keep the tail's partial page mapped.
-    const std::uintptr_t page = std::uintptr_t(sysconf(_SC_PAGESIZE));
-    const std::uintptr_t keep_end = (end + page - 1) & ~(page - 1);
-    if (span_end > keep_end) (void)munmap(reinterpret_cast<void*>(keep_end), span_end - keep_end);
-    data_ = reinterpret_cast<void*>(aligned);
-    mapped_bytes_ = std::int64_t(keep_end - aligned);
+    // mmap only promises the OS page size: map one alignment more and start
+    // at the first 2 MiB boundary inside (the unused ends are address space,
+    // never touched). Anonymous mappings are zero-filled.
+    mapping_bytes_ = bytes + kAlignment;
+    mapping_ = mmap(nullptr, std::size_t(mapping_bytes_), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mapping_ == MAP_FAILED) {
+      mapping_ = nullptr;
+      fail(kWhere, "mmap of ", mapping_bytes_, " bytes failed: ", std::strerror(errno));
+    }
+    const auto start = reinterpret_cast<std::uintptr_t>(mapping_);
+    data_ = reinterpret_cast<void*>((start + std::uintptr_t(kAlignment) - 1) & ~std::uintptr_t(kAlignment - 1));
 #if defined(MADV_HUGEPAGE)
     // A hint: refused (EINVAL where THP is compiled out) leaves 4 KiB pages.
-    huge_pages_ = madvise(data_, std::size_t(mapped_bytes_), MADV_HUGEPAGE) == 0;
+    huge_pages_ = madvise(data_, std::size_t(bytes), MADV_HUGEPAGE) == 0;
 #endif
 #else
     data_ = ::operator new(std::size_t(bytes), std::align_val_t(kAlignment), std::nothrow);
     if (data_ == nullptr) fail(kWhere, "allocating ", bytes, " bytes failed");
     std::memset(data_, 0, std::size_t(bytes));
-    mapped_bytes_ = bytes;
 #endif
     bytes_ = bytes;
   }
@@ -106,7 +100,8 @@ class HostCacheBuffer {
   void swap(HostCacheBuffer& other) noexcept {
     std::swap(data_, other.data_);
     std::swap(bytes_, other.bytes_);
-    std::swap(mapped_bytes_, other.mapped_bytes_);
+    std::swap(mapping_, other.mapping_);
+    std::swap(mapping_bytes_, other.mapping_bytes_);
     std::swap(huge_pages_, other.huge_pages_);
   }
 
@@ -114,18 +109,19 @@ class HostCacheBuffer {
   void release() noexcept {
     if (data_ == nullptr) return;
 #if KVKIT_HOST_CACHE_BUFFER_MMAP
-    (void)munmap(data_, std::size_t(mapped_bytes_));
+    (void)munmap(mapping_, std::size_t(mapping_bytes_));
 #else
     ::operator delete(data_, std::align_val_t(kAlignment));
 #endif
-    data_ = nullptr;
-    bytes_ = mapped_bytes_ = 0;
+    data_ = mapping_ = nullptr;
+    bytes_ = mapping_bytes_ = 0;
     huge_pages_ = false;
   }
 
   void* data_ = nullptr;
   std::int64_t bytes_ = 0;
-  std::int64_t mapped_bytes_ = 0;
+  void* mapping_ = nullptr;  ///< the whole mmap (mmap builds only)
+  std::int64_t mapping_bytes_ = 0;
   bool huge_pages_ = false;
 };
 
