@@ -62,39 +62,44 @@ KVKIT_FORCEINLINE float load_source(half v) {
   return bits_to_float(sign | magnitude);
 }
 
-/// float -> e4m3 bits, saturating to ±448 (float_to_e4m3_bits, Saturation::kFinite).
-KVKIT_FORCEINLINE std::int32_t encode_e4m3(float v) {
+/// float -> fp8 bits for the two OCP formats, saturating (float_to_e4m3_bits
+/// / float_to_e5m2_bits with Saturation::kFinite). kManBits: 3 (e4m3) or 2
+/// (e5m2); kMinNormal: the bits of the smallest normal fp8 value as a float;
+/// kMaxFinite: the bits of the largest finite one.
+///
+/// One float addition does the rounding for normal and subnormal fp8 alike:
+/// with E = max(exponent of |v|, that of the smallest normal) and the magic
+/// number m = 2^(E + 23 - kManBits), the float ulp of |v| + m is the fp8 step
+/// at |v|'s binade (2^(E - kManBits)), so the FPU rounds |v| to it, nearest
+/// even (|v| < 2m, and m contributes only its leading bit, so "even" is the
+/// fp8 mantissa's lowest bit). The sum's bits minus m's are then the
+/// mantissa with its leading bit (in [2^kManBits, 2^(kManBits + 1)]; the top
+/// value is a carry into the next binade, which the code absorbs), or the
+/// subnormal count below the smallest normal; adding (E - E_min) <<
+/// kManBits gives the fp8 code. No subnormal float is ever produced, so
+/// flush-to-zero would not change the result, and the sum's bits cannot be
+/// simplified away by value-changing optimizations (-ffast-math).
+template <int kManBits, std::int32_t kMinNormal, std::int32_t kMaxFinite>
+KVKIT_FORCEINLINE std::int32_t encode_fp8(float v) {
   const std::uint32_t x = float_to_bits(v);
   const auto sign = std::int32_t((x >> 24) & 0x80u);
   const auto a = std::int32_t(x & 0x7fffffffu);
-  // Clamping |v| to 448 first saturates (inf included), and nothing can
-  // round up to the NaN code 0x7f any more. NaN is replaced at the end.
-  const std::int32_t c = a < 0x43e00000 ? a : 0x43e00000;
-  // |v| >= 2^-6 (normal e4m3): keep 3 mantissa bits, rounding to nearest even
-  // by adding just under half a unit plus the kept lowest bit; a carry bumps
-  // the exponent. 960 = (127 - 7) << 3 rebiases the exponent.
-  const std::int32_t normal = ((c + 0x7ffff + ((c >> 20) & 1)) >> 20) - 960;
-  // |v| < 2^-6 (subnormal e4m3, units of 2^-9): adding 2^14, whose float ulp
-  // is 2^-9, makes the FPU round |v| to a multiple of 2^-9 (nearest even);
-  // the count lands in the low bits (8 = 2^-6, the smallest normal, is right too).
-  const std::int32_t subnormal =
-      std::int32_t(float_to_bits(bits_to_float(std::uint32_t(c)) + 16384.0f)) - 0x46800000;
-  return blend(mask_less(0x7f800000, a), 0x7f, sign | blend(mask_less(c, 0x3c800000), subnormal, normal));
+  // Clamping |v| to the largest finite value first saturates (inf included),
+  // and nothing can round up to a NaN / inf code any more. NaN is replaced at the end.
+  const std::int32_t c = a < kMaxFinite ? a : kMaxFinite;
+  const std::int32_t exponent = c & 0x7f800000;
+  const std::int32_t e = exponent > kMinNormal ? exponent : kMinNormal;
+  const std::int32_t m = e + ((23 - kManBits) << 23);
+  const std::int32_t sum = std::int32_t(float_to_bits(bits_to_float(std::uint32_t(c)) + bits_to_float(std::uint32_t(m))));
+  const std::int32_t code = (sum - m) + ((e - kMinNormal) >> (23 - kManBits));
+  return blend(mask_less(0x7f800000, a), 0x7f, sign | code);
 }
 
+/// float -> e4m3 bits, saturating to ±448 (float_to_e4m3_bits, Saturation::kFinite).
+KVKIT_FORCEINLINE std::int32_t encode_e4m3(float v) { return encode_fp8<3, 0x3c800000, 0x43e00000>(v); }
+
 /// float -> e5m2 bits, saturating to ±57344 (float_to_e5m2_bits, Saturation::kFinite).
-KVKIT_FORCEINLINE std::int32_t encode_e5m2(float v) {
-  const std::uint32_t x = float_to_bits(v);
-  const auto sign = std::int32_t((x >> 24) & 0x80u);
-  const auto a = std::int32_t(x & 0x7fffffffu);
-  // As encode_e4m3 with 2 mantissa bits: clamp to 57344 (0x47600000);
-  // 448 = (127 - 15) << 2; subnormal units of 2^-16 = the float ulp of 2^7.
-  const std::int32_t c = a < 0x47600000 ? a : 0x47600000;
-  const std::int32_t normal = ((c + 0xfffff + ((c >> 21) & 1)) >> 21) - 448;
-  const std::int32_t subnormal =
-      std::int32_t(float_to_bits(bits_to_float(std::uint32_t(c)) + 128.0f)) - 0x43000000;
-  return blend(mask_less(0x7f800000, a), 0x7f, sign | blend(mask_less(c, 0x38800000), subnormal, normal));
-}
+KVKIT_FORCEINLINE std::int32_t encode_e5m2(float v) { return encode_fp8<2, 0x38800000, 0x47600000>(v); }
 
 /// float -> int8 (as a byte): clamp to ±127, round to nearest even, NaN -> 0.
 KVKIT_FORCEINLINE std::int32_t encode_int8(float v) {
