@@ -9,6 +9,8 @@
 /// - `KVKIT_HAS_CUDA`: 1 when the CUDA runtime headers are usable (compiled by
 ///   nvcc, or the target links kvkit::cuda), else 0.
 /// - `KVKIT_DEVICE_CODE`: 1 inside the device pass of nvcc (`__CUDA_ARCH__`).
+/// - `KVKIT_VECTORIZE`: marks a host function whose loops must be vectorized
+///   whatever the user's optimization level (see below).
 
 #if defined(__CUDACC__)
 #define KVKIT_HOST_DEVICE __host__ __device__
@@ -41,3 +43,24 @@
 #define KVKIT_VERSION_MAJOR 0
 #define KVKIT_VERSION_MINOR 1
 #define KVKIT_VERSION_PATCH 0
+
+/// KVKIT_VECTORIZE: the CPU ops' hot loops are plain C++ that the compiler
+/// vectorizes, and the header-only library is compiled with its user's
+/// flags. GCC vectorizes at -O3, but at -O2 (and CMake's RelWithDebInfo) it
+/// uses a "very cheap" cost model that gives up on loops needing an epilogue
+/// or a runtime check: measured with GCC 12 on the development VM, a
+/// RelWithDebInfo build ran quantize_append_kv 11.5x and RoPE 6.6x slower than
+/// Release. The functions that run those loops (one per ISA, see
+/// x86_dispatch.hpp) are therefore compiled as at -O3, as in the Release
+/// builds the tests and benchmarks use, whenever the user optimizes at all
+/// (an unoptimized -O0 build stays debuggable). Clang vectorizes at -O2
+/// already and gets nothing. Define KVKIT_VECTORIZE (to nothing) before
+/// including kvkit to let your own flags rule.
+#ifndef KVKIT_VECTORIZE
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && !defined(__INTEL_LLVM_COMPILER) && \
+    defined(__OPTIMIZE__)
+#define KVKIT_VECTORIZE __attribute__((optimize("O3")))
+#else
+#define KVKIT_VECTORIZE
+#endif
+#endif

@@ -263,13 +263,13 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
 /// results differ between ISAs in the last bits (the tests compare every
 /// path against float64 with the same tolerances).
 template <class QT, DType kKV, bool kLatentRows>
-__attribute__((target("avx2,fma,f16c"))) void decode_one_sequence_avx2(const PagedDecodeParams& p,
+__attribute__((target("avx2,fma,f16c"))) KVKIT_VECTORIZE void decode_one_sequence_avx2(const PagedDecodeParams& p,
                                                                        const DecodeWorkItem& item,
                                                                        DecodeScratch& scratch) {
   decode_one_sequence_body<QT, kKV, true, Vec8, kLatentRows>(p, item, scratch);
 }
 template <class QT, DType kKV, bool kLatentRows>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void decode_one_sequence_avx512(
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) KVKIT_VECTORIZE void decode_one_sequence_avx512(
     const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
   decode_one_sequence_body<QT, kKV, true, Vec16, kLatentRows>(p, item, scratch);
 }
@@ -277,14 +277,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void
 /// bf16 q against a bf16 cache with AVX512-BF16's pair dot products for
 /// the scores (decode_scores_bf16_rows); the rest as decode_one_sequence_avx512.
 template <class QT, DType kKV, bool kLatentRows>
-__attribute__((target(KVKIT_AVX512_BF16_TARGET))) void decode_one_sequence_avx512_bf16(
+__attribute__((target(KVKIT_AVX512_BF16_TARGET))) KVKIT_VECTORIZE void decode_one_sequence_avx512_bf16(
     const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
   decode_one_sequence_body<QT, kKV, true, Vec16, kLatentRows, true>(p, item, scratch);
 }
 #endif
 
 template <class QT, DType kKV, bool kLatentRows>
-void decode_one_sequence(const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
+KVKIT_VECTORIZE void decode_one_sequence(const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
 #if KVKIT_X86_DISPATCH
   const X86Level level = x86_level();
   if constexpr (std::is_same_v<QT, bfloat16> && kKV == DType::kBFloat16 && !kLatentRows) {

@@ -20,7 +20,7 @@ namespace kvkit {
 namespace moe_detail {
 
 template <class T>
-void combine_rows(const TensorView& y_sorted, const std::int32_t* rows, const float* weights,
+KVKIT_VECTORIZE void combine_rows(const TensorView& y_sorted, const std::int32_t* rows, const float* weights,
                   const TensorView& shared, const TensorView& out, int top_k) {
   const std::int64_t tokens = out.size(0), hidden = out.size(1);
   const T* y = static_cast<const T*>(y_sorted.data());

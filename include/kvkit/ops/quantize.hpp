@@ -174,7 +174,7 @@ KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const Quantize
 }
 
 template <class Src, DType kCache, class Layout>
-void quantize_append_baseline(const Layout& layout, const QuantizeAppendArgs& a) {
+KVKIT_VECTORIZE void quantize_append_baseline(const Layout& layout, const QuantizeAppendArgs& a) {
   quantize_append_loop<Src, kCache>(layout, a);
 }
 
@@ -184,12 +184,12 @@ void quantize_append_baseline(const Layout& layout, const QuantizeAppendArgs& a)
 /// operations give the same results on every ISA, and the loop has no
 /// multiply-add for the compiler to contract into an FMA.
 template <class Src, DType kCache, class Layout>
-__attribute__((target("avx2"))) void quantize_append_avx2(const Layout& layout,
+__attribute__((target("avx2"))) KVKIT_VECTORIZE void quantize_append_avx2(const Layout& layout,
                                                           const QuantizeAppendArgs& a) {
   quantize_append_loop<Src, kCache>(layout, a);
 }
 template <class Src, DType kCache, class Layout>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_append_avx512(
+__attribute__((target("avx512f,avx512bw,avx512vl"))) KVKIT_VECTORIZE void quantize_append_avx512(
     const Layout& layout, const QuantizeAppendArgs& a) {
   quantize_append_loop<Src, kCache>(layout, a);
 }

@@ -127,7 +127,7 @@ inline void load_cos_sin_row(const RopeParams& p, std::int64_t position, float* 
 #if KVKIT_X86_DISPATCH
 /// The same loop with 8-lane AVX2 (no FMA: results stay bit-identical).
 template <class T>
-__attribute__((target("avx2"))) void rotate_heads_avx2(T* base, std::int64_t head_stride,
+__attribute__((target("avx2"))) KVKIT_VECTORIZE void rotate_heads_avx2(T* base, std::int64_t head_stride,
                                                        int num_heads, const RopeParams& p,
                                                        const float* cos_row, const float* sin_row) {
   rotate_heads_body(base, head_stride, num_heads, p, cos_row, sin_row);
@@ -136,7 +136,7 @@ __attribute__((target("avx2"))) void rotate_heads_avx2(T* base, std::int64_t hea
 
 /// Rotates `num_heads` rows of `base` (rows head_stride apart) by one token's cos/sin.
 template <class T>
-void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopeParams& p,
+KVKIT_VECTORIZE void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopeParams& p,
                   const float* cos_row, const float* sin_row) {
 #if KVKIT_X86_DISPATCH
   if (x86_level() != X86Level::kBaseline) {
