@@ -9,6 +9,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "kvkit/ops/mla_compress.hpp"
@@ -307,4 +308,78 @@ TEST_CASE("absorbed MLA decode over the latent cache equals the naive decompress
   SECTION("split-KV equals unsplit") {
     check_absorbed_equals_naive<float>(MlaConfig::deepseek_v2_lite(), {1, 65, 130}, 64, 1e-5, 1, 64);
   }
+}
+
+namespace {
+
+/// A CompressProblem's rows and cache converted to T.
+template <class T>
+struct TypedCompress {
+  CompressProblem p;
+  std::vector<T> kv_a, cache;
+  kvkit::MlaCompressArgs args;
+  explicit TypedCompress(int tokens) : p(512, 64, 64, tokens, 11) {
+    for (float x : p.kv_a) kv_a.push_back(kvkit::from_float<T>(x));
+    cache.assign(p.cache.size(), kvkit::from_float<T>(-999.0f));
+    args = p.args;
+    args.kv_a = kv_a.data();
+    args.cache = cache.data();
+    args.dtype = kvkit::dtype_of<T>;
+  }
+};
+
+template <class T>
+void check_compress_store_kinds_and_chunks() {
+  using kvkit::detail::StoreKind;
+  const int tokens = 300;  // several chunks of 64 tokens, shared by OpenMP threads
+  TypedCompress<T> whole(tokens), streaming(tokens), one_by_one(tokens);
+  kvkit::mla_compress(whole.p.layout, whole.args);
+  kvkit::detail::mla_compress_with(streaming.p.layout, streaming.args, StoreKind::kStreaming);
+  for (int t = 0; t < tokens; ++t) {
+    kvkit::MlaCompressArgs a = one_by_one.args;
+    a.kv_a = one_by_one.kv_a.data() + std::size_t(t) * std::size_t(a.kv_a_stride_token);
+    a.positions += t;
+    a.slot_mapping += t;
+    a.num_tokens = 1;
+    kvkit::detail::mla_compress_with(one_by_one.p.layout, a, StoreKind::kOrdinary);
+  }
+  REQUIRE(std::memcmp(whole.cache.data(), one_by_one.cache.data(), whole.cache.size() * sizeof(T)) == 0);
+  REQUIRE(std::memcmp(streaming.cache.data(), one_by_one.cache.data(), whole.cache.size() * sizeof(T)) == 0);
+  // And the values, against float64 from the same (rounded) inputs: one
+  // rounding to T of the float result, plus float32's own error.
+  const auto inv = kvkit::rope_inv_freq(whole.p.rope);
+  const double tol = std::is_same_v<T, kvkit::bfloat16> ? 1.0 / 128 : 1.0 / 1024;
+  std::size_t written = 0;
+  for (int t = 0; t < tokens; ++t) {
+    const std::int64_t slot = whole.p.slots[std::size_t(t)];
+    if (slot < 0) continue;
+    const T* src = &whole.kv_a[std::size_t(t) * std::size_t(whole.args.kv_a_stride_token)];
+    const T* row = &whole.cache[std::size_t(whole.p.layout.slot_offset(slot))];
+    double ss = 0;
+    for (int c = 0; c < 512; ++c) ss += double(kvkit::to_float(src[c])) * kvkit::to_float(src[c]);
+    const double inv_rms = 1.0 / std::sqrt(ss / 512 + 1e-6);
+    for (int c = 0; c < 512; ++c) {
+      const double want = kvkit::to_float(src[c]) * inv_rms * whole.p.weight[std::size_t(c)];
+      REQUIRE(std::fabs(kvkit::to_float(row[c]) - want) <= tol * std::fabs(want) + 1e-6);
+    }
+    for (int i = 0; i < 32; ++i) {
+      const double angle = std::fmod(double(whole.p.positions[std::size_t(t)]) * inv[i], 2 * kvkit::kPi);
+      const double x = kvkit::to_float(src[512 + 2 * i]), y = kvkit::to_float(src[512 + 2 * i + 1]);
+      const double want_x = x * std::cos(angle) - y * std::sin(angle);
+      const double want_y = y * std::cos(angle) + x * std::sin(angle);
+      const double bound = tol * (std::fabs(x) + std::fabs(y)) + 1e-5;  // the pair's norm bounds both outputs
+      REQUIRE(std::fabs(kvkit::to_float(row[512 + 2 * i]) - want_x) <= bound);
+      REQUIRE(std::fabs(kvkit::to_float(row[512 + 2 * i + 1]) - want_y) <= bound);
+    }
+    ++written;
+  }
+  CHECK(written > 250);
+}
+
+}  // namespace
+
+TEST_CASE("mla_compress writes the same bytes in one call (threads, streaming stores) as token by token") {
+  SECTION("float32") { check_compress_store_kinds_and_chunks<float>(); }
+  SECTION("bfloat16") { check_compress_store_kinds_and_chunks<kvkit::bfloat16>(); }
+  SECTION("float16") { check_compress_store_kinds_and_chunks<kvkit::half>(); }
 }

@@ -272,6 +272,55 @@ TEST_CASE("fp8 append writes only the addressed rows, keeps bf16 k_pe bit for bi
   }
 }
 
+namespace {
+
+/// The host append of float32 / float16 / bfloat16 rows (threads over chunks
+/// of tokens, the ISA picked at run time, streaming or ordinary stores)
+/// writes, for every row, the bytes of mla_fp8_quantize_row: the scalar rule
+/// the CUDA kernel follows.
+template <class T>
+void check_append_equals_scalar_rule() {
+  using kvkit::detail::StoreKind;
+  std::mt19937 rng(21);
+  const int tokens = 333;  // chunks of 64 tokens, the last one partial
+  const auto layout = LatentFp8Layout::dense(8, 64);
+  std::vector<T> rows(std::size_t(tokens) * 577);  // stride 577: odd, unaligned rows
+  std::vector<std::int64_t> slots;
+  for (int t = 0; t < tokens; ++t) {
+    std::vector<float> x = random_row(rng);
+    if (t % 50 == 7) std::fill(x.begin() + 128, x.begin() + 256, 0.0f);  // an all-zero group: scale 0
+    for (int d = 0; d < 576; ++d) rows[std::size_t(t) * 577 + d] = kvkit::from_float<T>(x[std::size_t(d)]);
+    slots.push_back(t % 11 == 4 ? -1 : std::int64_t((t * 37) % layout.num_slots()));  // distinct, scattered
+  }
+  kvkit::MlaFp8AppendArgs a;
+  a.latent = rows.data();
+  a.latent_stride_token = 577;
+  a.dtype = kvkit::dtype_of<T>;
+  a.slot_mapping = slots.data();
+  a.num_tokens = tokens;
+  for (StoreKind kind : {StoreKind::kOrdinary, StoreKind::kStreaming}) {
+    std::vector<std::uint8_t> cache(std::size_t(layout.span_bytes()), 0xEE);
+    a.cache = cache.data();
+    kvkit::detail::mla_fp8_append_with(layout, a, kind);
+    for (int t = 0; t < tokens; ++t) {
+      if (slots[std::size_t(t)] < 0) continue;
+      std::vector<float> x(576);
+      for (int d = 0; d < 576; ++d) x[std::size_t(d)] = kvkit::to_float(rows[std::size_t(t) * 577 + d]);
+      std::uint8_t want[MlaFp8Row::kBytes];
+      kvkit::mla_fp8_quantize_row(x.data(), want);
+      REQUIRE(std::memcmp(&cache[std::size_t(layout.slot_offset(slots[std::size_t(t)]))], want, sizeof(want)) == 0);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("host fp8 append writes the scalar rule's bytes for every source type and store kind") {
+  SECTION("float32") { check_append_equals_scalar_rule<float>(); }
+  SECTION("float16") { check_append_equals_scalar_rule<kvkit::half>(); }
+  SECTION("bfloat16") { check_append_equals_scalar_rule<kvkit::bfloat16>(); }
+}
+
 TEST_CASE("CPU absorbed decode over the fp8 cache equals float decode of the dequantized rows") {
   for (int page : {1, 64}) {
     Fp8Problem pr(16, page, {1, 63, 64, 65, 300}, 1, 21 + page);

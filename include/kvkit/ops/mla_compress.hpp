@@ -7,8 +7,10 @@
 /// in one pass. k_pe is rotated with the pairing of the config's RoPE (DeepSeek's
 /// official weights: interleaved, RopeStyle::kGptJ; see docs/rope.md).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "kvkit/core/dispatch.hpp"
@@ -74,45 +76,134 @@ inline void validate_mla_compress(const LatentKVLayout& layout, const MlaCompres
 
 }  // namespace detail
 
-/// Fused MLA compress (see the file comment). Throws kvkit::Error before
-/// writing anything on bad input, a negative position or one beyond the
-/// table, or a slot >= the cache's slots.
-inline void mla_compress(const LatentKVLayout& layout, const MlaCompressArgs& a) {
+namespace detail {
+
+/// Compresses tokens [first, end): RMSNorm of c_kv, then k_pe copied and
+/// rotated, into `scratch` (one row, in L1), which is then copied to the
+/// slot's row, with streaming stores for a large cache (a row written in
+/// place pays a read-for-ownership of every line; see streaming_copy.hpp).
+/// Always inlined, so that each ISA variant below compiles it for its own
+/// vectors. Every ISA gives the same bytes: the sum of squares keeps sixteen
+/// lanes in a fixed order, and no variant may contract x * x + s into an FMA
+/// (the AVX2 target has none).
+template <class T, bool kStreaming>
+KVKIT_FORCEINLINE void mla_compress_tokens(const LatentKVLayout& layout, const MlaCompressArgs& a,
+                                           const RopeParams& rope, std::int64_t first, std::int64_t end,
+                                           T* __restrict__ scratch, float* cos_row, float* sin_row) {
+  const int rank = int(layout.kv_lora_rank), rope_dim = int(layout.rope_dim);
+  T* cache = static_cast<T*>(a.cache);
+  const float* __restrict__ weight = a.norm_weight;
+  for (std::int64_t t = first; t < end; ++t) {
+    const std::int64_t slot = a.slot_mapping[t];
+    if (slot < 0) continue;
+    const T* __restrict__ src = static_cast<const T*>(a.kv_a) + t * a.kv_a_stride_token;
+    // Sixteen partial sums so the loop vectorizes (a single running sum is a
+    // serial dependency compilers may not reorder), folded in a fixed order.
+    float lanes[16] = {};
+    int c0 = 0;
+    for (; c0 + 16 <= rank; c0 += 16) {
+      for (int l = 0; l < 16; ++l) {
+        const float x = to_float(src[c0 + l]);
+        lanes[l] += x * x;
+      }
+    }
+    for (int l = 0; l < 8; ++l) lanes[l] += lanes[l + 8];
+    float sum_sq = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for (; c0 < rank; ++c0) sum_sq += to_float(src[c0]) * to_float(src[c0]);
+    const float inv_rms = 1.0f / std::sqrt(sum_sq / float(rank) + a.norm_eps);
+    for (int c = 0; c < rank; ++c) scratch[c] = from_float<T>(to_float(src[c]) * inv_rms * weight[c]);
+    std::memcpy(scratch + rank, src + rank, sizeof(T) * std::size_t(rope_dim));
+    load_cos_sin_row(rope, a.positions[t], cos_row, sin_row);
+    rotate_heads(scratch + rank, rope_dim, 1, rope, cos_row, sin_row);
+    copy_row<kStreaming>(cache + layout.slot_offset(slot), scratch, sizeof(T) * std::size_t(rank + rope_dim));
+  }
+  if (kStreaming) streaming_store_fence();
+}
+
+/// Arguments of one ISA variant of the token loop.
+template <class T>
+struct MlaCompressRange {
+  const LatentKVLayout& layout;
+  const MlaCompressArgs& args;
+  const RopeParams& rope;
+  std::int64_t first, end;
+  T* scratch;
+  float* cos_row;
+  float* sin_row;
+  bool streaming;
+};
+
+template <class T>
+KVKIT_FORCEINLINE void run_mla_compress_range(const MlaCompressRange<T>& r) {
+  if (r.streaming) {
+    mla_compress_tokens<T, true>(r.layout, r.args, r.rope, r.first, r.end, r.scratch, r.cos_row, r.sin_row);
+  } else {
+    mla_compress_tokens<T, false>(r.layout, r.args, r.rope, r.first, r.end, r.scratch, r.cos_row, r.sin_row);
+  }
+}
+
+template <class T>
+KVKIT_VECTORIZE void mla_compress_range_baseline(const MlaCompressRange<T>& r) {
+  run_mla_compress_range(r);
+}
+
+#if KVKIT_X86_DISPATCH
+/// 8-lane AVX2 without FMA: bf16 and fp16 rows widen and narrow in vectors.
+template <class T>
+__attribute__((target("avx2"))) KVKIT_VECTORIZE void mla_compress_range_avx2(const MlaCompressRange<T>& r) {
+  run_mla_compress_range(r);
+}
+#endif
+
+/// Compresses tokens [first, end) with the widest ISA the CPU has.
+template <class T>
+void mla_compress_range(const LatentKVLayout& layout, const MlaCompressArgs& a, const RopeParams& rope,
+                        std::int64_t first, std::int64_t end, StoreKind stores) {
+  std::vector<T> scratch(static_cast<std::size_t>(layout.row_elements()));
+  std::vector<float> cos_sin(static_cast<std::size_t>(layout.rope_dim));
+  const std::int64_t cache_bytes = layout.num_slots() * layout.row_elements() * std::int64_t(sizeof(T));
+  const MlaCompressRange<T> r{layout,         a,
+                              rope,           first,
+                              end,            scratch.data(),
+                              cos_sin.data(), cos_sin.data() + layout.rope_dim / 2,
+                              use_streaming_stores(stores, cache_bytes)};
+#if KVKIT_X86_DISPATCH
+  if (x86_level() != X86Level::kBaseline) return mla_compress_range_avx2(r);
+#endif
+  mla_compress_range_baseline(r);
+}
+
+/// mla_compress with the stores chosen by `stores` (tests force each kind).
+inline void mla_compress_with(const LatentKVLayout& layout, const MlaCompressArgs& a, StoreKind stores) {
   constexpr const char* kWhere = "kvkit::mla_compress";
-  detail::validate_mla_compress(layout, a, kWhere);
+  validate_mla_compress(layout, a, kWhere);
   if (a.num_tokens == 0) return;
-  const RopeParams rope = detail::mla_kpe_rope(layout, a);
-  detail::check_positions(rope, kWhere, /*allow_negative=*/false);
-  detail::check_slots(a.slot_mapping, a.num_tokens, layout.num_slots(), kWhere);
+  const RopeParams rope = mla_kpe_rope(layout, a);
+  check_positions(rope, kWhere, /*allow_negative=*/false);
+  check_slots(a.slot_mapping, a.num_tokens, layout.num_slots(), kWhere);
   dispatch_dtype<FloatTypes>(a.dtype, kWhere, "dtype", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int rank = int(layout.kv_lora_rank), rope_dim = int(layout.rope_dim);
-    std::vector<float> cos_row(static_cast<std::size_t>(rope_dim / 2)), sin_row(cos_row.size());
-    T* cache = static_cast<T*>(a.cache);
-    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
-      const std::int64_t slot = a.slot_mapping[t];
-      if (slot < 0) continue;
-      const T* src = static_cast<const T*>(a.kv_a) + t * a.kv_a_stride_token;
-      T* row = cache + layout.slot_offset(slot);
-      // Eight partial sums so the loop vectorizes (a single running sum is a
-      // serial dependency compilers may not reorder).
-      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int c0 = 0;
-      for (; c0 + 8 <= rank; c0 += 8) {
-        for (int l = 0; l < 8; ++l) {
-          const float x = to_float(src[c0 + l]);
-          lanes[l] += x * x;
-        }
-      }
-      float sum_sq = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-      for (; c0 < rank; ++c0) sum_sq += to_float(src[c0]) * to_float(src[c0]);
-      const float inv_rms = 1.0f / std::sqrt(sum_sq / float(rank) + a.norm_eps);
-      for (int c = 0; c < rank; ++c) row[c] = from_float<T>(to_float(src[c]) * inv_rms * a.norm_weight[c]);
-      for (int c = 0; c < rope_dim; ++c) row[rank + c] = src[rank + c];
-      detail::load_cos_sin_row(rope, a.positions[t], cos_row.data(), sin_row.data());
-      detail::rotate_heads(row + rank, rope_dim, 1, rope, cos_row.data(), sin_row.data());
+    constexpr std::int64_t kChunk = 64;
+    const std::int64_t chunks = (a.num_tokens + kChunk - 1) / kChunk;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (chunks >= 2)
+#endif
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      mla_compress_range<T>(layout, a, rope, c * kChunk, std::min(a.num_tokens, (c + 1) * kChunk), stores);
     }
   });
+}
+
+}  // namespace detail
+
+/// Fused MLA compress (see the file comment). Throws kvkit::Error before
+/// writing anything on bad input, a negative position or one beyond the
+/// table, or a slot >= the cache's slots. Tokens are shared among OpenMP
+/// threads where the program enables OpenMP (with duplicate slots, which
+/// token's row lands is unspecified, as on the GPU). A cache of at least
+/// kStreamingStoreMinCacheBytes is written with streaming stores, as append_latent.
+inline void mla_compress(const LatentKVLayout& layout, const MlaCompressArgs& a) {
+  detail::mla_compress_with(layout, a, detail::StoreKind::kAuto);
 }
 
 }  // namespace kvkit

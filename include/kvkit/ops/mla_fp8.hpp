@@ -5,42 +5,20 @@
 /// example the rows mla_compress wrote to a staging buffer, or any engine's
 /// compressed rows) and the dequantizing gather back to [tokens, 576].
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
 #include "kvkit/layout/latent_fp8_layout.hpp"
+#include "kvkit/ops/append.hpp"
 #include "kvkit/ops/quantize_row.hpp"
 
 namespace kvkit {
-
-namespace detail {
-
-/// mla_fp8_quantize_row for finite rows on the host, with the vectorizable
-/// row kernels of quantize_row.hpp (bit-identical: the same largest finite
-/// magnitude, the same division and round-to-nearest-even encoding).
-inline void mla_fp8_quantize_row_host(const float* x, std::uint8_t* row) {
-  for (int g = 0; g < MlaFp8Row::kNumGroups; ++g) {
-    const float* v = x + g * MlaFp8Row::kGroupSize;
-    const float scale = mla_fp8_group_scale(row_amax(v, MlaFp8Row::kGroupSize));
-    std::uint8_t* out = row + g * MlaFp8Row::kGroupSize;
-    if (scale > 0.0f) {
-      quantize_row<float, DType::kFloat8E4M3>(v, MlaFp8Row::kGroupSize, scale, out);
-    } else {
-      std::memset(out, 0, MlaFp8Row::kGroupSize);
-    }
-    std::memcpy(row + MlaFp8Row::kScalesOffset + 4 * g, &scale, 4);
-  }
-  for (int d = 0; d < MlaFp8Row::kRopeDim; ++d) {
-    const std::uint16_t b = float_to_bfloat16_bits(x[MlaFp8Row::kRank + d]);
-    std::memcpy(row + MlaFp8Row::kRopeOffset + 2 * d, &b, 2);
-  }
-}
-
-}  // namespace detail
 
 /// Arguments of mla_fp8_append.
 struct MlaFp8AppendArgs {
@@ -72,54 +50,178 @@ inline void validate_mla_fp8_append(const LatentFp8Layout& layout, const MlaFp8A
 
 }  // namespace detail
 
-/// Quantizes each token's latent row into its slot of the fp8 cache (scale
-/// per 128 c_kv values = amax / 448, k_pe rounded to bf16: exact when the
-/// input is bf16). Throws kvkit::Error, writing nothing, on a bad layout,
-/// null pointers, a row stride < 576, a slot beyond the cache or a
-/// non-finite input value.
-inline void mla_fp8_append(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a) {
+namespace detail {
+
+/// mla_fp8_quantize_row for one finite source row, on the host, with the
+/// vectorizable row kernels of quantize_row.hpp (bit-identical: the same
+/// largest finite magnitude, the same division and round-to-nearest-even
+/// encoding). Reads bfloat16 / half rows directly, without widening them
+/// to a float row first.
+template <class T>
+KVKIT_FORCEINLINE void mla_fp8_quantize_row_host(const T* __restrict__ x, std::uint8_t* __restrict__ row) {
+  for (int g = 0; g < MlaFp8Row::kNumGroups; ++g) {
+    const T* v = x + g * MlaFp8Row::kGroupSize;
+    const float scale = mla_fp8_group_scale(row_amax(v, MlaFp8Row::kGroupSize));
+    std::uint8_t* out = row + g * MlaFp8Row::kGroupSize;
+    if (scale > 0.0f) {
+      quantize_row<T, DType::kFloat8E4M3>(v, MlaFp8Row::kGroupSize, scale, out);
+    } else {
+      std::memset(out, 0, MlaFp8Row::kGroupSize);
+    }
+    std::memcpy(row + MlaFp8Row::kScalesOffset + 4 * g, &scale, 4);
+  }
+  const T* k_pe = x + MlaFp8Row::kRank;
+  std::uint16_t bits[MlaFp8Row::kRopeDim];
+  for (int d = 0; d < MlaFp8Row::kRopeDim; ++d) {
+    if constexpr (std::is_same_v<T, bfloat16>) {
+      bits[d] = k_pe[d].bits;
+    } else {
+      bits[d] = float_to_bfloat16_bits(load_source(k_pe[d]));
+    }
+  }
+  std::memcpy(row + MlaFp8Row::kRopeOffset, bits, sizeof(bits));
+}
+
+/// Quantizes tokens [first, end) of an fp8 latent append (after its checks)
+/// into a 656-byte row in L1, then copies it to the slot's row, with
+/// streaming stores for a large cache (see streaming_copy.hpp). Always
+/// inlined into one function per ISA; every ISA writes the same bytes (the
+/// encoder has no multiply-add to contract).
+template <class T, bool kStreaming>
+KVKIT_FORCEINLINE void mla_fp8_append_tokens(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a,
+                                             std::int64_t first, std::int64_t end) {
+  alignas(64) std::uint8_t row[MlaFp8Row::kBytes];
+  const T* src = static_cast<const T*>(a.latent);
+  for (std::int64_t t = first; t < end; ++t) {
+    const std::int64_t slot = a.slot_mapping[t];
+    if (slot < 0) continue;
+    mla_fp8_quantize_row_host(src + t * a.latent_stride_token, row);
+    copy_row<kStreaming>(a.cache + layout.slot_offset(slot), row, sizeof(row));
+  }
+  if (kStreaming) streaming_store_fence();
+}
+
+template <class T>
+KVKIT_FORCEINLINE void run_mla_fp8_append_tokens(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a,
+                                                 std::int64_t first, std::int64_t end, bool streaming) {
+  if (streaming) {
+    mla_fp8_append_tokens<T, true>(layout, a, first, end);
+  } else {
+    mla_fp8_append_tokens<T, false>(layout, a, first, end);
+  }
+}
+
+template <class T>
+KVKIT_VECTORIZE void mla_fp8_append_range_baseline(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a, std::int64_t first,
+                                   std::int64_t end, bool streaming) {
+  run_mla_fp8_append_tokens<T>(layout, a, first, end, streaming);
+}
+
+#if KVKIT_QUANTIZE_X86_DISPATCH
+template <class T>
+__attribute__((target("avx2"))) KVKIT_VECTORIZE void mla_fp8_append_range_avx2(const LatentFp8Layout& layout,
+                                                               const MlaFp8AppendArgs& a, std::int64_t first,
+                                                               std::int64_t end, bool streaming) {
+  run_mla_fp8_append_tokens<T>(layout, a, first, end, streaming);
+}
+template <class T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) KVKIT_VECTORIZE void mla_fp8_append_range_avx512(
+    const LatentFp8Layout& layout, const MlaFp8AppendArgs& a, std::int64_t first, std::int64_t end,
+    bool streaming) {
+  run_mla_fp8_append_tokens<T>(layout, a, first, end, streaming);
+}
+#endif
+
+/// Quantizes tokens [first, end) with the widest ISA the CPU has.
+template <class T>
+void mla_fp8_append_range(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a, std::int64_t first,
+                          std::int64_t end, bool streaming) {
+#if KVKIT_QUANTIZE_X86_DISPATCH
+  const X86Level level = x86_level();
+  if (level >= X86Level::kAvx512) return mla_fp8_append_range_avx512<T>(layout, a, first, end, streaming);
+  if (level == X86Level::kAvx2) return mla_fp8_append_range_avx2<T>(layout, a, first, end, streaming);
+#endif
+  mla_fp8_append_range_baseline<T>(layout, a, first, end, streaming);
+}
+
+/// Whether token t's row (any source type) holds an inf or NaN: x - x is 0
+/// for finite x and NaN otherwise, and eight independent sums vectorize.
+template <class T>
+KVKIT_FORCEINLINE bool latent_row_has_nonfinite(const T* r) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int d = 0; d < MlaFp8Row::kLatentDim; d += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += to_float(r[d + l]) - to_float(r[d + l]);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) != 0.0f;
+}
+
+/// The first token, padding excluded, with a slot beyond the cache or a
+/// non-finite value; num_tokens when there is none. Threads share the
+/// tokens where OpenMP is enabled (the rows are read once more, before
+/// anything is written).
+template <class T>
+KVKIT_VECTORIZE std::int64_t first_bad_latent_token(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a) {
+  const T* src = static_cast<const T*>(a.latent);
+  std::int64_t first_bad = a.num_tokens;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) reduction(min : first_bad) if (a.num_tokens >= 256)
+#endif
+  for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+    const std::int64_t slot = a.slot_mapping[t];
+    if (slot < 0) continue;
+    if ((slot >= layout.num_slots() || latent_row_has_nonfinite(src + t * a.latent_stride_token)) && t < first_bad) {
+      first_bad = t;
+    }
+  }
+  return first_bad;
+}
+
+/// mla_fp8_append with the stores chosen by `stores` (tests force each kind).
+inline void mla_fp8_append_with(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a, StoreKind stores) {
   constexpr const char* kWhere = "kvkit::mla_fp8_append";
-  detail::validate_mla_fp8_append(layout, a, kWhere);
+  validate_mla_fp8_append(layout, a, kWhere);
   if (a.num_tokens == 0) return;
   dispatch_dtype<FloatTypes>(a.dtype, kWhere, "dtype", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const T* src = static_cast<const T*>(a.latent);
     // Every check before the first write, so that a failed call changes nothing.
-    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+    const std::int64_t t = first_bad_latent_token<T>(layout, a);
+    if (t < a.num_tokens) {
       const std::int64_t slot = a.slot_mapping[t];
       if (slot >= layout.num_slots()) {
         fail_argument(kWhere, ("slot_mapping[" + std::to_string(t) + "]").c_str(), slot, "< num_slots (",
                       layout.num_slots(), ") or negative (padding)");
       }
-      if (slot < 0) continue;
-      // x - x is 0 for finite x and NaN for inf or NaN: eight independent sums
-      // vectorize, and only a row that fails is searched for its column.
-      const T* r = src + t * a.latent_stride_token;
-      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int d = 0; d < MlaFp8Row::kLatentDim; d += 8)
-        for (int l = 0; l < 8; ++l) lanes[l] += to_float(r[d + l]) - to_float(r[d + l]);
-      const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-      if (sum != 0.0f) {
-        for (int d = 0; d < MlaFp8Row::kLatentDim; ++d) {
-          if (!std::isfinite(to_float(r[d]))) {
-            fail(kWhere, "latent row ", t, " has a non-finite value at column ", d,
-                 "; expected finite values (fp8 scales come from the group's largest magnitude)");
-          }
-        }
-      }
+      const T* r = static_cast<const T*>(a.latent) + t * a.latent_stride_token;
+      int column = 0;
+      while (std::isfinite(to_float(r[column]))) ++column;
+      fail(kWhere, "latent row ", t, " has a non-finite value at column ", column,
+           "; expected finite values (fp8 scales come from the group's largest magnitude)");
     }
-    // Tokens are independent: OpenMP threads share them when the program enables OpenMP.
+    const bool streaming = use_streaming_stores(stores, layout.num_slots() * std::int64_t(MlaFp8Row::kBytes));
+    // Tokens are independent: OpenMP threads share them when the program
+    // enables OpenMP (with duplicate slots, which token's row lands is
+    // unspecified, as on the GPU).
+    constexpr std::int64_t kChunk = 64;
+    const std::int64_t chunks = (a.num_tokens + kChunk - 1) / kChunk;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (a.num_tokens >= 256)
+#pragma omp parallel for schedule(static) if (chunks >= 4)
 #endif
-    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
-      const std::int64_t slot = a.slot_mapping[t];
-      if (slot < 0) continue;
-      float row[MlaFp8Row::kLatentDim];
-      for (int d = 0; d < MlaFp8Row::kLatentDim; ++d) row[d] = to_float(src[t * a.latent_stride_token + d]);
-      detail::mla_fp8_quantize_row_host(row, a.cache + layout.slot_offset(slot));
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      mla_fp8_append_range<T>(layout, a, c * kChunk, std::min(a.num_tokens, (c + 1) * kChunk), streaming);
     }
   });
+}
+
+}  // namespace detail
+
+/// Quantizes each token's latent row into its slot of the fp8 cache (scale
+/// per 128 c_kv values = amax / 448, k_pe rounded to bf16: exact when the
+/// input is bf16). Throws kvkit::Error, writing nothing, on a bad layout,
+/// null pointers, a row stride < 576, a slot beyond the cache or a
+/// non-finite input value (the first offending token is named). A cache of
+/// at least kStreamingStoreMinCacheBytes is written with streaming stores,
+/// as append_latent.
+inline void mla_fp8_append(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a) {
+  detail::mla_fp8_append_with(layout, a, detail::StoreKind::kAuto);
 }
 
 /// Dequantizes the rows of `slots` ([num_tokens] slot ids, host memory) of
