@@ -70,6 +70,39 @@ KVKIT_HOST_DEVICE inline std::uint8_t float_to_fp8_bits_soft(float f, Saturation
   return std::uint8_t(sign | code);
 }
 
+/// The same rules for Saturation::kFinite without branches, so that host
+/// loops of conversions vectorize (ops/quantize_row.hpp). kManBits: 3
+/// (e4m3) or 2 (e5m2); kMinNormal / kMaxFinite: the float bits of the
+/// smallest normal and the largest finite fp8 value.
+///
+/// One FPU add rounds normal and subnormal results alike: with E = max(the
+/// exponent of |v|, that of the smallest normal) and the magic number
+/// m = 2^(E + 23 - kManBits), the float ulp of |v| + m is the fp8 step of
+/// |v|'s binade (the subnormal step below it), so the FPU rounds |v| to it,
+/// nearest even (|v| < 2m, and m adds only its leading bit, so "even" is the
+/// fp8 mantissa's lowest bit). The sum's bits minus m's are the mantissa
+/// with its leading bit, or the subnormal count; adding the binade's offset
+/// (E - E_min) << kManBits gives the fp8 code (a carry into the next binade
+/// lands on the right code too). No subnormal float is produced, so
+/// flush-to-zero modes do not change the result. Selects are masks: a
+/// ternary over a float result may stay a branch under -ftrapping-math.
+template <int kManBits, std::int32_t kMinNormal, std::int32_t kMaxFinite>
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int32_t float_to_fp8_bits_branchless(float v) {
+  const std::uint32_t x = float_to_bits(v);
+  const auto sign = std::int32_t((x >> 24) & 0x80u);
+  const auto a = std::int32_t(x & 0x7fffffffu);
+  // Clamping |v| to the largest finite value first saturates (inf included),
+  // and nothing can round up to a NaN / inf code any more.
+  const std::int32_t c = a < kMaxFinite ? a : kMaxFinite;
+  const std::int32_t exponent = c & 0x7f800000;
+  const std::int32_t e = exponent > kMinNormal ? exponent : kMinNormal;
+  const std::int32_t m = e + ((23 - kManBits) << 23);
+  const auto sum = std::int32_t(float_to_bits(bits_to_float(std::uint32_t(c)) + bits_to_float(std::uint32_t(m))));
+  const std::int32_t code = (sum - m) + ((e - kMinNormal) >> (23 - kManBits));
+  const std::int32_t nan = (0x7f800000 - a) >> 31;  // all ones for NaN: canonical 0x7f
+  return ((sign | code) & ~nan) | (0x7f & nan);
+}
+
 }  // namespace detail
 
 /// float -> e4m3 bits (see the file comment for the rules).
@@ -82,6 +115,7 @@ KVKIT_HOST_DEVICE inline std::uint8_t float_to_e4m3_bits(float f,
     return std::uint8_t(pair & 0xffu);
   }
 #endif
+  if (s == Saturation::kFinite) return std::uint8_t(detail::float_to_fp8_bits_branchless<3, 0x3c800000, 0x43e00000>(f));
   return detail::float_to_fp8_bits_soft<4, 3, false>(f, s);
 }
 
@@ -95,20 +129,21 @@ KVKIT_HOST_DEVICE inline std::uint8_t float_to_e5m2_bits(float f,
     return std::uint8_t(pair & 0xffu);
   }
 #endif
+  if (s == Saturation::kFinite) return std::uint8_t(detail::float_to_fp8_bits_branchless<2, 0x38800000, 0x47600000>(f));
   return detail::float_to_fp8_bits_soft<5, 2, true>(f, s);
 }
 
 /// e4m3 bits -> float, exact.
 KVKIT_HOST_DEVICE inline float e4m3_bits_to_float(std::uint8_t b) {
+  // Branch-free (mask selects), so that loops of conversions vectorize.
   const std::uint32_t sign = std::uint32_t(b & 0x80u) << 24;
   const std::uint32_t a = b & 0x7fu;
-  if (a == 0x7fu) return bits_to_float(sign | 0x7fc00000u);
-  const std::uint32_t exponent = a >> 3;
-  const std::uint32_t mantissa = a & 7u;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-9, exact in float
-    return bits_to_float(sign | float_to_bits(float(mantissa) * 0.001953125f));
-  }
-  return bits_to_float(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+  const std::uint32_t normal = (a << 20) + (120u << 23);                                   // rebias 7 -> 127
+  const std::uint32_t subnormal = float_to_bits(float(std::int32_t(a)) * 0.001953125f);  // a * 2^-9, exact
+  const std::uint32_t small = std::uint32_t(std::int32_t(a - 8u) >> 31);                 // exponent 0
+  const std::uint32_t nan = std::uint32_t(std::int32_t(0x7eu - a) >> 31);                // a == 0x7f
+  const std::uint32_t magnitude = (subnormal & small) | (normal & ~small);
+  return bits_to_float(sign | (magnitude & ~nan) | (0x7fc00000u & nan));
 }
 
 /// e5m2 bits -> float, exact (e5m2 is the top byte of a binary16).

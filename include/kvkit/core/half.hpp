@@ -21,28 +21,22 @@ KVKIT_HOST_DEVICE inline std::uint16_t float_to_half_bits(float f) {
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 #else
+  // Branch-free, so that loops of conversions vectorize: one FPU add of
+  // m = 2^(E + 13), E = max(exponent of |f|, -14), rounds |f| to the half
+  // step of its binade, subnormals included (detail::float_to_fp8_bits_branchless
+  // in float8.hpp explains the trick). |f| is clamped to 2^16 first, which
+  // rounds to inf as everything >= 65520 does. The NaN select is a mask: a
+  // ternary over a float result may stay a branch (-ftrapping-math).
   const std::uint32_t x = float_to_bits(f);
   const std::uint32_t sign = (x >> 16) & 0x8000u;
   const std::uint32_t a = x & 0x7fffffffu;
-  if (a > 0x7f800000u) return 0x7fffu;                      // NaN -> canonical NaN
-  if (a >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // >= 65520 rounds to inf
-  if (a >= 0x38800000u) {                                      // normal: |f| >= 2^-14
-    const std::uint32_t m = a - 0x38000000u;                   // rebias exponent 127 -> 15
-    std::uint32_t r = m >> 13;
-    const std::uint32_t rest = m & 0x1fffu;
-    if (rest > 0x1000u || (rest == 0x1000u && (r & 1u))) ++r;
-    return std::uint16_t(sign | r);
-  }
-  if (a <= 0x33000000u) return std::uint16_t(sign);  // <= 2^-25 (half the smallest subnormal)
-  // Subnormal result: count in units of 2^-24.
-  const std::uint32_t exponent = a >> 23;
-  const std::uint32_t mantissa = (a & 0x7fffffu) | 0x800000u;
-  const std::uint32_t shift = 126u - exponent;  // 14..24
-  std::uint32_t r = mantissa >> shift;
-  const std::uint32_t rest = mantissa & ((1u << shift) - 1u);
-  const std::uint32_t halfway = 1u << (shift - 1u);
-  if (rest > halfway || (rest == halfway && (r & 1u))) ++r;
-  return std::uint16_t(sign | r);
+  const std::uint32_t c = a < 0x47800000u ? a : 0x47800000u;
+  const std::uint32_t exponent = c & 0x7f800000u;
+  const std::uint32_t e = exponent > 0x38800000u ? exponent : 0x38800000u;
+  const std::uint32_t m = e + (13u << 23);
+  const std::uint32_t code = (float_to_bits(bits_to_float(c) + bits_to_float(m)) - m) + ((e - 0x38800000u) >> 13);
+  const std::uint32_t nan = std::uint32_t(std::int32_t(0x7f800000u - a) >> 31);  // all ones for NaN
+  return std::uint16_t(((sign | code) & ~nan) | (0x7fffu & nan));               // NaN -> canonical NaN
 #endif
 }
 
@@ -53,17 +47,20 @@ KVKIT_HOST_DEVICE inline float half_bits_to_float(std::uint16_t h) {
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
 #else
+  // Branch-free, so that loops of conversions vectorize; the select that
+  // involves a float product is a mask (a ternary may stay a branch under
+  // -ftrapping-math).
   const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
-  const std::uint32_t exponent = (h >> 10) & 0x1fu;
-  const std::uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0x1fu) {
-    return bits_to_float(sign | 0x7f800000u | (mantissa ? (0x400000u | (mantissa << 13)) : 0u));
-  }
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
-    const float magnitude = float(mantissa) * 5.9604644775390625e-08f;
-    return bits_to_float(sign | float_to_bits(magnitude));
-  }
-  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  const std::uint32_t em = h & 0x7fffu;
+  // Normal: rebias the exponent 15 -> 127. Subnormal: mantissa * 2^-24, exact
+  // and computed on an integer so that no float subnormal is involved.
+  const std::uint32_t normal = (em << 13) + (112u << 23);
+  const std::uint32_t subnormal = float_to_bits(float(std::int32_t(em)) * 5.9604644775390625e-08f);
+  // inf stays inf; NaN keeps its payload and becomes quiet.
+  const std::uint32_t special = em > 0x7c00u ? (0x7fc00000u | ((em & 0x3ffu) << 13)) : 0x7f800000u;
+  const std::uint32_t large = em < 0x7c00u ? normal : special;
+  const std::uint32_t small = std::uint32_t(std::int32_t(em - 0x400u) >> 31);  // all ones below 2^-14
+  return bits_to_float(sign | (subnormal & small) | (large & ~small));
 #endif
 }
 

@@ -19,6 +19,7 @@
 #include "kvkit/core/bits.hpp"
 #include "kvkit/core/config.hpp"
 #include "kvkit/core/dtype.hpp"
+#include "kvkit/core/float8.hpp"
 #include "kvkit/core/half.hpp"
 #include "kvkit/core/x86_dispatch.hpp"
 
@@ -42,64 +43,17 @@ KVKIT_FORCEINLINE std::int32_t blend(std::int32_t mask, std::int32_t x, std::int
   return (x & mask) | (y & ~mask);
 }
 
-/// Source element -> float, exact. Branch-free versions of the element
-/// types' conversions (the half one avoids half_bits_to_float's branches).
+/// Source element -> float, exact (the element types' host conversions are
+/// branch-free, so these vectorize).
 KVKIT_FORCEINLINE float load_source(float v) { return v; }
 KVKIT_FORCEINLINE float load_source(bfloat16 v) { return bits_to_float(std::uint32_t(v.bits) << 16); }
-KVKIT_FORCEINLINE float load_source(half v) {
-  const std::uint32_t h = v.bits;
-  const std::uint32_t sign = (h & 0x8000u) << 16;
-  const std::uint32_t em = h & 0x7fffu;
-  // Normal: rebias the exponent 15 -> 127. Subnormal: mantissa * 2^-24, exact
-  // and computed on an integer so that no float subnormal is involved.
-  const std::uint32_t normal = (em << 13) + (112u << 23);
-  const std::uint32_t subnormal = float_to_bits(float(std::int32_t(em)) * 5.9604644775390625e-08f);
-  // inf stays inf; NaN keeps its payload and becomes quiet (as half_bits_to_float).
-  const auto e = std::int32_t(em);
-  const std::int32_t special = e > 0x7c00 ? std::int32_t(0x7fc00000u | ((em & 0x3ffu) << 13)) : 0x7f800000;
-  const std::int32_t large = e < 0x7c00 ? std::int32_t(normal) : special;
-  const auto magnitude = std::uint32_t(blend(mask_less(e, 0x400), std::int32_t(subnormal), large));
-  return bits_to_float(sign | magnitude);
-}
-
-/// float -> fp8 bits for the two OCP formats, saturating (float_to_e4m3_bits
-/// / float_to_e5m2_bits with Saturation::kFinite). kManBits: 3 (e4m3) or 2
-/// (e5m2); kMinNormal: the bits of the smallest normal fp8 value as a float;
-/// kMaxFinite: the bits of the largest finite one.
-///
-/// One float addition does the rounding for normal and subnormal fp8 alike:
-/// with E = max(exponent of |v|, that of the smallest normal) and the magic
-/// number m = 2^(E + 23 - kManBits), the float ulp of |v| + m is the fp8 step
-/// at |v|'s binade (2^(E - kManBits)), so the FPU rounds |v| to it, nearest
-/// even (|v| < 2m, and m contributes only its leading bit, so "even" is the
-/// fp8 mantissa's lowest bit). The sum's bits minus m's are then the
-/// mantissa with its leading bit (in [2^kManBits, 2^(kManBits + 1)]; the top
-/// value is a carry into the next binade, which the code absorbs), or the
-/// subnormal count below the smallest normal; adding (E - E_min) <<
-/// kManBits gives the fp8 code. No subnormal float is ever produced, so
-/// flush-to-zero would not change the result, and the sum's bits cannot be
-/// simplified away by value-changing optimizations (-ffast-math).
-template <int kManBits, std::int32_t kMinNormal, std::int32_t kMaxFinite>
-KVKIT_FORCEINLINE std::int32_t encode_fp8(float v) {
-  const std::uint32_t x = float_to_bits(v);
-  const auto sign = std::int32_t((x >> 24) & 0x80u);
-  const auto a = std::int32_t(x & 0x7fffffffu);
-  // Clamping |v| to the largest finite value first saturates (inf included),
-  // and nothing can round up to a NaN / inf code any more. NaN is replaced at the end.
-  const std::int32_t c = a < kMaxFinite ? a : kMaxFinite;
-  const std::int32_t exponent = c & 0x7f800000;
-  const std::int32_t e = exponent > kMinNormal ? exponent : kMinNormal;
-  const std::int32_t m = e + ((23 - kManBits) << 23);
-  const std::int32_t sum = std::int32_t(float_to_bits(bits_to_float(std::uint32_t(c)) + bits_to_float(std::uint32_t(m))));
-  const std::int32_t code = (sum - m) + ((e - kMinNormal) >> (23 - kManBits));
-  return blend(mask_less(0x7f800000, a), 0x7f, sign | code);
-}
+KVKIT_FORCEINLINE float load_source(half v) { return half_bits_to_float(v.bits); }
 
 /// float -> e4m3 bits, saturating to ±448 (float_to_e4m3_bits, Saturation::kFinite).
-KVKIT_FORCEINLINE std::int32_t encode_e4m3(float v) { return encode_fp8<3, 0x3c800000, 0x43e00000>(v); }
+KVKIT_FORCEINLINE std::int32_t encode_e4m3(float v) { return float_to_fp8_bits_branchless<3, 0x3c800000, 0x43e00000>(v); }
 
 /// float -> e5m2 bits, saturating to ±57344 (float_to_e5m2_bits, Saturation::kFinite).
-KVKIT_FORCEINLINE std::int32_t encode_e5m2(float v) { return encode_fp8<2, 0x38800000, 0x47600000>(v); }
+KVKIT_FORCEINLINE std::int32_t encode_e5m2(float v) { return float_to_fp8_bits_branchless<2, 0x38800000, 0x47600000>(v); }
 
 /// float -> int8 (as a byte): clamp to ±127, round to nearest even, NaN -> 0.
 KVKIT_FORCEINLINE std::int32_t encode_int8(float v) {
