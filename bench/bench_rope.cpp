@@ -1,7 +1,7 @@
 // RoPE on the CPU: in-place apply for 8,192 tokens, Llama-3-8B (32 q + 8 kv
-// heads x 128) and DeepSeek MLA (128 q_pe heads x 64 inside a 192-wide head,
-// one shared k_pe of 64), bf16 and fp32, and DeepSeek's interleaved pairs in
-// fp16 (the F16C kernel). Memory-bound: bytes read + written of
+// heads x 128: bf16, fp32 and fp16) and DeepSeek MLA (128 q_pe heads x 64
+// inside a 192-wide head, one shared k_pe of 64: bf16, and fp16 through the
+// F16C kernel for interleaved pairs). Memory-bound: bytes read + written of
 // the rotated dimensions, and pct_of_memcpy.
 
 #include <cstdint>
@@ -62,12 +62,14 @@ const Shape kDeepSeekPeOnly{kvkit::RopeConfig::deepseek_yarn(), 128, 1, 64};
 
 void BM_llama_bf16(benchmark::State& s) { BM_apply_rope<kvkit::bfloat16>(s, kLlama); }
 void BM_llama_fp32(benchmark::State& s) { BM_apply_rope<float>(s, kLlama); }
+void BM_llama_fp16(benchmark::State& s) { BM_apply_rope<kvkit::half>(s, kLlama); }
 void BM_deepseek_bf16(benchmark::State& s) { BM_apply_rope<kvkit::bfloat16>(s, kDeepSeek); }
 void BM_deepseek_fp16(benchmark::State& s) { BM_apply_rope<kvkit::half>(s, kDeepSeek); }
 void BM_deepseek_pe_only_bf16(benchmark::State& s) { BM_apply_rope<kvkit::bfloat16>(s, kDeepSeekPeOnly); }
 
 BENCHMARK(BM_llama_bf16)->Name("rope/apply/llama3_8b/bf16/8192_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_llama_fp32)->Name("rope/apply/llama3_8b/fp32/8192_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_llama_fp16)->Name("rope/apply/llama3_8b/fp16/8192_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_deepseek_bf16)->Name("rope/apply/deepseek_mla/bf16/8192_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_deepseek_fp16)->Name("rope/apply/deepseek_mla/fp16/8192_tokens")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_deepseek_pe_only_bf16)

@@ -14,7 +14,7 @@
 #include "kvkit/core/error.hpp"
 #include "kvkit/core/x86_dispatch.hpp"
 #include "kvkit/ops/rope_config.hpp"
-#include "kvkit/ops/rope_interleaved_x86.hpp"
+#include "kvkit/ops/rope_x86.hpp"
 #include "kvkit/ops/rope_params.hpp"
 
 namespace kvkit {
@@ -141,11 +141,16 @@ KVKIT_VECTORIZE void rotate_heads(T* base, std::int64_t head_stride, int num_hea
 #if KVKIT_X86_DISPATCH
   if (x86_level() != X86Level::kBaseline) {
     if (p.style == RopeStyle::kNeox) {
-      rotate_heads_avx2(base, head_stride, num_heads, p, cos_row, sin_row);
+      // 16-bit rows by hand (F16C for float16); float rows vectorize well as is (ops/rope_x86.hpp).
+      if constexpr (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>) {
+        rotate_heads_neox_avx2(base, head_stride, num_heads, p.rotary_dim, cos_row, sin_row);
+      } else {
+        rotate_heads_avx2(base, head_stride, num_heads, p, cos_row, sin_row);
+      }
       return;
     }
     // Interleaved pairs: the hand-written kernel for 16-bit rows (why not
-    // float: see ops/rope_interleaved_x86.hpp).
+    // float: see ops/rope_x86.hpp).
     if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, half>) {
       rotate_heads_interleaved_avx2(base, head_stride, num_heads, p.rotary_dim, cos_row, sin_row);
       return;

@@ -1,5 +1,6 @@
-// The AVX2 kernel for interleaved-pair RoPE on bfloat16 and float16 (kvkit/ops/rope_interleaved_x86.hpp)
-// and apply_rope's dispatch give exactly the bits of the baseline loop
+// The AVX2 RoPE kernels for 16-bit rows (kvkit/ops/rope_x86.hpp: interleaved
+// and rotate-half pairs on bfloat16 and float16) and
+// apply_rope's dispatch give exactly the bits of the baseline loop
 // (rotate_heads_body, what the CUDA kernels are compared with), on odd sizes,
 // random and special values, both cos/sin sources and negative positions.
 
@@ -33,6 +34,11 @@ template <class T>
 void avx2_rotate(T* base, std::int64_t head_stride, int heads, const RopeParams& p, const float* c,
                  const float* s) {
   kvkit::detail::rotate_heads_interleaved_avx2(base, head_stride, heads, p.rotary_dim, c, s);
+}
+template <class T>
+void avx2_rotate_neox(T* base, std::int64_t head_stride, int heads, const RopeParams& p, const float* c,
+                      const float* s) {
+  kvkit::detail::rotate_heads_neox_avx2(base, head_stride, heads, p.rotary_dim, c, s);
 }
 #endif
 
@@ -82,8 +88,8 @@ struct Shape {
 // dims, untouched tail dims and the poisoned gaps alike.
 template <class T>
 void check_against_baseline(RotateFn<T> fn, const Shape& sh, bool special, bool on_the_fly,
-                            std::uint64_t seed) {
-  CAPTURE(sh.head_dim, sh.rotary_dim, sh.heads, sh.tokens, special, on_the_fly);
+                            std::uint64_t seed, RopeStyle style) {
+  CAPTURE(sh.head_dim, sh.rotary_dim, sh.heads, sh.tokens, special, on_the_fly, int(style));
   const std::int64_t head_stride = sh.head_dim + 3, token_stride = sh.heads * head_stride + 5;
   std::mt19937_64 rng(seed);
   std::vector<T> x(std::size_t(sh.tokens * token_stride + 1), kvkit::from_float<T>(-12345.0f));
@@ -94,12 +100,12 @@ void check_against_baseline(RotateFn<T> fn, const Shape& sh, bool special, bool 
     for (int h = 0; h < sh.heads; ++h)
       for (int d = 0; d < sh.head_dim; ++d) x[std::size_t(t * token_stride + h * head_stride + d)] = draw<T>(rng, special);
   }
-  kvkit::RopeConfig cfg{sh.head_dim, sh.rotary_dim, 10000.0, RopeStyle::kGptJ, {}};
+  kvkit::RopeConfig cfg{sh.head_dim, sh.rotary_dim, 10000.0, style, {}};
   const kvkit::RopeCache cache(cfg, 4096);
   RopeParams p;
   p.head_dim = sh.head_dim;
   p.rotary_dim = sh.rotary_dim;
-  p.style = RopeStyle::kGptJ;
+  p.style = style;
   cache.attach(p);
   if (on_the_fly) p.cos_sin_cache = nullptr;
 
@@ -128,18 +134,20 @@ void check_against_baseline(RotateFn<T> fn, const Shape& sh, bool special, bool 
 }
 
 template <class T>
-std::vector<RotateFn<T>> fast_paths() {
+std::vector<RotateFn<T>> fast_paths(RopeStyle style) {
   std::vector<RotateFn<T>> fns{&kvkit::detail::rotate_heads<T>};  // what apply_rope dispatches to
 #if KVKIT_X86_DISPATCH
-  if constexpr (sizeof(T) == 2) {  // the 16-bit types have an AVX2 kernel
-    if (kvkit::detail::x86_level() != kvkit::detail::X86Level::kBaseline) fns.push_back(&avx2_rotate<T>);
+  if (kvkit::detail::x86_level() != kvkit::detail::X86Level::kBaseline) {
+    if constexpr (sizeof(T) == 2) {  // the 16-bit types have an AVX2 kernel for each pairing
+      fns.push_back(style == RopeStyle::kGptJ ? &avx2_rotate<T> : &avx2_rotate_neox<T>);
+    }
   }
 #endif
   return fns;
 }
 
 template <class T>
-void check_all_shapes() {
+void check_all_shapes(RopeStyle style = RopeStyle::kGptJ) {
   // rotary_dim 64 (DeepSeek's q_pe / k_pe, also inside a 192-wide head),
   // tails of 1 and 3 pairs past a full 8-lane chunk, partial rotary, a single
   // pair, and more than one 256-dim block of the duplicated table.
@@ -148,10 +156,10 @@ void check_all_shapes() {
       {22, 22, 1, 33}, {2, 2, 7, 1},     {530, 520, 1, 7}, {128, 64, 1, 33},
   };
   std::uint64_t seed = 1;
-  for (RotateFn<T> fn : fast_paths<T>()) {
+  for (RotateFn<T> fn : fast_paths<T>(style)) {
     for (const Shape& sh : shapes) {
       for (bool special : {false, true}) {
-        for (bool fly : {false, true}) check_against_baseline<T>(fn, sh, special, fly, seed++);
+        for (bool fly : {false, true}) check_against_baseline<T>(fn, sh, special, fly, seed++, style);
       }
     }
   }
@@ -169,6 +177,18 @@ TEST_CASE("interleaved rope AVX2 kernel and dispatch equal the baseline loop bit
 
 TEST_CASE("interleaved rope dispatch equals the baseline loop bit for bit (float)") {
   check_all_shapes<float>();
+}
+
+TEST_CASE("rotate-half rope AVX2 kernel and dispatch equal the baseline loop bit for bit (bfloat16)") {
+  check_all_shapes<kvkit::bfloat16>(RopeStyle::kNeox);
+}
+
+TEST_CASE("rotate-half rope AVX2 kernel and dispatch equal the baseline loop bit for bit (half)") {
+  check_all_shapes<kvkit::half>(RopeStyle::kNeox);
+}
+
+TEST_CASE("rotate-half rope dispatch equals the baseline loop bit for bit (float)") {
+  check_all_shapes<float>(RopeStyle::kNeox);
 }
 
 TEST_CASE("apply_rope with interleaved pairs equals the baseline loop bit for bit") {

@@ -1,11 +1,16 @@
 #pragma once
-/// @file rope_interleaved_x86.hpp
-/// AVX2 kernel for RoPE with interleaved pairs (dims 2i and 2i + 1:
-/// RopeStyle::kGptJ, DeepSeek's q_pe / k_pe) on bfloat16 and float16 rows
-/// (float16 through F16C, which the dispatch's AVX2 level includes),
-/// bit-identical to the baseline loop of ops/rope.hpp. rotate_heads picks it
-/// through the run-time ISA dispatch (core/x86_dispatch.hpp). Float rows stay
-/// on the baseline loop, which already runs at memory speed for them.
+/// @file rope_x86.hpp
+/// AVX2 kernels for RoPE on 16-bit rows, bit-identical to the baseline loop
+/// of ops/rope.hpp; rotate_heads picks them through the run-time ISA
+/// dispatch (core/x86_dispatch.hpp):
+/// - interleaved pairs (dims 2i and 2i + 1: RopeStyle::kGptJ, DeepSeek's
+///   q_pe / k_pe) on bfloat16 and float16 rows;
+/// - rotate-half pairs (dims i and i + d/2: RopeStyle::kNeox, Llama) on the
+///   same types. The compiler vectorizes the baseline loop for these by
+///   itself, but without F16C's conversions for float16 (2026-12-06, Zen 4,
+///   Llama-3-8B, 8,192 tokens: 19.5 ms -> 3.0 ms) and ~13% slower for
+///   bfloat16 (4.6 -> 4.0 ms, medians of 6).
+/// float16 goes through F16C, which the dispatch's AVX2 level includes.
 ///
 /// Why a hand-written kernel: for 16-bit rows the baseline loop is compute-bound.
 /// Compiled for SSE2 it separates and re-joins the pairs with shuffles and
@@ -116,6 +121,35 @@ __attribute__((target("avx2,f16c"))) inline void rotate_heads_interleaved_avx2(T
         x[j] = from_float<T>(a);
         x[j + 1] = from_float<T>(b);
       }
+    }
+  }
+}
+
+/// Rotates the first `rotary_dim` dims of `num_heads` rows of `base` (rows
+/// head_stride elements apart) by rotate-half pairs: pair i = dims (i, i + rotary_dim / 2)
+/// by cos_row[i], sin_row[i]. Eight pairs per step, each lane exactly
+/// rope_rotate (products rounded alone: no FMA in this target). Pairs past
+/// the last full chunk go through rope_rotate itself. T: bfloat16 or half.
+template <class T>
+__attribute__((target("avx2,f16c"))) inline void rotate_heads_neox_avx2(T* base, std::int64_t head_stride,
+                                                                 int num_heads, int rotary_dim,
+                                                                 const float* cos_row, const float* sin_row) {
+  const int half = rotary_dim / 2, vector_pairs = half & ~7;
+  for (int h = 0; h < num_heads; ++h) {
+    T* x = base + h * head_stride;
+    T* y = x + half;
+    for (int i = 0; i < vector_pairs; i += 8) {
+      const __m256 a = rope_load8(x + i), b = rope_load8(y + i);
+      const __m256 c = _mm256_loadu_ps(cos_row + i), s = _mm256_loadu_ps(sin_row + i);
+      rope_store8(x + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
+      rope_store8(y + i, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
+    }
+    for (int i = vector_pairs; i < half; ++i) {
+      float a = to_float(x[i]);
+      float b = to_float(y[i]);
+      rope_rotate(a, b, cos_row[i], sin_row[i]);
+      x[i] = from_float<T>(a);
+      y[i] = from_float<T>(b);
     }
   }
 }
