@@ -7,7 +7,6 @@
 /// in one pass. k_pe is rotated with the pairing of the config's RoPE (DeepSeek's
 /// official weights: interleaved, RopeStyle::kGptJ; see docs/rope.md).
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +16,7 @@
 #include "kvkit/layout/latent_kv_layout.hpp"
 #include "kvkit/ops/append.hpp"
 #include "kvkit/ops/rope.hpp"
+#include "kvkit/ops/token_chunks.hpp"
 
 namespace kvkit {
 
@@ -183,14 +183,10 @@ inline void mla_compress_with(const LatentKVLayout& layout, const MlaCompressArg
   check_slots(a.slot_mapping, a.num_tokens, layout.num_slots(), kWhere);
   dispatch_dtype<FloatTypes>(a.dtype, kWhere, "dtype", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr std::int64_t kChunk = 64;
-    const std::int64_t chunks = (a.num_tokens + kChunk - 1) / kChunk;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (chunks >= 2)
-#endif
-    for (std::int64_t c = 0; c < chunks; ++c) {
-      mla_compress_range<T>(layout, a, rope, c * kChunk, std::min(a.num_tokens, (c + 1) * kChunk), stores);
-    }
+    for_each_token_chunk(a.num_tokens, /*chunk=*/64, /*min_chunks_to_thread=*/2,
+                         [&](std::int64_t first, std::int64_t end) {
+                           mla_compress_range<T>(layout, a, rope, first, end, stores);
+                         });
   });
 }
 

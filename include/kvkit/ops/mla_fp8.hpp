@@ -5,7 +5,6 @@
 /// example the rows mla_compress wrote to a staging buffer, or any engine's
 /// compressed rows) and the dequantizing gather back to [tokens, 576].
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +16,7 @@
 #include "kvkit/layout/latent_fp8_layout.hpp"
 #include "kvkit/ops/append.hpp"
 #include "kvkit/ops/quantize_row.hpp"
+#include "kvkit/ops/token_chunks.hpp"
 
 namespace kvkit {
 
@@ -112,8 +112,8 @@ KVKIT_FORCEINLINE void run_mla_fp8_append_tokens(const LatentFp8Layout& layout, 
 }
 
 template <class T>
-KVKIT_VECTORIZE void mla_fp8_append_range_baseline(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a, std::int64_t first,
-                                   std::int64_t end, bool streaming) {
+KVKIT_VECTORIZE void mla_fp8_append_range_baseline(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a,
+                                                   std::int64_t first, std::int64_t end, bool streaming) {
   run_mla_fp8_append_tokens<T>(layout, a, first, end, streaming);
 }
 
@@ -200,14 +200,10 @@ inline void mla_fp8_append_with(const LatentFp8Layout& layout, const MlaFp8Appen
     // Tokens are independent: OpenMP threads share them when the program
     // enables OpenMP (with duplicate slots, which token's row lands is
     // unspecified, as on the GPU).
-    constexpr std::int64_t kChunk = 64;
-    const std::int64_t chunks = (a.num_tokens + kChunk - 1) / kChunk;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (chunks >= 4)
-#endif
-    for (std::int64_t c = 0; c < chunks; ++c) {
-      mla_fp8_append_range<T>(layout, a, c * kChunk, std::min(a.num_tokens, (c + 1) * kChunk), streaming);
-    }
+    for_each_token_chunk(a.num_tokens, /*chunk=*/64, /*min_chunks_to_thread=*/4,
+                         [&](std::int64_t first, std::int64_t end) {
+                           mla_fp8_append_range<T>(layout, a, first, end, streaming);
+                         });
   });
 }
 
