@@ -18,6 +18,8 @@ void for_each_token_chunk(std::int64_t num_tokens, std::int64_t chunk, std::int6
   const std::int64_t chunks = (num_tokens + chunk - 1) / chunk;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (chunks >= min_chunks_to_thread)
+#else
+  (void)min_chunks_to_thread;
 #endif
   for (std::int64_t c = 0; c < chunks; ++c) {
     const std::int64_t first = c * chunk;
