@@ -293,6 +293,60 @@ TEST_CASE("dispatch, SwiGLU experts and combine equal a dense per-token loop, sh
   }
 }
 
+namespace {
+
+/// moe_combine over many tokens (several chunks, shared among threads where
+/// OpenMP is on, each on the ISA picked at run time) equals the rule of the
+/// file comment evaluated token by token here: float32 accumulator, pairs in
+/// order, dropped pairs skipped, shared output last, one rounding. Bit for bit.
+template <class T>
+void check_combine_bits(bool alias_shared) {
+  const std::int64_t tokens = 301, hidden = 203, rows = 900;
+  const int k = 8;
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<std::int32_t> row_dist(-1, std::int32_t(rows - 1));  // -1: dropped
+  std::vector<T> y(std::size_t(rows * hidden)), shared(std::size_t(tokens * hidden));
+  for (auto& v : y) v = kvkit::from_float<T>(normal(rng));
+  for (auto& v : shared) v = kvkit::from_float<T>(normal(rng));
+  std::vector<std::int32_t> pair_rows(std::size_t(tokens * k));
+  std::vector<float> weights(pair_rows.size());
+  for (auto& r : pair_rows) r = row_dist(rng);
+  for (auto& w : weights) w = std::fabs(normal(rng));
+  std::vector<T> want(shared.size());
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    for (std::int64_t d = 0; d < hidden; ++d) {
+      float acc = 0.0f;
+      for (int j = 0; j < k; ++j) {
+        const std::int32_t r = pair_rows[std::size_t(t * k + j)];
+        if (r < 0) continue;
+        const float product = weights[std::size_t(t * k + j)] * kvkit::to_float(y[std::size_t(r * hidden + d)]);
+        acc += product;
+      }
+      acc += kvkit::to_float(shared[std::size_t(t * hidden + d)]);
+      want[std::size_t(t * hidden + d)] = kvkit::from_float<T>(acc);
+    }
+  }
+  std::vector<T> out(shared.size(), kvkit::from_float<T>(-7.0f));
+  const DType dt = kvkit::dtype_of<T>;
+  T* out_data = alias_shared ? shared.data() : out.data();  // out may alias shared
+  kvkit::moe_combine(TensorView(y.data(), dt, {rows, hidden}),
+                     TensorView(pair_rows.data(), DType::kInt32, {tokens * k}),
+                     TensorView(weights.data(), DType::kFloat32, {tokens, k}),
+                     TensorView(shared.data(), dt, {tokens, hidden}), TensorView(out_data, dt, {tokens, hidden}));
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    REQUIRE(kvkit::to_float(out_data[i]) == kvkit::to_float(want[i]));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("moe_combine over many tokens equals the per-token rule bit for bit (threads, every ISA)") {
+  SECTION("float32") { check_combine_bits<float>(false); }
+  SECTION("bfloat16") { check_combine_bits<kvkit::bfloat16>(false); }
+  SECTION("float16, out aliasing shared") { check_combine_bits<kvkit::half>(true); }
+}
+
 TEST_CASE("pairs dropped by the capacity are left out of the combined output") {
   const std::int64_t tokens = 33, hidden = 9;
   const int k = 2, n_experts = 4;

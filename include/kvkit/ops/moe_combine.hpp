@@ -6,7 +6,8 @@
 ///   out[t] = sum_{j = 0..k-1, pair kept} w[t, j] * y_sorted[pair_rows[t*k + j]]  (+ shared[t])
 ///
 /// Summation order is fixed: float32 accumulator, j ascending, the shared-expert
-/// output added last, one rounding to the output type at the end. Dropped pairs
+/// output added last, one rounding to the output type at the end (no FMA on
+/// the CPU, so every ISA and thread count gives the same bits). Dropped pairs
 /// (pair_rows = -1) contribute nothing; the remaining weights are not rescaled.
 
 #include <cstdint>
@@ -15,34 +16,83 @@
 #include "kvkit/core/dtype.hpp"
 #include "kvkit/core/error.hpp"
 #include "kvkit/core/tensor_view.hpp"
+#include "kvkit/core/x86_dispatch.hpp"
+#include "kvkit/ops/token_chunks.hpp"
 
 namespace kvkit {
 namespace moe_detail {
 
+/// Combines tokens [first, end) (see the file comment) with `acc` as the
+/// float32 accumulator row [hidden]. Always inlined into one function per
+/// ISA; no variant has FMA, so every ISA gives the same bits.
 template <class T>
-KVKIT_VECTORIZE void combine_rows(const TensorView& y_sorted, const std::int32_t* rows, const float* weights,
-                  const TensorView& shared, const TensorView& out, int top_k) {
-  const std::int64_t tokens = out.size(0), hidden = out.size(1);
+KVKIT_FORCEINLINE void combine_token_range(const TensorView& y_sorted, const std::int32_t* rows,
+                                           const float* weights, const TensorView& shared,
+                                           const TensorView& out, int top_k, std::int64_t first,
+                                           std::int64_t end, float* __restrict__ acc) {
+  const std::int64_t hidden = out.size(1);
   const T* y = static_cast<const T*>(y_sorted.data());
   const T* s = shared.empty() ? nullptr : static_cast<const T*>(shared.data());
   T* o = static_cast<T*>(out.data());
-  std::vector<float> acc(static_cast<std::size_t>(hidden));
-  for (std::int64_t t = 0; t < tokens; ++t) {
-    for (auto& a : acc) a = 0.0f;
+  for (std::int64_t t = first; t < end; ++t) {
+    for (std::int64_t d = 0; d < hidden; ++d) acc[d] = 0.0f;
     for (int j = 0; j < top_k; ++j) {
       const std::int32_t r = rows[t * top_k + j];
       if (r < 0) continue;
       const float w = weights[t * top_k + j];
-      const T* yr = y + r * y_sorted.stride(0);
+      const T* __restrict__ yr = y + r * y_sorted.stride(0);
       for (std::int64_t d = 0; d < hidden; ++d) acc[d] += w * to_float(yr[d]);
     }
     if (s != nullptr) {
-      const T* sr = s + t * shared.stride(0);
+      const T* __restrict__ sr = s + t * shared.stride(0);
       for (std::int64_t d = 0; d < hidden; ++d) acc[d] += to_float(sr[d]);
     }
-    T* orow = o + t * out.stride(0);
+    T* __restrict__ orow = o + t * out.stride(0);
     for (std::int64_t d = 0; d < hidden; ++d) orow[d] = from_float<T>(acc[d]);
   }
+}
+
+/// The arguments of one call of the token loop.
+struct CombineRange {
+  const TensorView& y_sorted;
+  const std::int32_t* rows;
+  const float* weights;
+  const TensorView& shared;
+  const TensorView& out;
+  int top_k;
+  std::int64_t first, end;
+  float* acc;
+};
+
+template <class T>
+KVKIT_VECTORIZE void combine_range_baseline(const CombineRange& c) {
+  combine_token_range<T>(c.y_sorted, c.rows, c.weights, c.shared, c.out, c.top_k, c.first, c.end, c.acc);
+}
+
+#if KVKIT_X86_DISPATCH
+/// 8 lanes and vector bf16 / fp16 widening (no FMA: the bits of the baseline).
+template <class T>
+__attribute__((target("avx2"))) KVKIT_VECTORIZE void combine_range_avx2(const CombineRange& c) {
+  combine_token_range<T>(c.y_sorted, c.rows, c.weights, c.shared, c.out, c.top_k, c.first, c.end, c.acc);
+}
+#endif
+
+/// Combines every token: OpenMP threads share chunks of 16 tokens where the
+/// program enables OpenMP (each token writes only its own output row, so
+/// `out` may still alias `shared`), each chunk on the widest ISA the CPU has.
+template <class T>
+void combine_rows(const TensorView& y_sorted, const std::int32_t* rows, const float* weights,
+                  const TensorView& shared, const TensorView& out, int top_k) {
+  const std::int64_t hidden = out.size(1);
+  detail::for_each_token_chunk(out.size(0), /*chunk=*/16, /*min_chunks_to_thread=*/2,
+                       [&](std::int64_t first, std::int64_t end) {
+                         std::vector<float> acc(static_cast<std::size_t>(hidden));
+                         const CombineRange c{y_sorted, rows, weights, shared, out, top_k, first, end, acc.data()};
+#if KVKIT_X86_DISPATCH
+                         if (detail::x86_level() != detail::X86Level::kBaseline) return combine_range_avx2<T>(c);
+#endif
+                         combine_range_baseline<T>(c);
+                       });
 }
 
 }  // namespace moe_detail
