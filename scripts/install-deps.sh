@@ -3,7 +3,8 @@
 # The CUDA toolkit (nvcc) is optional: without it the host parts build and test.
 set -euo pipefail
 
-packages=(cmake g++ make catch2 libbenchmark-dev libxxhash-dev python3)
+# clang and libomp-dev: test.sh also builds the vector-kernel tests with Clang.
+packages=(cmake g++ make catch2 libbenchmark-dev libxxhash-dev python3 clang libomp-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,26 +7,29 @@
 #   2. The host tests again, built with AddressSanitizer + UBSan.
 #   3. The consumer test: install to a temporary prefix and build a tiny
 #      out-of-tree program against it with find_package(kvkit).
+#   4. The CPU tests of the vector kernels (decode, MLA, RoPE, quantize, MoE
+#      combine, conversions) built with Clang, with OpenMP: Clang differs from
+#      GCC in how it treats our vector types and target attributes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 jobs=$(nproc)
 scripts/install-deps.sh
 
-echo "== 1/3 build and test (Release)"
+echo "== 1/4 build and test (Release)"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKVKIT_BUILD_TESTS=ON \
   -DKVKIT_BUILD_BENCHMARKS=ON -DKVKIT_BUILD_EXAMPLES=ON >/dev/null
 cmake --build build -j"$jobs"
 (cd build && ctest -j"$jobs" --output-on-failure)
 
-echo "== 2/3 host tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+echo "== 2/4 host tests under AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKVKIT_SANITIZE=ON -DKVKIT_ENABLE_CUDA=OFF \
   -DKVKIT_BUILD_BENCHMARKS=OFF -DKVKIT_BUILD_EXAMPLES=OFF >/dev/null
 cmake --build build-asan -j"$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest -j"$jobs" --output-on-failure -L host)
 
-echo "== 3/3 consumer test: find_package(kvkit) from an installed prefix, and add_subdirectory"
+echo "== 3/4 consumer test: find_package(kvkit) from an installed prefix, and add_subdirectory"
 prefix=$(mktemp -d)
 trap 'rm -rf "$prefix"' EXIT
 cmake --install build --prefix "$prefix/install" >/dev/null
@@ -38,4 +41,13 @@ if [ -x "$prefix/build/consumer_cuda" ]; then "$prefix/build/consumer_cuda"; fi
 cmake -S tests/consumer -B "$prefix/build-subdir" -DKVKIT_SOURCE_DIR="$root" >/dev/null
 cmake --build "$prefix/build-subdir" -j"$jobs" --target consumer
 "$prefix/build-subdir/consumer"
+
+echo "== 4/4 vector-kernel CPU tests built with Clang"
+clang_tests=(test_core_types test_attention test_attention_quantized test_mla_fp8 test_rope_x86
+  test_layout_quantize_fast test_moe_dispatch)
+cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ -DKVKIT_ENABLE_CUDA=OFF \
+  -DKVKIT_BUILD_BENCHMARKS=OFF -DKVKIT_BUILD_EXAMPLES=OFF >/dev/null
+cmake --build build-clang -j"$jobs" --target "${clang_tests[@]}"
+(cd build-clang && ctest -j"$jobs" --output-on-failure -L host \
+  -R "^($(IFS='|'; echo "${clang_tests[*]}"))[: ]")
 echo "kvkit: all tests passed ($root)"

@@ -29,9 +29,20 @@
 #include <cstdlib>
 #include <string_view>
 
+#if KVKIT_X86_DISPATCH
+#include <cpuid.h>
+#endif
+
 namespace kvkit::detail {
 
 #if KVKIT_X86_DISPATCH
+/// F16C (CPUID leaf 1, ECX bit 29), asked with cpuid: Clang before 16 has no
+/// "f16c" for __builtin_cpu_supports and rejects the string at compile time.
+inline bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && ((ecx >> 29) & 1u) != 0;
+}
+
 /// The widest vector ISA of the CPU running us that the dispatched loops use.
 /// kAvx512Bf16 adds AVX512-BF16's dot products of bfloat16 pairs (Cooper
 /// Lake, Sapphire Rapids, Zen 4 and later), used where both operands already
@@ -48,8 +59,7 @@ inline X86Level x86_level() {
     X86Level detected = X86Level::kBaseline;
     // The AVX2 variants also use FMA and F16C (every AVX2 CPU has them, but a
     // VM can hide features one by one), the AVX-512 ones all of AVX2's.
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      __builtin_cpu_supports("f16c");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       detected = __builtin_cpu_supports("avx512bf16") ? X86Level::kAvx512Bf16 : X86Level::kAvx512;

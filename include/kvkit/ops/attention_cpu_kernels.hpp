@@ -120,8 +120,8 @@ inline int round_up_to_chunk(int n) { return (n + 2 * kVecPadLanes - 1) / (2 * k
 /// Elements [0, kChunk) of a float row as two vectors, in order.
 template <class V>
 KVKIT_FORCEINLINE void load_chunk(const float* row, V& lo, V& hi) {
-  lo = vec_at<V>(row);
-  hi = vec_at<V>(row + kLanes<V>);
+  lo = vec_at<V>(row).v;
+  hi = vec_at<V>(row + kLanes<V>).v;
 }
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -134,17 +134,14 @@ struct PairBits;
 template <>
 struct PairBits<Vec4> {
   typedef std::uint32_t type __attribute__((vector_size(16)));
-  typedef std::uint32_t unaligned __attribute__((vector_size(16), aligned(2)));
 };
 template <>
 struct PairBits<Vec8> {
   typedef std::uint32_t type __attribute__((vector_size(32)));
-  typedef std::uint32_t unaligned __attribute__((vector_size(32), aligned(2)));
 };
 template <>
 struct PairBits<Vec16> {
   typedef std::uint32_t type __attribute__((vector_size(64)));
-  typedef std::uint32_t unaligned __attribute__((vector_size(64), aligned(2)));
 };
 
 /// Elements [0, kChunk) of a bf16 row (its bits) as two float vectors: the
@@ -154,7 +151,9 @@ struct PairBits<Vec16> {
 /// accumulators are kept in the same order (bf16_chunk_position).
 template <class V>
 KVKIT_FORCEINLINE void load_chunk(const std::uint16_t* row, V& lo, V& hi) {
-  const typename PairBits<V>::type pairs = *reinterpret_cast<const typename PairBits<V>::unaligned*>(row);
+  // The row is only 2-byte aligned: read through a packed struct (see UnalignedVec).
+  const typename PairBits<V>::type pairs =
+      reinterpret_cast<const UnalignedVec<typename PairBits<V>::type>*>(row)->v;
   lo = reinterpret_cast<V>(pairs << 16);
   hi = reinterpret_cast<V>(pairs & 0xFFFF0000u);
 }
@@ -208,7 +207,7 @@ KVKIT_FORCEINLINE void fold_4x2(const Vec16 (&a0)[4], const Vec16 (&a1)[4], floa
   }
   const Vec16 d = __builtin_shufflevector(c[0], c[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
                   __builtin_shufflevector(c[0], c[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  vec_at<Vec8>(out) = __builtin_shufflevector(d, d, 0, 2, 4, 6, 8, 10, 12, 14) +
+  vec_at<Vec8>(out).v = __builtin_shufflevector(d, d, 0, 2, 4, 6, 8, 10, 12, 14) +
                       __builtin_shufflevector(d, d, 1, 3, 5, 7, 9, 11, 13, 15);
 }
 KVKIT_FORCEINLINE void fold_4x2(const Vec8 (&a0)[4], const Vec8 (&a1)[4], float* out) {
@@ -222,7 +221,7 @@ KVKIT_FORCEINLINE void fold_4x2(const Vec8 (&a0)[4], const Vec8 (&a1)[4], float*
     c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
            __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
   }
-  vec_at<Vec8>(out) = __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+  vec_at<Vec8>(out).v = __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) +
                       __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
 }
 #endif
@@ -258,8 +257,8 @@ KVKIT_FORCEINLINE void decode_scores(const float* q, int q_stride, const Elem* c
       load_chunk(k0 + d, x0, y0);
       load_chunk(k1 + d, x1, y1);
       for (int i = 0; i < R; ++i) {
-        const V qa = vec_at<V>(q + std::size_t(i) * q_stride + d);
-        const V qb = vec_at<V>(q + std::size_t(i) * q_stride + d + kLanes<V>);
+        const V qa = vec_at<V>(q + std::size_t(i) * q_stride + d).v;
+        const V qb = vec_at<V>(q + std::size_t(i) * q_stride + d + kLanes<V>).v;
         a0[i] += qa * x0;
         a1[i] += qa * x1;
         a0[i] += qb * y0;
@@ -292,8 +291,8 @@ KVKIT_FORCEINLINE void decode_scores(const float* q, int q_stride, const Elem* c
       V x0, y0;
       load_chunk(k0 + d, x0, y0);
       for (int i = 0; i < R; ++i) {
-        a0[i] += vec_at<V>(q + std::size_t(i) * q_stride + d) * x0;
-        a0[i] += vec_at<V>(q + std::size_t(i) * q_stride + d + kLanes<V>) * y0;
+        a0[i] += vec_at<V>(q + std::size_t(i) * q_stride + d).v * x0;
+        a0[i] += vec_at<V>(q + std::size_t(i) * q_stride + d + kLanes<V>).v * y0;
       }
     }
     for (int i = 0; i < R; ++i) scores[i * kDecodeTile + j] = vec_sum(a0[i]);
@@ -400,7 +399,7 @@ KVKIT_FORCEINLINE void decode_accumulate_pass(const float* weights, const Elem* 
   constexpr int kVecs = 2 * P;
   V a[R][kVecs];
   for (int i = 0; i < R; ++i) {
-    for (int u = 0; u < kVecs; ++u) a[i][u] = vec_at<V>(acc + std::size_t(i) * acc_stride + d0 + u * kLanes<V>);
+    for (int u = 0; u < kVecs; ++u) a[i][u] = vec_at<V>(acc + std::size_t(i) * acc_stride + d0 + u * kLanes<V>).v;
   }
   for (int j = 0; j < n; ++j) {
     const Elem* row = values[j] + offset + d0;
@@ -413,7 +412,7 @@ KVKIT_FORCEINLINE void decode_accumulate_pass(const float* weights, const Elem* 
     }
   }
   for (int i = 0; i < R; ++i) {
-    for (int u = 0; u < kVecs; ++u) vec_at<V>(acc + std::size_t(i) * acc_stride + d0 + u * kLanes<V>) = a[i][u];
+    for (int u = 0; u < kVecs; ++u) vec_at<V>(acc + std::size_t(i) * acc_stride + d0 + u * kLanes<V>).v = a[i][u];
   }
 }
 
@@ -524,7 +523,7 @@ KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int6
     for (int j = 0; j < n; ++j) s[j] = attention_logit(p, s[j]);
   } else {
     const float scale = p.sm_scale;
-    for (int j = 0; j < kDecodeTile; j += kLanes<V>) vec_at<V>(s + j) *= scale;
+    for (int j = 0; j < kDecodeTile; j += kLanes<V>) vec_at<V>(s + j).v *= scale;
   }
   if (!attention_keys_all_visible(p, q_pos, q_pos, first, first + n - 1)) {
     for (int j = 0; j < n; ++j) {
@@ -532,8 +531,8 @@ KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int6
     }
   }
   for (int j = n; j < kDecodeTile; ++j) s[j] = -INFINITY;
-  V m = vec_at<V>(s);
-  for (int j = kLanes<V>; j < kDecodeTile; j += kLanes<V>) vec_max_into(m, vec_at<V>(s + j));
+  V m = vec_at<V>(s).v;
+  for (int j = kLanes<V>; j < kDecodeTile; j += kLanes<V>) vec_max_into(m, vec_at<V>(s + j).v);
   const float tile_max = vec_max(m);
   if (tile_max == -INFINITY) {
     for (int j = 0; j < kDecodeTile; ++j) s[j] = 0.0f;
@@ -544,11 +543,11 @@ KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int6
   V sum = {};
   for (int j = 0; j < kDecodeTile; j += kLanes<V>) {
     for (int l = 0; l < kLanes<V>; ++l) s[j + l] = exp_nonpositive(s[j + l] - row_max);
-    sum += vec_at<V>(s + j);
+    sum += vec_at<V>(s + j).v;
   }
   softmax.sum += vec_sum(sum);
   if (factor != 1.0f) {
-    for (int d = 0; d < v_width; d += kLanes<V>) vec_at<V>(acc + d) *= factor;
+    for (int d = 0; d < v_width; d += kLanes<V>) vec_at<V>(acc + d).v *= factor;
   }
   return true;
 }

@@ -21,24 +21,19 @@ namespace kvkit::detail {
 /// (the widest vector's lanes), so vector loops need no tails.
 inline constexpr int kVecPadLanes = 16;
 
-template <class V>
-struct UnalignedVec;
-
 #if defined(__GNUC__) || defined(__clang__)
 typedef float Vec4 __attribute__((vector_size(16)));
 typedef float Vec8 __attribute__((vector_size(32)));
 typedef float Vec16 __attribute__((vector_size(64)));
-template <>
-struct UnalignedVec<Vec4> {
-  typedef float type __attribute__((vector_size(16), aligned(4)));
-};
-template <>
-struct UnalignedVec<Vec8> {
-  typedef float type __attribute__((vector_size(32), aligned(4)));
-};
-template <>
-struct UnalignedVec<Vec16> {
-  typedef float type __attribute__((vector_size(64), aligned(4)));
+
+/// A vector at any address: `v` of a packed struct. Why not a typedef with
+/// aligned(4): Clang drops such a typedef's alignment once the type passes
+/// through a template parameter and emits aligned loads (vmovaps) that fault
+/// on the scratch rows' 4-byte alignment; a packed struct's alignment is part
+/// of the type, so both compilers emit unaligned moves.
+template <class V>
+struct __attribute__((packed, may_alias)) UnalignedVec {
+  V v;
 };
 #else
 struct Vec8 {
@@ -51,9 +46,9 @@ struct Vec8 {
   Vec8& operator+=(Vec8 b) { return *this = *this + b; }
   Vec8& operator*=(Vec8 b) { return *this = *this * b; }
 };
-template <>
-struct UnalignedVec<Vec8> {
-  using type = Vec8;
+template <class V>
+struct UnalignedVec {
+  V v;
 };
 #endif
 
@@ -61,17 +56,17 @@ struct UnalignedVec<Vec8> {
 template <class V>
 inline constexpr int kLanes = int(sizeof(V) / sizeof(float));
 
-/// The floats at p (any alignment) as a vector. Loads and stores go through
-/// these references, and no helper takes or returns a vector by value: GCC
-/// warns (-Wpsabi) about by-value vectors in functions that are not built for
-/// AVX, even when they are always inlined.
+/// The floats at p (any alignment) as a vector: vec_at<V>(p).v. Loads and
+/// stores go through these references, and no helper takes or returns a
+/// vector by value: GCC warns (-Wpsabi) about by-value vectors in functions
+/// that are not built for AVX, even when they are always inlined.
 template <class V>
-KVKIT_FORCEINLINE const typename UnalignedVec<V>::type& vec_at(const float* p) {
-  return *reinterpret_cast<const typename UnalignedVec<V>::type*>(p);
+KVKIT_FORCEINLINE const UnalignedVec<V>& vec_at(const float* p) {
+  return *reinterpret_cast<const UnalignedVec<V>*>(p);
 }
 template <class V>
-KVKIT_FORCEINLINE typename UnalignedVec<V>::type& vec_at(float* p) {
-  return *reinterpret_cast<typename UnalignedVec<V>::type*>(p);
+KVKIT_FORCEINLINE UnalignedVec<V>& vec_at(float* p) {
+  return *reinterpret_cast<UnalignedVec<V>*>(p);
 }
 
 /// Sum of the lanes, halves folded pairwise (in registers: the upper half is
