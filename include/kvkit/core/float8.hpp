@@ -71,34 +71,20 @@ KVKIT_HOST_DEVICE inline std::uint8_t float_to_fp8_bits_soft(float f, Saturation
 }
 
 /// The same rules for Saturation::kFinite without branches, so that host
-/// loops of conversions vectorize (ops/quantize_row.hpp). kManBits: 3
-/// (e4m3) or 2 (e5m2); kMinNormal / kMaxFinite: the float bits of the
-/// smallest normal and the largest finite fp8 value.
-///
-/// One FPU add rounds normal and subnormal results alike: with E = max(the
-/// exponent of |v|, that of the smallest normal) and the magic number
-/// m = 2^(E + 23 - kManBits), the float ulp of |v| + m is the fp8 step of
-/// |v|'s binade (the subnormal step below it), so the FPU rounds |v| to it,
-/// nearest even (|v| < 2m, and m adds only its leading bit, so "even" is the
-/// fp8 mantissa's lowest bit). The sum's bits minus m's are the mantissa
-/// with its leading bit, or the subnormal count; adding the binade's offset
-/// (E - E_min) << kManBits gives the fp8 code (a carry into the next binade
-/// lands on the right code too). No subnormal float is produced, so
-/// flush-to-zero modes do not change the result. Selects are masks: a
-/// ternary over a float result may stay a branch under -ftrapping-math.
+/// loops of conversions vectorize (ops/quantize_row.hpp): |v| clamped to the
+/// largest finite value (which saturates, inf included, and keeps anything
+/// from rounding up to a NaN / inf code), rounded by round_magnitude_to_code
+/// (half.hpp). kManBits: 3 (e4m3) or 2 (e5m2); kMinNormal / kMaxFinite: the
+/// float bits of the smallest normal and the largest finite fp8 value.
+/// Selects are masks: a ternary over a float result may stay a branch under
+/// -ftrapping-math.
 template <int kManBits, std::int32_t kMinNormal, std::int32_t kMaxFinite>
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int32_t float_to_fp8_bits_branchless(float v) {
   const std::uint32_t x = float_to_bits(v);
   const auto sign = std::int32_t((x >> 24) & 0x80u);
   const auto a = std::int32_t(x & 0x7fffffffu);
-  // Clamping |v| to the largest finite value first saturates (inf included),
-  // and nothing can round up to a NaN / inf code any more.
-  const std::int32_t c = a < kMaxFinite ? a : kMaxFinite;
-  const std::int32_t exponent = c & 0x7f800000;
-  const std::int32_t e = exponent > kMinNormal ? exponent : kMinNormal;
-  const std::int32_t m = e + ((23 - kManBits) << 23);
-  const auto sum = std::int32_t(float_to_bits(bits_to_float(std::uint32_t(c)) + bits_to_float(std::uint32_t(m))));
-  const std::int32_t code = (sum - m) + ((e - kMinNormal) >> (23 - kManBits));
+  const auto code = std::int32_t(
+      round_magnitude_to_code<kManBits, std::uint32_t(kMinNormal)>(std::uint32_t(a < kMaxFinite ? a : kMaxFinite)));
   const std::int32_t nan = (0x7f800000 - a) >> 31;  // all ones for NaN: canonical 0x7f
   return ((sign | code) & ~nan) | (0x7f & nan);
 }

@@ -14,6 +14,35 @@
 
 namespace kvkit {
 
+namespace detail {
+
+/// The rounding shared by the host's float -> half and float -> fp8
+/// conversions: the code (exponent and mantissa bits, no sign) of the
+/// format's value nearest to |x|, ties to even, for c = the bits of |x|
+/// (finite, already clamped by the caller). kManBits: the format's mantissa
+/// bits; kMinNormal: the float bits of its smallest normal value.
+///
+/// One FPU add rounds normal and subnormal results alike: with E = max(the
+/// exponent of |x|, that of the smallest normal) and the magic number
+/// m = 2^(E + 23 - kManBits), the float ulp of |x| + m is the format's step
+/// in |x|'s binade (the subnormal step below it), so the FPU rounds |x| to
+/// it, nearest even (|x| < 2m, and m adds only its leading bit, so "even" is
+/// the format's lowest mantissa bit). The sum's bits minus m's are the
+/// mantissa with its leading bit, or the subnormal count; adding the
+/// binade's offset (E - E_min) << kManBits gives the code (a carry into the
+/// next binade lands on the right code too). No subnormal float is
+/// produced, so flush-to-zero modes do not change the result, and nothing
+/// branches, so loops of conversions vectorize.
+template <int kManBits, std::uint32_t kMinNormal>
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::uint32_t round_magnitude_to_code(std::uint32_t c) {
+  const std::uint32_t exponent = c & 0x7f800000u;
+  const std::uint32_t e = exponent > kMinNormal ? exponent : kMinNormal;
+  const std::uint32_t m = e + (std::uint32_t(23 - kManBits) << 23);
+  return (float_to_bits(bits_to_float(c) + bits_to_float(m)) - m) + ((e - kMinNormal) >> (23 - kManBits));
+}
+
+}  // namespace detail
+
 /// float -> binary16 bits, round to nearest even.
 KVKIT_HOST_DEVICE inline std::uint16_t float_to_half_bits(float f) {
 #if KVKIT_DEVICE_CODE
@@ -21,20 +50,14 @@ KVKIT_HOST_DEVICE inline std::uint16_t float_to_half_bits(float f) {
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 #else
-  // Branch-free, so that loops of conversions vectorize: one FPU add of
-  // m = 2^(E + 13), E = max(exponent of |f|, -14), rounds |f| to the half
-  // step of its binade, subnormals included (detail::float_to_fp8_bits_branchless
-  // in float8.hpp explains the trick). |f| is clamped to 2^16 first, which
-  // rounds to inf as everything >= 65520 does. The NaN select is a mask: a
-  // ternary over a float result may stay a branch (-ftrapping-math).
+  // Branch-free (detail::round_magnitude_to_code), so that loops of
+  // conversions vectorize. |f| is clamped to 2^16 first, which rounds to
+  // inf as everything >= 65520 does. The NaN select is a mask: a ternary
+  // over a float result may stay a branch (-ftrapping-math).
   const std::uint32_t x = float_to_bits(f);
   const std::uint32_t sign = (x >> 16) & 0x8000u;
   const std::uint32_t a = x & 0x7fffffffu;
-  const std::uint32_t c = a < 0x47800000u ? a : 0x47800000u;
-  const std::uint32_t exponent = c & 0x7f800000u;
-  const std::uint32_t e = exponent > 0x38800000u ? exponent : 0x38800000u;
-  const std::uint32_t m = e + (13u << 23);
-  const std::uint32_t code = (float_to_bits(bits_to_float(c) + bits_to_float(m)) - m) + ((e - 0x38800000u) >> 13);
+  const std::uint32_t code = detail::round_magnitude_to_code<10, 0x38800000u>(a < 0x47800000u ? a : 0x47800000u);
   const std::uint32_t nan = std::uint32_t(std::int32_t(0x7f800000u - a) >> 31);  // all ones for NaN
   return std::uint16_t(((sign | code) & ~nan) | (0x7fffu & nan));               // NaN -> canonical NaN
 #endif

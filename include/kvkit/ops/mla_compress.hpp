@@ -74,10 +74,6 @@ inline void validate_mla_compress(const LatentKVLayout& layout, const MlaCompres
   validate_rope_params(mla_kpe_rope(layout, a), where);
 }
 
-}  // namespace detail
-
-namespace detail {
-
 /// Compresses tokens [first, end): RMSNorm of c_kv, then k_pe copied and
 /// rotated, into `scratch` (one row, in L1), which is then copied to the
 /// slot's row, with streaming stores for a large cache (a row written in
@@ -158,15 +154,11 @@ __attribute__((target("avx2"))) KVKIT_VECTORIZE void mla_compress_range_avx2(con
 /// Compresses tokens [first, end) with the widest ISA the CPU has.
 template <class T>
 void mla_compress_range(const LatentKVLayout& layout, const MlaCompressArgs& a, const RopeParams& rope,
-                        std::int64_t first, std::int64_t end, StoreKind stores) {
+                        std::int64_t first, std::int64_t end, bool streaming) {
   std::vector<T> scratch(static_cast<std::size_t>(layout.row_elements()));
   std::vector<float> cos_sin(static_cast<std::size_t>(layout.rope_dim));
-  const std::int64_t cache_bytes = layout.num_slots() * layout.row_elements() * std::int64_t(sizeof(T));
-  const MlaCompressRange<T> r{layout,         a,
-                              rope,           first,
-                              end,            scratch.data(),
-                              cos_sin.data(), cos_sin.data() + layout.rope_dim / 2,
-                              use_streaming_stores(stores, cache_bytes)};
+  const MlaCompressRange<T> r{layout, a, rope, first, end, scratch.data(), cos_sin.data(),
+                              cos_sin.data() + layout.rope_dim / 2, streaming};
 #if KVKIT_X86_DISPATCH
   if (x86_level() != X86Level::kBaseline) return mla_compress_range_avx2(r);
 #endif
@@ -183,9 +175,11 @@ inline void mla_compress_with(const LatentKVLayout& layout, const MlaCompressArg
   check_slots(a.slot_mapping, a.num_tokens, layout.num_slots(), kWhere);
   dispatch_dtype<FloatTypes>(a.dtype, kWhere, "dtype", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    for_each_token_chunk(a.num_tokens, /*chunk=*/64, /*min_chunks_to_thread=*/2,
+    const std::int64_t cache_bytes = layout.num_slots() * layout.row_elements() * std::int64_t(sizeof(T));
+    const bool streaming = use_streaming_stores(stores, cache_bytes);
+    for_each_token_chunk(a.num_tokens, /*chunk=*/64, /*min_tokens_to_thread=*/65,
                          [&](std::int64_t first, std::int64_t end) {
-                           mla_compress_range<T>(layout, a, rope, first, end, stores);
+                           mla_compress_range<T>(layout, a, rope, first, end, streaming);
                          });
   });
 }

@@ -48,9 +48,6 @@ inline void validate_mla_fp8_append(const LatentFp8Layout& layout, const MlaFp8A
                  "dtype", a.dtype, "float32, float16 or bfloat16");
 }
 
-}  // namespace detail
-
-namespace detail {
 
 /// mla_fp8_quantize_row for one finite source row, on the host, with the
 /// vectorizable row kernels of quantize_row.hpp (bit-identical: the same
@@ -200,7 +197,7 @@ inline void mla_fp8_append_with(const LatentFp8Layout& layout, const MlaFp8Appen
     // Tokens are independent: OpenMP threads share them when the program
     // enables OpenMP (with duplicate slots, which token's row lands is
     // unspecified, as on the GPU).
-    for_each_token_chunk(a.num_tokens, /*chunk=*/64, /*min_chunks_to_thread=*/4,
+    for_each_token_chunk(a.num_tokens, /*chunk=*/64, /*min_tokens_to_thread=*/193,
                          [&](std::int64_t first, std::int64_t end) {
                            mla_fp8_append_range<T>(layout, a, first, end, streaming);
                          });

@@ -84,7 +84,7 @@ template <class T>
 void combine_rows(const TensorView& y_sorted, const std::int32_t* rows, const float* weights,
                   const TensorView& shared, const TensorView& out, int top_k) {
   const std::int64_t hidden = out.size(1);
-  detail::for_each_token_chunk(out.size(0), /*chunk=*/16, /*min_chunks_to_thread=*/2,
+  detail::for_each_token_chunk(out.size(0), /*chunk=*/16, /*min_tokens_to_thread=*/17,
                        [&](std::int64_t first, std::int64_t end) {
                          std::vector<float> acc(static_cast<std::size_t>(hidden));
                          const CombineRange c{y_sorted, rows, weights, shared, out, top_k, first, end, acc.data()};

@@ -35,6 +35,7 @@
 #include "kvkit/layout/paged_kv_layout.hpp"
 #include "kvkit/ops/append.hpp"
 #include "kvkit/ops/quantize_row.hpp"
+#include "kvkit/ops/token_chunks.hpp"
 
 namespace kvkit {
 
@@ -205,29 +206,20 @@ void quantize_append_isa(const Layout& layout, const QuantizeAppendArgs& a) {
   quantize_append_baseline<Src, kCache>(layout, a);
 }
 
-/// Splits the tokens over OpenMP threads where the program enables OpenMP
-/// (tokens are independent; with duplicate slots, which token's row lands is
-/// unspecified, as on the GPU), else runs them in one call.
+/// Splits the tokens into chunks of 256, shared among OpenMP threads from
+/// 512 tokens where the program enables OpenMP (tokens are independent; with
+/// duplicate slots, which token's row lands is unspecified, as on the GPU).
 template <class Src, DType kCache, class Layout>
 void quantize_append_typed(const Layout& layout, const QuantizeAppendArgs& a) {
-#if defined(_OPENMP)
-  constexpr std::int64_t kChunk = 256;
-  if (a.num_tokens >= 2 * kChunk) {
-    const std::int64_t chunks = (a.num_tokens + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
-    for (std::int64_t c = 0; c < chunks; ++c) {
-      QuantizeAppendArgs part = a;
-      const std::int64_t first = c * kChunk;
-      part.num_tokens = std::min(kChunk, a.num_tokens - first);
-      part.slot_mapping = a.slot_mapping + first;
-      part.key = static_cast<const Src*>(a.key) + first * a.key_stride_token;
-      part.value = static_cast<const Src*>(a.value) + first * a.value_stride_token;
-      quantize_append_isa<Src, kCache>(layout, part);
-    }
-    return;
-  }
-#endif
-  quantize_append_isa<Src, kCache>(layout, a);
+  for_each_token_chunk(a.num_tokens, /*chunk=*/256, /*min_tokens_to_thread=*/512,
+                       [&](std::int64_t first, std::int64_t end) {
+                         QuantizeAppendArgs part = a;
+                         part.num_tokens = end - first;
+                         part.slot_mapping = a.slot_mapping + first;
+                         part.key = static_cast<const Src*>(a.key) + first * a.key_stride_token;
+                         part.value = static_cast<const Src*>(a.value) + first * a.value_stride_token;
+                         quantize_append_isa<Src, kCache>(layout, part);
+                       });
 }
 
 template <class Src, class Layout>
