@@ -2,8 +2,10 @@
 // for Llama-3-8B (8 kv heads x 128, bf16) and DeepSeek latent (576, bf16),
 // fp8 quantize-append, copy_blocks. bytes read + written per second and
 // pct_of_memcpy against the device copy kernel measured in this binary.
-// Each timed iteration launches on kRounds different buffers so that the
-// bytes touched exceed the H100's 50 MB L2.
+// Each timed iteration launches on rounds(decode) different buffers so that
+// the bytes touched exceed the H100's 50 MB L2: 4 for prefill-sized calls,
+// 128 for decode (1-2 MB per call: a decode step's appends, one per layer,
+// launch gaps included).
 
 #include <algorithm>
 #include <cstdint>
@@ -26,6 +28,8 @@ using kvkit::cuda::DeviceBuffer;
 
 constexpr int kRounds = 4;
 
+int rounds(bool decode) { return decode ? 128 : kRounds; }
+
 DeviceBuffer random_bf16(std::size_t n, std::uint32_t seed) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
@@ -34,7 +38,7 @@ DeviceBuffer random_bf16(std::size_t n, std::uint32_t seed) {
   return DeviceBuffer::from_host(v);
 }
 
-/// kRounds slot mappings (device) of `tokens` tokens on shuffled pages.
+/// rounds(decode) slot mappings (device) of `tokens` tokens on shuffled pages.
 std::vector<DeviceBuffer> make_slots(std::int64_t tokens, std::int64_t ps, std::int64_t num_pages,
                                      bool decode) {
   std::vector<std::int64_t> pages(static_cast<std::size_t>(num_pages));
@@ -42,7 +46,7 @@ std::vector<DeviceBuffer> make_slots(std::int64_t tokens, std::int64_t ps, std::
   std::shuffle(pages.begin(), pages.end(), std::mt19937(5));
   std::vector<DeviceBuffer> out;
   std::size_t next = 0;
-  for (int r = 0; r < kRounds; ++r) {
+  for (int r = 0; r < rounds(decode); ++r) {
     std::vector<std::int64_t> s;
     for (std::int64_t t = 0; t < tokens; ++t) {
       if (decode) {
@@ -60,45 +64,47 @@ std::vector<DeviceBuffer> make_slots(std::int64_t tokens, std::int64_t ps, std::
 void BM_append_kv_gpu(benchmark::State& state, bool decode) {
   const std::int64_t heads = 8, hd = 128, ps = 16;
   const std::int64_t tokens = decode ? 256 : full_or_smoke<std::int64_t>(8192, 256);
-  const std::int64_t num_pages = decode ? 4096 : kRounds * tokens / ps + 8;
+  const int R = rounds(decode);
+  const std::int64_t num_pages = decode ? R * tokens + 8 : R * tokens / ps + 8;
   const auto layout = kvkit::PagedKVLayout::nhd(num_pages, ps, heads, hd);
   const auto slots = make_slots(tokens, ps, num_pages, decode);
   std::vector<DeviceBuffer> k, v;
-  for (int r = 0; r < kRounds; ++r) {
+  for (int r = 0; r < R; ++r) {
     k.push_back(random_bf16(std::size_t(tokens * heads * hd), 1 + r));
     v.push_back(random_bf16(std::size_t(tokens * heads * hd), 9 + r));
   }
   DeviceBuffer kc(std::size_t(layout.span_elements()) * 2), vc(kc.bytes());
   kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) {
-    for (int r = 0; r < kRounds; ++r) {
+    for (int r = 0; r < R; ++r) {
       kvkit::cuda::append_kv(layout, kvkit::AppendKVArgs::dense(k[r].data(), v[r].data(),
                                                                  slots[r].as<std::int64_t>(), tokens,
                                                                  heads, hd, kc.data(), vc.data(),
                                                                  DType::kBFloat16), s);
     }
   });
-  kvkit::bench::report_device_bandwidth(state, kRounds * 2.0 * 2.0 * double(tokens * heads * hd) * 2.0);
+  kvkit::bench::report_device_bandwidth(state, R * 2.0 * 2.0 * double(tokens * heads * hd) * 2.0);
 }
 
 void BM_append_latent_gpu(benchmark::State& state, bool decode) {
   const std::int64_t ps = 64;
   const std::int64_t tokens = decode ? 256 : full_or_smoke<std::int64_t>(8192, 256);
-  const std::int64_t num_pages = decode ? 4096 : kRounds * tokens / ps + 8;
+  const int R = rounds(decode);
+  const std::int64_t num_pages = decode ? R * tokens + 8 : R * tokens / ps + 8;
   const auto layout = kvkit::LatentKVLayout::dense(num_pages, ps, 512, 64);
   const auto slots = make_slots(tokens, ps, num_pages, decode);
   std::vector<DeviceBuffer> c, rp;
-  for (int r = 0; r < kRounds; ++r) {
+  for (int r = 0; r < R; ++r) {
     c.push_back(random_bf16(std::size_t(tokens * 512), 1 + r));
     rp.push_back(random_bf16(std::size_t(tokens * 64), 9 + r));
   }
   DeviceBuffer cache(std::size_t(num_pages * ps * 576) * 2);
   kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) {
-    for (int r = 0; r < kRounds; ++r) {
+    for (int r = 0; r < R; ++r) {
       kvkit::cuda::append_latent(layout, {c[r].data(), rp[r].data(), 512, 64, slots[r].as<std::int64_t>(),
                                           tokens, cache.data(), DType::kBFloat16, DType::kBFloat16}, s);
     }
   });
-  kvkit::bench::report_device_bandwidth(state, kRounds * 2.0 * double(tokens * 576) * 2.0);
+  kvkit::bench::report_device_bandwidth(state, R * 2.0 * double(tokens * 576) * 2.0);
 }
 
 void BM_quantize_append_fp8_gpu(benchmark::State& state, kvkit::ScaleGranularity g) {

@@ -14,6 +14,10 @@ namespace kvkit::cuda {
 /// Throws kvkit::Error if `status` is not cudaSuccess, naming the call and where it was made.
 inline void check_cuda(cudaError_t status, const char* call, const char* file, int line) {
   if (status != cudaSuccess) {
+    // Reset the runtime's last-error state (no effect on sticky errors), so
+    // that a caller who catches this does not see it again at the next
+    // cudaGetLastError() after an unrelated, valid launch.
+    (void)cudaGetLastError();
     throw Error(detail::concat("kvkit: CUDA call '", call, "' failed at ", file, ":", line, ": ",
                                cudaGetErrorName(status), " (", cudaGetErrorString(status), ")"));
   }

@@ -67,7 +67,8 @@ inline void copy_blocks(const PagedKVLayout& layout, const CopyBlocksArgs& a,
   const std::uint64_t row_bytes = std::uint64_t(dense ? layout.page_elements() : layout.head_dim) * es;
   const int unit = detail::copy_unit_bytes(
       {std::uint64_t(cache_alignment), row_bytes,
-       std::uint64_t(layout.stride_page | layout.stride_slot | layout.stride_head) * es});
+       // v_offset: the V pointer of an interleaved cache is K + v_offset.
+       std::uint64_t(layout.stride_page | layout.stride_slot | layout.stride_head | layout.v_offset) * es});
   dim3 grid(detail::grid_for(a.num_pairs > 65535 ? 65535 : a.num_pairs), unsigned(a.num_caches));
   detail::dispatch_copy_unit(unit, [&](auto u) {
     using Unit = decltype(u);

@@ -3,7 +3,8 @@
 /// CUDA quantize_append_kv and dequantize_gather_kv, with the argument
 /// structs and scalar rules of kvkit/ops/quantize.hpp, so the stored bytes,
 /// scales and dequantized floats equal the CPU op's bit for bit (nvcc's
-/// default IEEE division is required: do not build with --use_fast_math).
+/// default IEEE division is required: do not build with --use_fast_math),
+/// except NaN payloads: a NaN code dequantizes to the GPU's canonical NaN.
 /// One block per token, one warp per (K or V, head) row; the per-row amax is
 /// a warp max (exact, so order does not matter).
 /// Slots >= num_slots and page ids outside [0, num_pages) cannot be reported

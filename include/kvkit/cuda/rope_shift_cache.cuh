@@ -99,7 +99,10 @@ __global__ void __launch_bounds__(kShiftWarps * 32)
     store(pair.first, first[k]);
     store(pair.second, second[k]);
   }
-  if constexpr (kQuantized) {  // a new per-(token, head) scale re-quantizes the tail too
+  // A new per-(token, head) scale re-quantizes the tail too; a static scale
+  // leaves it as it is, like the CPU op (re-encoding would turn e5m2 inf into
+  // 57344 and canonicalize NaN codes).
+  if (kQuantized && a.granularity == ScaleGranularity::kPerTokenHead) {
     for (int k = 0; k < kSlots; ++k) {
       const int d = rope.rotary_dim + lane + 32 * k;
       if (d >= head_dim) break;

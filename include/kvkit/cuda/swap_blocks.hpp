@@ -75,7 +75,9 @@ inline void swap_blocks(const PagedKVLayout& src_layout, const PagedKVLayout& ds
     for (const BlockRun& r : plan.runs()) {
       const unsigned char* from = src + std::size_t(r.src) * src_pitch;
       unsigned char* to = dst + std::size_t(r.dst) * dst_pitch;
-      if (packed) {
+      // A single page is one run whatever the pitches (a one-page cache may
+      // have stride_page 0, which cudaMemcpy2DAsync rejects as a pitch).
+      if (packed || r.count == 1) {
         KVKIT_CUDA_CHECK(cudaMemcpyAsync(to, from, std::size_t(r.count) * page_bytes, kind, stream));
       } else {
         KVKIT_CUDA_CHECK(cudaMemcpy2DAsync(to, dst_pitch, from, src_pitch, page_bytes,
