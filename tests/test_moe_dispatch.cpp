@@ -401,6 +401,20 @@ TEST_CASE("dispatch and combine reject bad input with a clear message and leave 
   CHECK_THROWS_WITH(kvkit::moe_dispatch_plan({3, 3, 1, -1}, idv, views),
                     Contains("'topk_ids' has shape [2, 2]: expected shape [*, 3]"));
   CHECK_NOTHROW(kvkit::moe_dispatch_plan(cfg, idv, views));
+  {
+    // With a capacity, few rows but more than 2^31 - 1 pairs: the int32 pair
+    // indices would overflow. The views are never read (the check comes first).
+    const std::int64_t tokens = (std::int64_t(1) << 28) + 1;
+    const std::int64_t pairs = tokens * 8;
+    std::vector<std::int32_t> sorted3(3, kPoison);
+    kvkit::DispatchPlanViews big{TensorView(counts.data(), DType::kInt32, {3}),
+                                 TensorView(offsets.data(), DType::kInt32, {4}),
+                                 TensorView(sorted3.data(), DType::kInt32, {3}),
+                                 TensorView(rows.data(), DType::kInt32, {pairs}), TensorView()};
+    CHECK_THROWS_WITH(kvkit::moe_dispatch_plan({3, 8, 1, 1}, TensorView(ids.data(), DType::kInt32, {tokens, 8}), big),
+                      Contains("'num_tokens' = 268435457") && Contains("(token, k) pairs"));
+    CHECK(sorted3 == std::vector<std::int32_t>(3, kPoison));
+  }
 
   std::vector<float> y(4 * 5, 1.0f), w(4, 0.5f), out(2 * 5, -7.0f);
   rows[2] = 4;

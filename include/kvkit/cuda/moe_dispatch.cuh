@@ -75,8 +75,9 @@ inline DispatchWorkspace carve_workspace(void* base, std::int64_t pairs, int n_e
   constexpr std::size_t kAlign = 256;
   DispatchWorkspace w{};
   std::size_t off = 0;
-  auto take = [&](std::size_t bytes) {
-    void* p = static_cast<char*>(base) + off;
+  auto take = [&](std::size_t bytes) -> void* {
+    // The size query passes base == nullptr: no arithmetic on a null pointer (UB).
+    void* p = base != nullptr ? static_cast<void*>(static_cast<char*>(base) + off) : nullptr;
     off = align_up(off + bytes, kAlign);
     return p;
   };
@@ -239,12 +240,19 @@ inline void moe_dispatch_plan(const DispatchConfig& cfg, const DispatchParams& p
   const std::int64_t max_rows = moe_dispatch_max_rows(cfg, p.num_tokens);
   check_argument(max_rows <= std::int64_t(INT32_MAX), kWhere, "num_tokens", p.num_tokens,
                  "at most 2^31 - 1 rows after padding (int32 indices)");
+  // Pair indices (sort values, the sentinel, pair_rows) are int32 too; with a
+  // capacity max_rows does not bound them.
+  check_argument(pairs <= std::int64_t(INT32_MAX), kWhere, "num_tokens", p.num_tokens,
+                 "at most 2^31 - 1 (token, k) pairs (int32 pair indices)");
   check_argument(p.expert_counts != nullptr, kWhere, "expert_counts", p.expert_counts, "a device pointer");
   check_argument(p.expert_offsets != nullptr, kWhere, "expert_offsets", p.expert_offsets, "a device pointer");
   if (pairs > 0) {
     check_argument(p.topk_ids != nullptr, kWhere, "topk_ids", p.topk_ids, "a device pointer");
-    check_argument(p.sorted_pairs != nullptr, kWhere, "sorted_pairs", p.sorted_pairs, "a device pointer");
     check_argument(p.pair_rows != nullptr, kWhere, "pair_rows", p.pair_rows, "a device pointer");
+  }
+  // Written (sentinel) whenever it has rows: with tile > 1 even for 0 tokens.
+  if (max_rows > 0) {
+    check_argument(p.sorted_pairs != nullptr, kWhere, "sorted_pairs", p.sorted_pairs, "a device pointer");
   }
   const std::size_t needed = moe_dispatch_workspace_bytes(cfg, p.num_tokens);
   check_argument(p.workspace_bytes >= needed, kWhere, "workspace_bytes", p.workspace_bytes,
@@ -369,6 +377,8 @@ inline void moe_gather(const GatherParams& p, cudaStream_t stream) {
 
 /// Device pointers of a combine:
 /// out[t] = sum_j w[t, j] * y_sorted[pair_rows[t*k + j]] (+ shared[t]), j ascending, fp32 accumulation.
+/// Products are not fused into the sums (no FMA), so `out` equals the CPU's moe_combine bit for bit
+/// (which avoids FMAs too, unless the host code is built with -mfma / -march=native).
 struct CombineParams {
   const void* y_sorted = nullptr;  ///< [max_rows, hidden]
   std::int64_t y_row_stride = 0;
@@ -409,8 +419,10 @@ __global__ void combine_kernel(CombineParams p) {
         if (r < 0) continue;
         const float wj = w[j];
         const P y = reinterpret_cast<const P*>(static_cast<const T*>(p.y_sorted) + r * p.y_row_stride)[u];
+        // __fmul_rn: never contracted into an FMA, so the sums round as the
+        // CPU's (mul, then add) and the result equals moe_combine's bits.
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[i] += wj * float(y.v[i]);
+        for (int i = 0; i < kVec; ++i) acc[i] += __fmul_rn(wj, float(y.v[i]));
       }
       if (p.shared != nullptr) {
         const P s = reinterpret_cast<const P*>(static_cast<const T*>(p.shared) + t * p.shared_row_stride)[u];

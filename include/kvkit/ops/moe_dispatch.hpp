@@ -131,6 +131,10 @@ inline DispatchResult moe_dispatch_plan(const DispatchConfig& cfg, const TensorV
   }
   check_argument(max_rows <= std::int64_t(INT32_MAX), kWhere, "num_tokens", tokens,
                  "at most 2^31 - 1 rows after padding (int32 indices)");
+  // Pair indices (and the sentinel) are int32 too; with a capacity max_rows
+  // does not bound them.
+  check_argument(pairs <= std::int64_t(INT32_MAX), kWhere, "num_tokens", tokens,
+                 "at most 2^31 - 1 (token, k) pairs (int32 pair indices)");
   const std::int32_t* ids = topk_ids.data_as<std::int32_t>();
   for (std::int64_t p = 0; p < pairs; ++p) {
     if (ids[p] < 0 || ids[p] >= n) {
