@@ -120,6 +120,12 @@ TEST_CASE("plan_decode splits the keys only when the sequences would not fill th
     CHECK(plan.num_splits == 32);
     CHECK(plan.workspace_bytes == std::size_t(32) * 32 * (128 + 1) * sizeof(float));
   }
+  SECTION("chunks are whole tiles: 64 keys, 128 for 1-byte caches at head_dim 64") {
+    // 10000 keys x 8 heads over 264 blocks: 304 keys per chunk before rounding.
+    CHECK(PlanInputs(1, 10000, 32, 8, 64, bf16).plan().chunk_keys == 320);
+    CHECK(PlanInputs(1, 10000, 32, 8, 64, kvkit::DType::kFloat8E4M3).plan().chunk_keys == 384);
+    CHECK(PlanInputs(1, 10000, 32, 8, 128, kvkit::DType::kFloat8E4M3).plan().chunk_keys == 320);
+  }
   SECTION("short contexts are not cut below min_chunk_keys") {
     const DecodePlan plan = PlanInputs(1, 300, 32, 8, 128, bf16).plan();
     CHECK(plan.chunk_keys == 256);

@@ -194,6 +194,9 @@ inline void validate_plan_inputs(const PagedDecodeParams& p, const std::int32_t*
                  "a non-null pointer to batch_size (", t.batch_size, ") lengths in host memory");
   for (std::int64_t b = 0; b < t.batch_size; ++b) {
     const std::int64_t len = host_seq_lens[b];
+    // The CPU op's validate_page_table rejects negative lengths; causal calls
+    // catch them below (len < q_len), non-causal ones only here.
+    if (len < 0) fail(kWhere, "host_seq_lens[", b, "] = ", len, ": expected >= 0");
     ::kvkit::detail::check_decode_seq_len(p, b, len, kWhere);
     if (len > t.max_blocks * p.layout.page_size) {
       fail(kWhere, "host_seq_lens[", b, "] = ", len, ": expected at most max_blocks x page_size (",
@@ -263,7 +266,10 @@ inline DecodePlan plan_decode(const PagedDecodeParams& p, const std::int32_t* ho
     for (std::int64_t b = 0; b < t.batch_size; ++b) keys += attention_key_span(p, host_seq_lens[b]).size();
     chunk = (keys * plan.num_kv_heads * plan.row_chunks + target - 1) / target;
     chunk = chunk < options.min_chunk_keys ? options.min_chunk_keys : chunk;
-    chunk = (chunk + 63) / 64 * 64;  // whole tiles for every head_dim and dtype
+    // Whole tiles (64 keys, or 128 for 1-byte caches at head_dim <= 64), so
+    // that no chunk ends in a part-filled tile.
+    const std::int64_t tile = detail::decode_tile_keys(int(p.layout.head_dim), int(dtype_size(p.kv_dtype)));
+    chunk = (chunk + tile - 1) / tile * tile;
   }
   if (chunk > 0) {
     for (std::int64_t b = 0; b < t.batch_size; ++b) {
