@@ -262,6 +262,18 @@ TEST_CASE("GPU MLA decode equals the CPU op: V3 128 heads, long contexts, split 
   check<float>(c, chunks_of(1024), 6, 32);
 }
 
+TEST_CASE("a plan with mla_decode_kernel_for_current_device() runs on this GPU and equals the CPU op") {
+  MlaCase c;
+  c.heads = 128;
+  c.seq_lens = {1, 700};
+  const MlaDecodeKernel k = kvkit::cuda::mla_decode_kernel_for_current_device();
+  int device = 0, major = 0;
+  KVKIT_CUDA_CHECK(cudaGetDevice(&device));
+  KVKIT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major == 9) CHECK(k == MlaDecodeKernel::kAuto);  // Hopper holds the tensor-core kernel
+  check<kvkit::bfloat16>(c, {}, 41, 1, k);
+}
+
 TEST_CASE("GPU MLA decode over the fp8 cache (656-byte rows) equals the CPU op") {
   MlaCase c;
   c.cache = kvkit::DType::kFloat8E4M3;
@@ -333,6 +345,10 @@ TEST_CASE("GPU MLA decode rejects what it is not built for, launching nothing") 
     p.layout.head_dim = 320;
     p.v_head_dim = 256;
     CHECK_THROWS_WITH(kvkit::cuda::run_mla_decode(p, plan, nullptr, 0), Contains("'layout.head_dim' = 320"));
+  }
+  SECTION("values from another buffer than the keys (the kernels read them from k_cache)") {
+    p.v_cache = pr.q.data();
+    CHECK_THROWS_WITH(kvkit::cuda::run_mla_decode(p, plan, nullptr, 0), Contains("equal to k_cache"));
   }
   SECTION("a plan for another shape") {
     p.q_len = 2;

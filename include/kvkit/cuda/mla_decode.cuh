@@ -362,6 +362,19 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(const P
 
 }  // namespace detail
 
+/// The kernel argument for plan_mla_decode on the current device: kAuto where
+/// the tensor-core kernel fits (sm_80+ with 225 KiB of shared memory per
+/// block: sm_90), else kCudaCores, so that a plan made with it always runs
+/// here. Queries device attributes only (no sync; allowed during capture).
+inline MlaDecodeKernel mla_decode_kernel_for_current_device() {
+  int device = 0, major = 0, optin = 0;
+  KVKIT_CUDA_CHECK(cudaGetDevice(&device));
+  KVKIT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  KVKIT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const bool tc_fits = major >= 8 && std::size_t(optin) >= std::size_t(detail::kMlaTcSmemBytes);
+  return tc_fits ? MlaDecodeKernel::kAuto : MlaDecodeKernel::kCudaCores;
+}
+
 /// Runs absorbed MLA decode attention on `stream` as planned: writes o ([rows,
 /// num_q_heads, 512], q's dtype) and lse if requested, like
 /// kvkit::mla_decode_attention. All pointers in `p` are device pointers;
@@ -372,8 +385,8 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(const P
 /// dtype the kernel is not built for (kv_lora_rank 512 + rope 64 only), a
 /// plan made for another shape, a missing or too small workspace, or a
 /// tensor-core plan on a GPU older than sm_80 or without 225 KiB of shared
-/// memory per block (sm_80 / sm_86 / sm_89: plan with kCudaCores); or a
-/// failed launch.
+/// memory per block (sm_80 / sm_86 / sm_89: plan with kCudaCores, or with
+/// mla_decode_kernel_for_current_device()); or a failed launch.
 inline void run_mla_decode(const PagedDecodeParams& p, const MlaDecodePlan& plan, void* workspace,
                            std::size_t workspace_bytes, cudaStream_t stream = nullptr) {
   constexpr const char* kWhere = "kvkit::cuda::run_mla_decode";

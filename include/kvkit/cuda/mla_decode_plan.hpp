@@ -137,6 +137,10 @@ inline void validate_cuda_mla_decode_shapes(const PagedDecodeParams& p, const ch
     check_argument(p.kv_dtype == DType::kBFloat16 || p.kv_dtype == DType::kFloat16, where, "kv_dtype",
                    p.kv_dtype, "bfloat16, float16 or float8_e4m3 (656-byte rows) on the GPU");
   }
+  // The kernels read the values from the key rows (k_cache) and never look
+  // at v_cache; the CPU op reads v_cache. Refuse params where they differ.
+  check_argument(p.v_cache == p.k_cache, where, "v_cache", p.v_cache,
+                 "equal to k_cache (the values are the first 512 columns of the latent rows)");
 }
 
 }  // namespace detail
