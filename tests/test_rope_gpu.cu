@@ -119,11 +119,13 @@ TEST_CASE("GPU apply_rope and rope_shift_keys equal the CPU ops") {
   SECTION("bfloat16") { check_type<kvkit::bfloat16>(); }
 }
 
-TEST_CASE("GPU apply_rope marks tokens whose position is outside the table with NaN") {
+TEST_CASE("GPU apply_rope marks tokens whose position is outside the table or negative with NaN") {
   const RopeConfig cfg = RopeConfig::llama3();
   const kvkit::RopeCache cache(cfg, 16);
-  Inputs in = make_inputs<float>(cfg, 1, 1, 2, 16, false, 3);
+  Inputs in = make_inputs<float>(cfg, 1, 1, 4, 16, false, 3);
   in.positions[1] = 16;
+  in.positions[2] = -3;  // the CPU op throws; K-shift deltas may be negative, positions not
+  in.positions[3] = INT64_MIN;
   auto d_k = DeviceBuffer::from_host(in.k);
   auto d_pos = DeviceBuffer::from_host(in.positions);
   auto d_table = DeviceBuffer::from_host(std::vector<float>(cache.data(), cache.data() + 16 * 128));
@@ -136,8 +138,11 @@ TEST_CASE("GPU apply_rope marks tokens whose position is outside the table with 
   kvkit::cuda::apply_rope(p);
   const auto got = d_k.to_host<float>();
   CHECK_FALSE(std::isnan(got[0]));
-  CHECK(std::isnan(got[128]));
-  CHECK(std::isnan(got[255]));
+  for (int t = 1; t < 4; ++t) {
+    INFO("token " << t << " at position " << in.positions[std::size_t(t)]);
+    CHECK(std::isnan(got[std::size_t(t) * 128]));
+    CHECK(std::isnan(got[std::size_t(t) * 128 + 127]));
+  }
 }
 
 TEST_CASE("GPU fused rope + append equals the CPU fused op bit for bit") {

@@ -48,12 +48,14 @@ __device__ KVKIT_FORCEINLINE void rotate_token_heads(T* token_base, std::int64_t
 }
 
 /// Block-wide: loads token t's cos/sin into shared memory (all threads of the
-/// block must call it). Returns false when t's position lies outside the table.
+/// block must call it). Returns false when t's position lies outside the table
+/// or is negative where that is not allowed (the CPU op would throw for both).
 __device__ KVKIT_FORCEINLINE bool stage_cos_sin(const RopeParams& p, std::int64_t t, float* cos_s,
-                                                float* sin_s) {
+                                                float* sin_s, bool allow_negative) {
   const std::int64_t position = p.positions[t];
-  const std::int64_t magnitude = position < 0 ? -position : position;
-  const bool valid = p.cos_sin_cache == nullptr || magnitude < p.cache_positions;
+  // Compared without negating (-INT64_MIN overflows).
+  const bool valid = (allow_negative || position >= 0) &&
+                     (p.cos_sin_cache == nullptr || (position < p.cache_positions && position > -p.cache_positions));
   for (int i = threadIdx.x; i < p.rotary_dim / 2 && valid; i += blockDim.x) {
     rope_cos_sin(p, position, i, cos_s[i], sin_s[i]);
   }
@@ -65,11 +67,11 @@ __device__ KVKIT_FORCEINLINE bool stage_cos_sin(const RopeParams& p, std::int64_
 /// rotate all of its query and key heads. Consecutive threads take
 /// consecutive pairs, so NeoX's two halves are each read coalesced.
 template <class T>
-__global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) {
+__global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p, bool allow_negative) {
   __shared__ float cos_s[kRopeMaxRotaryDim / 2];
   __shared__ float sin_s[kRopeMaxRotaryDim / 2];
   const std::int64_t t = blockIdx.x;
-  const bool valid = stage_cos_sin(p, t, cos_s, sin_s);
+  const bool valid = stage_cos_sin(p, t, cos_s, sin_s, allow_negative);
   if (p.q != nullptr) {
     rotate_token_heads(static_cast<T*>(p.q) + t * p.q_token_stride, p.q_head_stride,
                        p.num_q_heads, p, cos_s, sin_s, valid);
@@ -80,7 +82,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
   }
 }
 
-inline void launch_rope(const RopeParams& p, const char* where, cudaStream_t stream) {
+/// allow_negative: positions are deltas (K-shift) rather than positions.
+inline void launch_rope(const RopeParams& p, const char* where, cudaStream_t stream, bool allow_negative) {
   ::kvkit::detail::validate_rope_params(p, where);
   check_argument(p.rotary_dim <= kRopeMaxRotaryDim, where, "rotary_dim", p.rotary_dim, "<= ",
                  kRopeMaxRotaryDim, " on the GPU");
@@ -89,7 +92,7 @@ inline void launch_rope(const RopeParams& p, const char* where, cudaStream_t str
   if (p.num_tokens == 0) return;
   dispatch_dtype<FloatTypes>(p.dtype, where, "dtype", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    rope_kernel<T><<<unsigned(p.num_tokens), kRopeThreads, 0, stream>>>(p);
+    rope_kernel<T><<<unsigned(p.num_tokens), kRopeThreads, 0, stream>>>(p, allow_negative);
   });
   KVKIT_CUDA_CHECK(cudaGetLastError());
 }
@@ -105,7 +108,7 @@ __global__ void __launch_bounds__(kRopeThreads)
   __shared__ float cos_s[kRopeMaxRotaryDim / 2];
   __shared__ float sin_s[kRopeMaxRotaryDim / 2];
   const std::int64_t t = blockIdx.x;
-  const bool valid = stage_cos_sin(p, t, cos_s, sin_s);
+  const bool valid = stage_cos_sin(p, t, cos_s, sin_s, /*allow_negative=*/false);
   if (p.q != nullptr) {
     rotate_token_heads(static_cast<T*>(p.q) + t * p.q_token_stride, p.q_head_stride,
                        p.num_q_heads, p, cos_s, sin_s, valid);
@@ -152,11 +155,11 @@ __global__ void __launch_bounds__(kRopeThreads)
 
 /// Rotates q and k in place on `stream` (see kvkit::apply_rope). All pointers
 /// in `p` are device pointers. Positions are not read on the host: a token
-/// whose position lies outside the cos/sin table gets NaN in every rotated
-/// dimension instead of a silent wrong answer. Throws kvkit::Error on bad
-/// sizes or a failed launch.
+/// whose position is negative or lies outside the cos/sin table gets NaN in
+/// every rotated dimension instead of a silent wrong answer (the CPU op
+/// throws). Throws kvkit::Error on bad sizes or a failed launch.
 inline void apply_rope(const RopeParams& p, cudaStream_t stream = nullptr) {
-  detail::launch_rope(p, "kvkit::cuda::apply_rope", stream);
+  detail::launch_rope(p, "kvkit::cuda::apply_rope", stream, /*allow_negative=*/false);
 }
 
 /// Re-rotates cached keys in place by per-token deltas (see kvkit::rope_shift_keys).
@@ -164,13 +167,13 @@ inline void rope_shift_keys(const RopeParams& p, cudaStream_t stream = nullptr) 
   constexpr const char* kWhere = "kvkit::cuda::rope_shift_keys";
   check_argument(p.q == nullptr, kWhere, "q", p.q, "nullptr (only keys are shifted)");
   check_argument(p.k != nullptr, kWhere, "k", p.k, "a non-null pointer");
-  detail::launch_rope(p, kWhere, stream);
+  detail::launch_rope(p, kWhere, stream, /*allow_negative=*/true);
 }
 
 /// Fused rope + append on `stream` (see kvkit::rope_append_kv): rotates q in
 /// place and writes rotated keys and the values into the cache. All pointers
 /// are device pointers. Positions and slots are not read on the host: a token
-/// whose position lies outside the table gets NaN, and one whose slot is out
+/// whose position is negative or lies outside the table gets NaN, and one whose slot is out
 /// of range writes nothing. Throws kvkit::Error on bad arguments or a failed
 /// launch. `Layout` is PagedKVLayout or ContiguousKVLayout.
 template <class Layout>
