@@ -429,6 +429,17 @@ TEST_CASE("ragged queries: one call with q_indptr equals one call per sequence (
     p.q_indptr = indptr.data();
     CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("sequence 0 has seq_len 9 < q_len (10)"));
   }
+  SECTION("one sequence of many ragged rows still needs a token stride (q_len is ignored)") {
+    const std::vector<std::int64_t> one_seq = {0, 5};
+    p.q_indptr = one_seq.data();
+    p.page_table.batch_size = 1;
+    p.q_len = 1;
+    p.q_stride_token = 0;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("'q_stride_token' = 0"));
+    p.q_stride_token = std::int64_t(c.q_heads) * c.head_dim;
+    p.o_stride_token = 0;
+    CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("'o_stride_token' = 0"));
+  }
 }
 
 TEST_CASE("one sequence of MQA splits its q heads over the threads and still matches float64") {

@@ -61,6 +61,9 @@ inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where
   dispatch_kv_cache_dtype(p.kv_dtype, where, [](auto) {});
   const std::int64_t rows = t.batch_size * p.q_len;
   if (rows == 0) return;
+  // One query row may have any token stride; ragged queries (q_indptr) may
+  // hold many rows whatever batch_size x q_len says.
+  const bool one_row = rows == 1 && p.q_indptr == nullptr;
   check_argument(t.seq_lens != nullptr, where, "page_table.seq_lens", t.seq_lens, "a non-null pointer");
   check_argument(t.block_table != nullptr || t.max_blocks == 0, where, "page_table.block_table",
                  t.block_table, "a non-null pointer");
@@ -70,7 +73,7 @@ inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where
   check_argument(p.v_cache != nullptr, where, "v_cache", p.v_cache, "a non-null pointer");
   check_argument(p.q_stride_head >= head_dim, where, "q_stride_head", p.q_stride_head,
                  ">= head_dim (", head_dim, ")");
-  check_argument(p.q_stride_token >= p.num_q_heads * p.q_stride_head || rows == 1, where,
+  check_argument(p.q_stride_token >= p.num_q_heads * p.q_stride_head || one_row, where,
                  "q_stride_token", p.q_stride_token, ">= num_q_heads * q_stride_head (",
                  p.num_q_heads * p.q_stride_head, ")");
   if (is_quantized_cache_dtype(p.kv_dtype)) {
@@ -89,7 +92,7 @@ inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where
   const std::int64_t v_dim = attention_v_dim(p);
   check_argument(p.o_stride_head >= v_dim, where, "o_stride_head", p.o_stride_head,
                  ">= the value width (", v_dim, ")");
-  check_argument(p.o_stride_token >= p.num_q_heads * p.o_stride_head || rows == 1, where,
+  check_argument(p.o_stride_token >= p.num_q_heads * p.o_stride_head || one_row, where,
                  "o_stride_token", p.o_stride_token, ">= num_q_heads * o_stride_head (",
                  p.num_q_heads * p.o_stride_head, ")");
 }
