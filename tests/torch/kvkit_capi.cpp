@@ -1,0 +1,154 @@
+// A small C interface to some of kvkit's CPU ops, loaded with ctypes by
+// crosscheck.py, which compares them with PyTorch and Hugging Face
+// transformers: an independent reference for the formulas (RoPE frequencies
+// and scaling, rotation pairing, MoE routing, GQA decode attention).
+//
+// Every function returns 0 on success and 1 after a kvkit::Error, whose
+// message kvkit_last_error() returns.
+
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "kvkit/ops/attention_decode.hpp"
+#include "kvkit/ops/moe_router.hpp"
+#include "kvkit/ops/rope.hpp"
+
+namespace {
+
+thread_local std::string g_error;
+
+template <class F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return 1;
+  }
+}
+
+/// scaling: 0 none, 1 linear, 2 NTK static, 3 NTK dynamic, 4 YaRN, 5 Llama-3.1 (RopeScalingType).
+/// extra: [beta_fast, beta_slow, mscale, mscale_all_dim, low_freq_factor, high_freq_factor, truncate].
+kvkit::RopeConfig rope_config(int head_dim, int rotary_dim, double base, int style, int scaling, double factor,
+                              std::int64_t original_max_position, const double* extra) {
+  kvkit::RopeConfig c;
+  c.head_dim = head_dim;
+  c.rotary_dim = rotary_dim;
+  c.base = base;
+  c.style = style == 0 ? kvkit::RopeStyle::kNeox : kvkit::RopeStyle::kGptJ;
+  c.scaling.type = static_cast<kvkit::RopeScalingType>(scaling);
+  c.scaling.factor = factor;
+  c.scaling.original_max_position = original_max_position;
+  c.scaling.yarn_beta_fast = extra[0];
+  c.scaling.yarn_beta_slow = extra[1];
+  c.scaling.yarn_mscale = extra[2];
+  c.scaling.yarn_mscale_all_dim = extra[3];
+  c.scaling.llama3_low_freq_factor = extra[4];
+  c.scaling.llama3_high_freq_factor = extra[5];
+  c.scaling.yarn_truncate = extra[6] != 0.0;
+  return c;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* kvkit_last_error() { return g_error.c_str(); }
+
+/// inv_freq [rotary_dim / 2] and the attention factor (cos/sin multiplier).
+int kvkit_rope_inv_freq(int head_dim, int rotary_dim, double base, int scaling, double factor,
+                        std::int64_t original_max_position, const double* extra, std::int64_t sequence_length,
+                        double* inv_freq, double* attention_factor) {
+  return guarded([&] {
+    const kvkit::RopeConfig c =
+        rope_config(head_dim, rotary_dim, base, 0, scaling, factor, original_max_position, extra);
+    const std::vector<double> f = kvkit::rope_inv_freq(c, sequence_length);
+    for (std::size_t i = 0; i < f.size(); ++i) inv_freq[i] = f[i];
+    *attention_factor = kvkit::rope_attention_factor(c);
+  });
+}
+
+/// Rotates x [tokens, heads, head_dim] (float32, in place) with the table
+/// of max_position rows; style 0 = NeoX (rotate-half), 1 = GPT-J (interleaved).
+int kvkit_apply_rope(int head_dim, int rotary_dim, double base, int style, int scaling, double factor,
+                     std::int64_t original_max_position, const double* extra, std::int64_t max_position,
+                     const std::int64_t* positions, std::int64_t tokens, int heads, float* x) {
+  return guarded([&] {
+    const kvkit::RopeConfig c =
+        rope_config(head_dim, rotary_dim, base, style, scaling, factor, original_max_position, extra);
+    const kvkit::RopeCache cache(c, max_position);
+    kvkit::RopeParams p;
+    p.k = x;
+    p.k_token_stride = std::int64_t(heads) * head_dim;
+    p.k_head_stride = head_dim;
+    p.num_k_heads = heads;
+    p.positions = positions;
+    p.num_tokens = tokens;
+    p.head_dim = head_dim;
+    p.rotary_dim = rotary_dim;
+    p.style = c.style;
+    p.dtype = kvkit::DType::kFloat32;
+    cache.attach(p);
+    kvkit::apply_rope(p);
+  });
+}
+
+/// Routes logits [tokens, n_experts] (float32). scoring 0 softmax / 1 sigmoid;
+/// group_score 0 max / 1 sum of the top two; bias null or [n_experts].
+int kvkit_moe_route(int n_experts, int top_k, int scoring, int n_group, int topk_group, int group_score,
+                    int renormalize, float routed_scaling_factor, const float* logits, const float* bias,
+                    std::int64_t tokens, std::int32_t* ids, float* weights) {
+  return guarded([&] {
+    kvkit::RouterConfig c;
+    c.n_experts = n_experts;
+    c.top_k = top_k;
+    c.scoring = scoring == 0 ? kvkit::MoeScoring::kSoftmax : kvkit::MoeScoring::kSigmoid;
+    c.n_group = n_group;
+    c.topk_group = topk_group;
+    c.group_score = group_score == 0 ? kvkit::MoeGroupScore::kMax : kvkit::MoeGroupScore::kTopTwoSum;
+    c.use_correction_bias = bias != nullptr;
+    c.renormalize = renormalize != 0;
+    c.routed_scaling_factor = routed_scaling_factor;
+    using kvkit::DType;
+    using kvkit::TensorView;
+    const TensorView bias_view =
+        bias != nullptr ? TensorView(const_cast<float*>(bias), DType::kFloat32, {n_experts}) : TensorView();
+    kvkit::moe_route(c, TensorView(const_cast<float*>(logits), DType::kFloat32, {tokens, n_experts}), bias_view,
+                     TensorView(ids, DType::kInt32, {tokens, top_k}),
+                     TensorView(weights, DType::kFloat32, {tokens, top_k}));
+  });
+}
+
+/// Decode attention, one query token per sequence, float32 throughout:
+/// q [batch, q_heads, head_dim]; k/v caches NHD [pages, page_size, kv_heads, head_dim];
+/// block_table [batch, max_blocks]; o [batch, q_heads, head_dim]; lse [batch, q_heads].
+int kvkit_decode(const float* q, const float* k_cache, const float* v_cache, std::int64_t num_pages, int page_size,
+                 int kv_heads, int head_dim, int q_heads, const std::int32_t* block_table,
+                 const std::int32_t* seq_lens, std::int64_t batch, std::int64_t max_blocks, float sm_scale,
+                 int window, int num_sinks, float logit_softcap, float* o, float* lse) {
+  return guarded([&] {
+    kvkit::PagedDecodeParams p;
+    p.q = q;
+    p.q_stride_token = std::int64_t(q_heads) * head_dim;
+    p.q_stride_head = head_dim;
+    p.k_cache = k_cache;
+    p.v_cache = v_cache;
+    p.layout = kvkit::PagedKVLayout::nhd(num_pages, page_size, kv_heads, head_dim);
+    p.page_table = {block_table, seq_lens, batch, max_blocks, max_blocks};
+    p.num_q_heads = q_heads;
+    p.sm_scale = sm_scale;
+    p.window = window;
+    p.num_sinks = num_sinks;
+    p.logit_softcap = logit_softcap;
+    p.o = o;
+    p.o_stride_token = std::int64_t(q_heads) * head_dim;
+    p.o_stride_head = head_dim;
+    p.lse = lse;
+    kvkit::paged_decode_attention(p);
+  });
+}
+
+}  // extern "C"
