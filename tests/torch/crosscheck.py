@@ -5,7 +5,8 @@ An independent reference for the formulas: the RoPE frequency tables and
 scalings (transformers' ROPE_INIT_FUNCTIONS), the rotation pairing (Llama's
 apply_rotary_pos_emb; DeepSeek-V3's interleaved variant), MoE routing
 (transformers' DeepSeek-V2 and V3 routers; Mixtral/Qwen softmax-top-k in torch)
-and GQA decode attention (float64 torch). kvkit is reached through ctypes
+GQA decode attention (float64 torch) and MLA (transformers' DeepseekV3Attention
+against kvkit's compress + absorbed decode). kvkit is reached through ctypes
 (kvkit_capi.cpp, built as a shared library).
 
 Usage: crosscheck.py path/to/libkvkit_capi.so
@@ -261,6 +262,46 @@ def check_moe(kv):
     compare("deepseek-v3 (sigmoid + bias, top-2 group sums, x2.5)", ids, w, ti, tw)
 
 
+# ---------------------------------------------------------------- MLA
+def check_mla(kv):
+    """transformers' DeepseekV3Attention (naive: decompress, then attend) on a
+    causal prefill, last token, against kvkit's compress + absorbed decode on
+    the latent cache fed by transformers' own projections (the engine's GEMMs):
+    RMSNorm, the interleaved RoPE pairing, YaRN's softmax mscale, the W_UK /
+    W_UV slicing of kv_b_proj."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+    heads, nope, v, tokens = 4, 32, 48, 77
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    cfg = DeepseekV3Config(hidden_size=heads * v, num_attention_heads=heads, num_key_value_heads=heads,
+                           q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=nope, qk_rope_head_dim=64,
+                           v_head_dim=v, rope_parameters=rope, max_position_embeddings=163840, rope_interleave=True,
+                           attention_bias=False, rms_norm_eps=1e-6)
+    cfg._attn_implementation = "eager"
+    attn = DeepseekV3Attention(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        attn.kv_a_layernorm.weight.copy_(torch.from_numpy(1 + 0.3 * RNG.standard_normal(512).astype(np.float32)))
+        attn.o_proj.weight.copy_(torch.eye(heads * v))  # compare the heads' outputs directly
+        x = torch.from_numpy(RNG.standard_normal((1, tokens, heads * v)).astype(np.float32))
+        cos, sin = DeepseekV3RotaryEmbedding(cfg)(x, torch.arange(tokens)[None])
+        mask = torch.triu(torch.full((tokens, tokens), -math.inf), 1)[None, None]
+        want = attn(x, position_embeddings=(cos, sin), attention_mask=mask)[0][0, -1].reshape(heads, v).numpy()
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))[0].contiguous().numpy()
+        kv_a = attn.kv_a_proj_with_mqa(x)[0].contiguous().numpy()
+        norm_w = attn.kv_a_layernorm.weight.detach().contiguous().numpy()
+        wkv_b = attn.kv_b_proj.weight.detach().contiguous().numpy()
+    out = np.zeros((heads, v), dtype=np.float32)
+    kv.call("kvkit_mla_last_token", heads, nope, v, ctypes.c_double(10000.0), ctypes.c_double(40.0),
+            ctypes.c_int64(4096), ctypes.c_double(1.0), ctypes.c_double(1.0), ptr(q, ctypes.c_float),
+            ptr(kv_a, ctypes.c_float), ptr(norm_w, ctypes.c_float), ctypes.c_float(1e-6), ptr(wkv_b, ctypes.c_float),
+            ctypes.c_int64(tokens), ptr(out, ctypes.c_float))
+    # float32 on both sides in different orders (transformers also rounds its
+    # RoPE angles in float32): 1e-4 of the largest output.
+    report("mla absorbed decode (kvkit) vs transformers' DeepseekV3Attention, last of 77 tokens",
+           float(np.max(np.abs(out - want)) / np.max(np.abs(want))), 1e-4)
+
+
 # ---------------------------------------------------------------- attention
 def check_decode(kv):
     batch, q_heads, kv_heads, d, page = 5, 16, 4, 128, 16
@@ -307,7 +348,7 @@ def main():
         sys.exit(__doc__)
     kv = Kvkit(sys.argv[1])
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
-    for check in (check_rope_tables, check_rope_apply, check_moe, check_decode):
+    for check in (check_rope_tables, check_rope_apply, check_moe, check_decode, check_mla):
         try:
             check(kv)
         except Exception as e:

@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "kvkit/ops/attention_decode.hpp"
+#include "kvkit/ops/mla_compress.hpp"
+#include "kvkit/ops/mla_decode.hpp"
 #include "kvkit/ops/moe_router.hpp"
 #include "kvkit/ops/rope.hpp"
 
@@ -148,6 +150,101 @@ int kvkit_decode(const float* q, const float* k_cache, const float* v_cache, std
     p.o_stride_head = head_dim;
     p.lse = lse;
     kvkit::paged_decode_attention(p);
+  });
+}
+
+/// DeepSeek MLA through kvkit, as an engine composes it, for the last of
+/// `tokens` tokens at positions 0 .. tokens-1: mla_compress writes every
+/// token's kv_a [tokens, 512 + 64] (the engine's GEMM output: c_kv before its
+/// RMSNorm, k_pe before RoPE) into a paged float32 latent cache (pages of
+/// 64); the last token's q_pe is rotated, q_nope absorbed through W_UK;
+/// mla_decode_attention; the output projected through W_UV.
+/// q: [tokens, heads, nope + 64] before RoPE; wkv_b: [heads * (nope + v_dim), 512]
+/// (the official / transformers kv_b_proj layout); yarn_factor 0: no scaling,
+/// else DeepSeek's YaRN (beta 32 / 1) with the given mscales. out: [heads, v_dim].
+int kvkit_mla_last_token(int heads, int nope, int v_dim, double rope_base, double yarn_factor,
+                         std::int64_t original_max_position, double mscale, double mscale_all_dim, const float* q,
+                         const float* kv_a, const float* norm_weight, float norm_eps, const float* wkv_b,
+                         std::int64_t tokens, float* out) {
+  return guarded([&] {
+    kvkit::MlaConfig c;
+    c.n_heads = heads;
+    c.q_lora_rank = 0;  // the query projections are the caller's GEMMs
+    c.qk_nope_head_dim = nope;
+    c.v_head_dim = v_dim;
+    c.rope = kvkit::RopeConfig{64, 64, rope_base, kvkit::RopeStyle::kGptJ, {}};
+    if (yarn_factor > 0.0) {
+      c.rope.scaling.type = kvkit::RopeScalingType::kYarn;
+      c.rope.scaling.factor = yarn_factor;
+      c.rope.scaling.original_max_position = original_max_position;
+      c.rope.scaling.yarn_mscale = mscale;
+      c.rope.scaling.yarn_mscale_all_dim = mscale_all_dim;
+    }
+    const int rank = c.kv_lora_rank, lat = c.latent_dim(), qk = c.qk_head_dim();
+    const kvkit::RopeCache rope(c.rope, tokens);
+
+    const std::int64_t page = 64, pages = (tokens + page - 1) / page;
+    const auto layout = kvkit::LatentKVLayout::dense(pages, page, rank, c.qk_rope_head_dim);
+    std::vector<float> cache(std::size_t(pages * page * lat));
+    std::vector<std::int64_t> positions(static_cast<std::size_t>(tokens));
+    for (std::int64_t t = 0; t < tokens; ++t) positions[std::size_t(t)] = t;
+    kvkit::MlaCompressArgs a;
+    a.kv_a = kv_a;
+    a.kv_a_stride_token = lat;
+    a.norm_weight = norm_weight;
+    a.norm_eps = norm_eps;
+    a.positions = positions.data();
+    a.slot_mapping = positions.data();  // token t in slot t
+    a.num_tokens = tokens;
+    a.cache = cache.data();
+    a.dtype = kvkit::DType::kFloat32;
+    a.rope_style = c.rope.style;
+    a.cos_sin_cache = rope.data();
+    a.cache_positions = rope.max_positions();
+    kvkit::mla_compress(layout, a);
+
+    // The last token's query: q_pe rotated at its position, q_nope absorbed.
+    const float* q_last = q + (tokens - 1) * heads * qk;
+    std::vector<float> q_nope(std::size_t(heads * nope)), q_pe(std::size_t(heads * 64));
+    for (int h = 0; h < heads; ++h) {
+      for (int i = 0; i < nope; ++i) q_nope[std::size_t(h * nope + i)] = q_last[h * qk + i];
+      for (int i = 0; i < 64; ++i) q_pe[std::size_t(h * 64 + i)] = q_last[h * qk + nope + i];
+    }
+    kvkit::RopeParams r;
+    r.k = q_pe.data();
+    r.k_token_stride = std::int64_t(heads) * 64;
+    r.k_head_stride = 64;
+    r.num_k_heads = heads;
+    r.positions = positions.data() + (tokens - 1);
+    r.num_tokens = 1;
+    r.head_dim = r.rotary_dim = 64;
+    r.style = c.rope.style;
+    r.dtype = kvkit::DType::kFloat32;
+    rope.attach(r);
+    kvkit::apply_rope(r);
+    std::vector<float> w_uk(std::size_t(heads) * nope * rank), w_uv(std::size_t(heads) * v_dim * rank);
+    kvkit::mla_split_wkv_b(c, wkv_b, w_uk.data(), w_uv.data());
+    std::vector<float> q_dec(std::size_t(heads * lat));
+    kvkit::mla_absorb_query(c, q_nope.data(), 1, w_uk.data(), q_dec.data(), std::int64_t(heads) * lat, lat);
+    for (int h = 0; h < heads; ++h) {
+      for (int i = 0; i < 64; ++i) q_dec[std::size_t(h * lat + rank + i)] = q_pe[std::size_t(h * 64 + i)];
+    }
+
+    std::vector<std::int32_t> table(static_cast<std::size_t>(pages));
+    for (std::int64_t i = 0; i < pages; ++i) table[std::size_t(i)] = std::int32_t(i);
+    const std::int32_t len = std::int32_t(tokens);
+    std::vector<float> o_lat(std::size_t(heads * rank));
+    kvkit::PagedDecodeParams p = kvkit::mla_decode_params(c, layout, cache.data(), kvkit::DType::kFloat32);
+    p.q = q_dec.data();
+    p.q_stride_token = std::int64_t(heads) * lat;
+    p.q_stride_head = lat;
+    p.page_table = {table.data(), &len, 1, pages, pages};
+    p.o = o_lat.data();
+    p.o_stride_token = std::int64_t(heads) * rank;
+    p.o_stride_head = rank;
+    p.q_dtype = kvkit::DType::kFloat32;
+    kvkit::mla_decode_attention(p);
+    kvkit::mla_project_output(c, o_lat.data(), std::int64_t(heads) * rank, rank, 1, w_uv.data(), out);
   });
 }
 
