@@ -5,8 +5,9 @@ An independent reference for the formulas: the RoPE frequency tables and
 scalings (transformers' ROPE_INIT_FUNCTIONS), the rotation pairing (Llama's
 apply_rotary_pos_emb; DeepSeek-V3's interleaved variant), MoE routing
 (transformers' DeepSeek-V2 and V3 routers; Mixtral/Qwen softmax-top-k in torch)
-GQA decode attention (float64 torch) and MLA (transformers' DeepseekV3Attention
-against kvkit's compress + absorbed decode). kvkit is reached through ctypes
+GQA decode attention (float64 torch), MLA (transformers' DeepseekV3Attention
+against kvkit's compress + absorbed decode) and the gpt_decode example's
+reading of llama2.c checkpoints (against transformers' LlamaForCausalLM). kvkit is reached through ctypes
 (kvkit_capi.cpp, built as a shared library).
 
 Usage: crosscheck.py path/to/libkvkit_capi.so
@@ -302,6 +303,58 @@ def check_mla(kv):
            float(np.max(np.abs(out - want)) / np.max(np.abs(want))), 1e-4)
 
 
+# ---------------------------------------------------------------- llama2.c checkpoints
+def permute_reverse(w, heads):
+    """transformers' Llama q/k rows (rotate-half order) back to Meta's and
+    llama2.c's (interleaved pairs): the inverse of the permutation in
+    transformers' convert_llama_weights_to_hf.py."""
+    rows, cols = w.shape
+    return np.swapaxes(w.reshape(heads, 2, rows // heads // 2, cols), 1, 2).reshape(rows, cols)
+
+
+def check_llama2c(kv):
+    """A random transformers LlamaForCausalLM (GQA, untied classifier),
+    written as a llama2.c checkpoint the way llama2.c's export.py does, read
+    by the gpt_decode example: its logits for the last of 40 tokens must
+    equal transformers'."""
+    import tempfile
+    from transformers import LlamaConfig, LlamaForCausalLM
+    dim, hidden, layers, heads, kv_heads, vocab, seq = 64, 172, 2, 4, 2, 97, 64
+    cfg = LlamaConfig(hidden_size=dim, intermediate_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=seq, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+                      initializer_range=0.15)
+    model = LlamaForCausalLM(cfg).eval()
+    m = model.model
+    with torch.no_grad():
+        for norm in [m.norm] + [l.input_layernorm for l in m.layers] + [l.post_attention_layernorm for l in m.layers]:
+            norm.weight.copy_(1 + 0.3 * torch.randn(dim))
+    t = lambda x: x.detach().float().numpy()
+    stack = lambda f: np.stack([t(f(l)) for l in m.layers])
+    parts = [t(m.embed_tokens.weight), stack(lambda l: l.input_layernorm.weight),
+             np.stack([permute_reverse(t(l.self_attn.q_proj.weight), heads) for l in m.layers]),
+             np.stack([permute_reverse(t(l.self_attn.k_proj.weight), kv_heads) for l in m.layers]),
+             stack(lambda l: l.self_attn.v_proj.weight), stack(lambda l: l.self_attn.o_proj.weight),
+             stack(lambda l: l.post_attention_layernorm.weight), stack(lambda l: l.mlp.gate_proj.weight),
+             stack(lambda l: l.mlp.down_proj.weight), stack(lambda l: l.mlp.up_proj.weight), t(m.norm.weight),
+             np.zeros(seq * dim // heads, dtype=np.float32),  # llama2.c's freq_cis tables (unused)
+             t(model.lm_head.weight)]
+    tokens = RNG.integers(0, vocab, 40).astype(np.int32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0, -1].numpy()
+    got = np.zeros(vocab, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.bin")
+        with open(path, "wb") as f:
+            f.write(np.array([dim, hidden, layers, heads, kv_heads, -vocab, seq], dtype=np.int32).tobytes())
+            for a in parts:
+                f.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+        kv.call("kvkit_llama2c_last_logits", path.encode(), ptr(tokens, ctypes.c_int32), ctypes.c_int64(len(tokens)),
+                ptr(got, ctypes.c_float))
+    report("gpt_decode's llama2.c reading vs transformers' LlamaForCausalLM (GQA 4/2, 40 tokens): last logits",
+           float(np.max(np.abs(got - want)) / np.max(np.abs(want))), 1e-4)
+
+
 # ---------------------------------------------------------------- attention
 def check_decode(kv):
     batch, q_heads, kv_heads, d, page = 5, 16, 4, 128, 16
@@ -348,7 +401,7 @@ def main():
         sys.exit(__doc__)
     kv = Kvkit(sys.argv[1])
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
-    for check in (check_rope_tables, check_rope_apply, check_moe, check_decode, check_mla):
+    for check in (check_rope_tables, check_rope_apply, check_moe, check_decode, check_mla, check_llama2c):
         try:
             check(kv)
         except Exception as e:

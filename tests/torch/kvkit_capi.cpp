@@ -16,6 +16,7 @@
 #include "kvkit/ops/mla_decode.hpp"
 #include "kvkit/ops/moe_router.hpp"
 #include "kvkit/ops/rope.hpp"
+#include "gpt_decode/llama_model.hpp"
 
 namespace {
 
@@ -245,6 +246,21 @@ int kvkit_mla_last_token(int heads, int nope, int v_dim, double rope_base, doubl
     p.q_dtype = kvkit::DType::kFloat32;
     kvkit::mla_decode_attention(p);
     kvkit::mla_project_output(c, o_lat.data(), std::int64_t(heads) * rank, rank, 1, w_uv.data(), out);
+  });
+}
+
+/// The gpt_decode example's reading of a llama2.c checkpoint: loads `path`
+/// (gpt::load_llama2c) and writes the logits [vocab] of the last of `n`
+/// tokens from its no-cache reference forward (gpt::reference_last_logits,
+/// RoPE base 10000, interleaved pairs as llama2.c). The example's --check
+/// ties its kvkit-cached serving path to this forward.
+int kvkit_llama2c_last_logits(const char* path, const std::int32_t* tokens, std::int64_t n, float* logits) {
+  return guarded([&] {
+    gpt::Config c;
+    gpt::Weights w;
+    gpt::load_llama2c(path, c, w);
+    const std::vector<float> out = gpt::reference_last_logits(c, w, std::vector<std::int32_t>(tokens, tokens + n), 10000.0);
+    for (std::size_t i = 0; i < out.size(); ++i) logits[i] = out[i];
   });
 }
 
