@@ -25,6 +25,7 @@
 #include "kvkit/cuda/merge_states.cuh"
 #include "kvkit/ops/attention_decode.hpp"
 #include "kvkit/ops/merge_states.hpp"
+#include "support/cuda_graph.hpp"
 #include "support/paged_decode_problem.hpp"
 
 using Catch::Matchers::Contains;
@@ -459,19 +460,9 @@ TEST_CASE("GPU decode captured in a CUDA graph and replayed gives the same resul
     const DecodePlan plan = kvkit::cuda::plan_decode(d.p, prob.seq_lens.data(), num_sms(), split);
     REQUIRE(plan.num_splits > 1);
     d.workspace = DeviceBuffer(plan.workspace_bytes);
-    cudaStream_t stream;
-    KVKIT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    KVKIT_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    kvkit::cuda::run_decode(d.p, plan, d.workspace.data(), d.workspace.bytes(), stream);
-    KVKIT_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-    KVKIT_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int replay = 0; replay < 2; ++replay) KVKIT_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    KVKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
-    KVKIT_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    KVKIT_CUDA_CHECK(cudaGraphDestroy(graph));
-    KVKIT_CUDA_CHECK(cudaStreamDestroy(stream));
+    kvkit::testing::capture_and_replay([&](cudaStream_t stream) {
+      kvkit::cuda::run_decode(d.p, plan, d.workspace.data(), d.workspace.bytes(), stream);
+    });
     prob.o_gpu = d.o.to_host<kvkit::bfloat16>();
     prob.lse_gpu = d.lse.to_host<float>();
     prob.compare();

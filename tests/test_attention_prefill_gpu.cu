@@ -26,6 +26,7 @@
 #include "kvkit/cuda/attention_prefill.cuh"
 #include "kvkit/cuda/device_buffer.hpp"
 #include "kvkit/ops/attention_decode.hpp"
+#include "support/cuda_graph.hpp"
 #include "support/paged_decode_problem.hpp"
 
 using Catch::Matchers::Contains;
@@ -411,19 +412,7 @@ TEST_CASE("GPU prefill captured in a CUDA graph and replayed gives the same resu
   prob.run_cpu();
   auto d = prob.upload();
   const PrefillPlan plan = prob.plan_for(d.p);
-  cudaStream_t stream;
-  KVKIT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  KVKIT_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  kvkit::cuda::run_prefill(d.p, plan, stream);
-  KVKIT_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  KVKIT_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  for (int replay = 0; replay < 2; ++replay) KVKIT_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  KVKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
-  KVKIT_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  KVKIT_CUDA_CHECK(cudaGraphDestroy(graph));
-  KVKIT_CUDA_CHECK(cudaStreamDestroy(stream));
+  kvkit::testing::capture_and_replay([&](cudaStream_t stream) { kvkit::cuda::run_prefill(d.p, plan, stream); });
   prob.o_gpu = d.o.to_host<kvkit::bfloat16>();
   prob.lse_gpu = d.lse.to_host<float>();
   prob.compare();

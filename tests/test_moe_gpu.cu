@@ -16,6 +16,7 @@
 #include "kvkit/ops/moe_combine.hpp"
 #include "kvkit/ops/moe_dispatch.hpp"
 #include "kvkit/ops/moe_router.hpp"
+#include "support/cuda_graph.hpp"
 #include "moe_reference.hpp"
 
 using Catch::Matchers::Contains;
@@ -226,6 +227,30 @@ TEST_CASE("GPU dispatch plan equals the CPU plan exactly, with padding and capac
       }
     }
   }
+}
+
+TEST_CASE("GPU dispatch plan captured in a CUDA graph and replayed equals the CPU plan") {
+  // CUB's sort and scan with caller-provided temp storage, no host sync: capturable.
+  std::mt19937 rng(11);
+  const kvkit::DispatchConfig cfg{256, 8, 64, -1};
+  const std::int64_t tokens = 333;
+  std::vector<std::int32_t> ids(std::size_t(tokens * cfg.top_k));
+  for (auto& id : ids) id = int(rng() % 256u);
+  const auto want = cpu_plan(cfg, ids, tokens);
+  auto d_ids = DeviceBuffer::from_host(ids);
+  DevicePlan d;
+  gpu_plan(cfg, d_ids, tokens, d);  // allocates the buffers (and runs once, uncaptured)
+  for (auto* b : {&d.counts, &d.offsets, &d.sorted, &d.rows, &d.tiles, &d.dropped}) {
+    KVKIT_CUDA_CHECK(cudaMemset(b->data(), 0x7b, b->bytes()));  // poison again
+  }
+  kvkit::testing::capture_and_replay(
+      [&](cudaStream_t stream) { kvkit::cuda::moe_dispatch_plan(cfg, d.params, stream); });
+  CHECK(head(d.counts, want.counts.size()) == want.counts);
+  CHECK(head(d.offsets, want.offsets.size()) == want.offsets);
+  CHECK(head(d.sorted, want.sorted.size()) == want.sorted);
+  CHECK(head(d.rows, want.rows.size()) == want.rows);
+  CHECK(head(d.tiles, want.tiles.size()) == want.tiles);
+  CHECK(head(d.dropped, 1)[0] == want.result.num_dropped);
 }
 
 TEST_CASE("GPU dispatch plan of zero tokens with tile padding: sentinel rows, zero offsets") {
