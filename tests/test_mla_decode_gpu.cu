@@ -32,6 +32,7 @@
 #include "kvkit/cuda/mla_decode.cuh"
 #include "kvkit/ops/mla_decode.hpp"
 #include "kvkit/ops/mla_fp8.hpp"
+#include "support/cuda_graph.hpp"
 
 using Catch::Matchers::Contains;
 using kvkit::MlaConfig;
@@ -155,6 +156,7 @@ struct MlaProblem {
   }
 
   MlaDecodeKernel kernel = MlaDecodeKernel::kCudaCores;  // the one the last run used
+  bool in_graph = false;  // run the GPU op captured in a CUDA graph (replayed twice)
 
   // Runs the CPU op and the GPU op; returns the plan's split count.
   int run(const DecodePlanOptions& options, MlaDecodeKernel choice = MlaDecodeKernel::kCudaCores) {
@@ -176,7 +178,13 @@ struct MlaProblem {
     const auto plan = kvkit::cuda::plan_mla_decode(g, lens.data(), num_sms(), options, choice);
     kernel = plan.kernel;
     DeviceBuffer workspace(std::max<std::size_t>(plan.workspace_bytes, 4));
-    kvkit::cuda::run_mla_decode(g, plan, workspace.data(), plan.workspace_bytes);
+    if (in_graph) {
+      kvkit::testing::capture_and_replay([&](cudaStream_t stream) {
+        kvkit::cuda::run_mla_decode(g, plan, workspace.data(), plan.workspace_bytes, stream);
+      });
+    } else {
+      kvkit::cuda::run_mla_decode(g, plan, workspace.data(), plan.workspace_bytes);
+    }
     KVKIT_CUDA_CHECK(cudaDeviceSynchronize());
     o_gpu = d_o.template to_host<QT>();
     lse_gpu = d_lse.template to_host<float>();
@@ -272,6 +280,16 @@ TEST_CASE("a plan with mla_decode_kernel_for_current_device() runs on this GPU a
   KVKIT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major == 9) CHECK(k == MlaDecodeKernel::kAuto);  // Hopper holds the tensor-core kernel
   check<kvkit::bfloat16>(c, {}, 41, 1, k);
+}
+
+TEST_CASE("GPU MLA decode captured in a CUDA graph and replayed equals the CPU op (split)") {
+  MlaCase c;
+  c.heads = 128;
+  c.seq_lens = {65, 5000};
+  MlaProblem<kvkit::bfloat16> pr(c, 43);
+  pr.in_graph = true;
+  CHECK(pr.run(chunks_of(1024), kvkit::cuda::mla_decode_kernel_for_current_device()) > 1);
+  pr.compare();
 }
 
 TEST_CASE("GPU MLA decode over the fp8 cache (656-byte rows) equals the CPU op") {
