@@ -36,23 +36,24 @@ inline std::uint64_t stride_bits(const ContiguousKVLayout& l) {
 }
 
 template <class Unit, class Layout>
-__global__ void append_kv_kernel(Layout layout, AppendKVArgs a, int es, std::int64_t row_units) {
-  const std::int64_t heads = layout.num_heads;
-  const std::int64_t per_cache = heads * row_units;
+__global__ void append_kv_kernel(Layout layout, AppendKVArgs a, int es, int row_units) {
+  const int per_token = int(layout.num_heads) * row_units;  // units of one token's K (or V) rows
   const std::int64_t num_slots = layout.num_slots();
   for (std::int64_t t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     const std::int64_t slot = a.slot_mapping[t];
     if (slot < 0 || slot >= num_slots) continue;
-    for (std::int64_t u = threadIdx.x; u < 2 * per_cache; u += blockDim.x) {
-      const bool is_v = u >= per_cache;
-      const std::int64_t r = is_v ? u - per_cache : u;
-      const std::int64_t h = r / row_units;
-      const std::int64_t i = r - h * row_units;
-      const char* src = static_cast<const char*>(is_v ? a.value : a.key) +
-                        (t * (is_v ? a.value_stride_token : a.key_stride_token) +
-                         h * (is_v ? a.value_stride_head : a.key_stride_head)) * es;
-      char* dst = static_cast<char*>(is_v ? a.v_cache : a.k_cache) + layout.slot_offset(slot, h) * es;
-      reinterpret_cast<Unit*>(dst)[i] = reinterpret_cast<const Unit*>(src)[i];
+    const char* key = static_cast<const char*>(a.key) + t * a.key_stride_token * es;
+    const char* value = static_cast<const char*>(a.value) + t * a.value_stride_token * es;
+    // One 32-bit division per unit, shared by K and V (a 64-bit one per
+    // 16 bytes would cost about as many instructions as the copy allows).
+    for (int u = threadIdx.x; u < per_token; u += blockDim.x) {
+      const int h = u / row_units;
+      const int i = u - h * row_units;
+      const std::int64_t dst = layout.slot_offset(slot, h) * es;
+      reinterpret_cast<Unit*>(static_cast<char*>(a.k_cache) + dst)[i] =
+          reinterpret_cast<const Unit*>(key + h * a.key_stride_head * es)[i];
+      reinterpret_cast<Unit*>(static_cast<char*>(a.v_cache) + dst)[i] =
+          reinterpret_cast<const Unit*>(value + h * a.value_stride_head * es)[i];
     }
   }
 }
@@ -96,11 +97,13 @@ void append_kv(const Layout& layout, const AppendKVArgs& a, cudaStream_t stream)
        std::uint64_t(a.value_stride_token) * es, std::uint64_t(a.value_stride_head) * es,
        detail::stride_bits(layout) * es});
   const std::int64_t row_units = layout.head_dim * std::int64_t(es) / unit;
+  check_argument(layout.num_heads * row_units <= std::int64_t(INT32_MAX), "kvkit::cuda::append_kv",
+                 "layout.num_heads", layout.num_heads, "small enough that one token's rows hold < 2^31 copy units");
   detail::dispatch_copy_unit(unit, [&](auto u) {
     using Unit = decltype(u);
     detail::append_kv_kernel<Unit, Layout>
         <<<detail::grid_for(a.num_tokens), detail::kAppendThreads, 0, stream>>>(layout, a, int(es),
-                                                                               row_units);
+                                                                               int(row_units));
   });
   KVKIT_CUDA_CHECK(cudaGetLastError());
 }
