@@ -7,9 +7,9 @@
 #   2. The host tests again, built with AddressSanitizer + UBSan.
 #   3. The consumer test: install to a temporary prefix and build a tiny
 #      out-of-tree program against it with find_package(kvkit).
-#   4. The CPU tests of the vector kernels (decode, MLA, RoPE, quantize, MoE
-#      combine, conversions) built with Clang, with OpenMP: Clang differs from
-#      GCC in how it treats our vector types and target attributes.
+#   4. The CPU tests of the vector kernels (decode, MLA fp8, RoPE,
+#      conversions) built with Clang, with OpenMP: Clang differs from GCC in
+#      how it treats our vector types and target attributes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -43,8 +43,10 @@ cmake --build "$prefix/build-subdir" -j"$jobs" --target consumer
 "$prefix/build-subdir/consumer"
 
 echo "== 4/4 vector-kernel CPU tests built with Clang"
-clang_tests=(test_core_types test_attention test_attention_quantized test_mla_fp8 test_rope_x86
-  test_layout_quantize_fast test_moe_dispatch)
+# The tests whose kernels Clang treated differently (unaligned vector structs,
+# F16C, AVX-512 target attributes) and the conversions; kept short: CI's
+# budget is 25 minutes.
+clang_tests=(test_core_types test_attention test_mla_fp8 test_rope_x86)
 cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ -DKVKIT_ENABLE_CUDA=OFF \
   -DKVKIT_BUILD_BENCHMARKS=OFF -DKVKIT_BUILD_EXAMPLES=OFF >/dev/null
 cmake --build build-clang -j"$jobs" --target "${clang_tests[@]}"
