@@ -166,6 +166,12 @@ struct DevicePlan {
   kvkit::cuda::DispatchParams params;
 };
 
+void poison(DevicePlan& d) {
+  for (auto* b : {&d.counts, &d.offsets, &d.sorted, &d.rows, &d.tiles, &d.dropped}) {
+    KVKIT_CUDA_CHECK(cudaMemset(b->data(), 0x7b, b->bytes()));
+  }
+}
+
 void gpu_plan(const kvkit::DispatchConfig& cfg, const DeviceBuffer& d_ids, std::int64_t tokens, DevicePlan& d) {
   d.counts = DeviceBuffer(std::size_t(cfg.n_experts) * 4);
   d.offsets = DeviceBuffer(std::size_t(cfg.n_experts + 1) * 4);
@@ -174,9 +180,7 @@ void gpu_plan(const kvkit::DispatchConfig& cfg, const DeviceBuffer& d_ids, std::
   d.tiles = DeviceBuffer(std::size_t(kvkit::moe_dispatch_max_tiles(cfg, tokens)) * 4 + 4);
   d.dropped = DeviceBuffer(4);
   d.workspace = DeviceBuffer(kvkit::cuda::moe_dispatch_workspace_bytes(cfg, tokens));
-  for (auto* b : {&d.counts, &d.offsets, &d.sorted, &d.rows, &d.tiles, &d.dropped}) {
-    KVKIT_CUDA_CHECK(cudaMemset(b->data(), 0x7b, b->bytes()));  // poison
-  }
+  poison(d);
   auto& p = d.params;
   p.topk_ids = d_ids.as<std::int32_t>();
   p.num_tokens = tokens;
@@ -198,6 +202,16 @@ std::vector<std::int32_t> head(const DeviceBuffer& b, std::size_t n) {
   return v;
 }
 
+// Every array of the GPU plan against the CPU plan.
+void check_plan(const DevicePlan& d, const HostPlan& want) {
+  CHECK(head(d.counts, want.counts.size()) == want.counts);
+  CHECK(head(d.offsets, want.offsets.size()) == want.offsets);
+  CHECK(head(d.sorted, want.sorted.size()) == want.sorted);
+  CHECK(head(d.rows, want.rows.size()) == want.rows);
+  CHECK(head(d.tiles, want.tiles.size()) == want.tiles);
+  CHECK(head(d.dropped, 1)[0] == want.result.num_dropped);
+}
+
 }  // namespace
 
 TEST_CASE("GPU dispatch plan equals the CPU plan exactly, with padding and capacity") {
@@ -216,12 +230,7 @@ TEST_CASE("GPU dispatch plan equals the CPU plan exactly, with padding and capac
             auto d_ids = DeviceBuffer::from_host(ids);
             DevicePlan d;
             gpu_plan(cfg, d_ids, tokens, d);
-            CHECK(head(d.counts, want.counts.size()) == want.counts);
-            CHECK(head(d.offsets, want.offsets.size()) == want.offsets);
-            CHECK(head(d.sorted, want.sorted.size()) == want.sorted);
-            CHECK(head(d.rows, want.rows.size()) == want.rows);
-            CHECK(head(d.tiles, want.tiles.size()) == want.tiles);
-            CHECK(head(d.dropped, 1)[0] == want.result.num_dropped);
+            check_plan(d, want);
           }
         }
       }
@@ -240,17 +249,10 @@ TEST_CASE("GPU dispatch plan captured in a CUDA graph and replayed equals the CP
   auto d_ids = DeviceBuffer::from_host(ids);
   DevicePlan d;
   gpu_plan(cfg, d_ids, tokens, d);  // allocates the buffers (and runs once, uncaptured)
-  for (auto* b : {&d.counts, &d.offsets, &d.sorted, &d.rows, &d.tiles, &d.dropped}) {
-    KVKIT_CUDA_CHECK(cudaMemset(b->data(), 0x7b, b->bytes()));  // poison again
-  }
+  poison(d);
   kvkit::testing::capture_and_replay(
       [&](cudaStream_t stream) { kvkit::cuda::moe_dispatch_plan(cfg, d.params, stream); });
-  CHECK(head(d.counts, want.counts.size()) == want.counts);
-  CHECK(head(d.offsets, want.offsets.size()) == want.offsets);
-  CHECK(head(d.sorted, want.sorted.size()) == want.sorted);
-  CHECK(head(d.rows, want.rows.size()) == want.rows);
-  CHECK(head(d.tiles, want.tiles.size()) == want.tiles);
-  CHECK(head(d.dropped, 1)[0] == want.result.num_dropped);
+  check_plan(d, want);
 }
 
 TEST_CASE("GPU dispatch plan of zero tokens with tile padding: sentinel rows, zero offsets") {

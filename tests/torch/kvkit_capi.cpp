@@ -55,6 +55,24 @@ kvkit::RopeConfig rope_config(int head_dim, int rotary_dim, double base, int sty
   return c;
 }
 
+/// Rotates float32 rows x [tokens, heads, config.head_dim] in place with `cache`.
+void rotate_rows(const kvkit::RopeConfig& c, const kvkit::RopeCache& cache, const std::int64_t* positions,
+                 std::int64_t tokens, int heads, float* x) {
+  kvkit::RopeParams p;
+  p.k = x;
+  p.k_token_stride = std::int64_t(heads) * c.head_dim;
+  p.k_head_stride = c.head_dim;
+  p.num_k_heads = heads;
+  p.positions = positions;
+  p.num_tokens = tokens;
+  p.head_dim = c.head_dim;
+  p.rotary_dim = c.rotary_dim;
+  p.style = c.style;
+  p.dtype = kvkit::DType::kFloat32;
+  cache.attach(p);
+  kvkit::apply_rope(p);
+}
+
 }  // namespace
 
 extern "C" {
@@ -82,20 +100,7 @@ int kvkit_apply_rope(int head_dim, int rotary_dim, double base, int style, int s
   return guarded([&] {
     const kvkit::RopeConfig c =
         rope_config(head_dim, rotary_dim, base, style, scaling, factor, original_max_position, extra);
-    const kvkit::RopeCache cache(c, max_position);
-    kvkit::RopeParams p;
-    p.k = x;
-    p.k_token_stride = std::int64_t(heads) * head_dim;
-    p.k_head_stride = head_dim;
-    p.num_k_heads = heads;
-    p.positions = positions;
-    p.num_tokens = tokens;
-    p.head_dim = head_dim;
-    p.rotary_dim = rotary_dim;
-    p.style = c.style;
-    p.dtype = kvkit::DType::kFloat32;
-    cache.attach(p);
-    kvkit::apply_rope(p);
+    rotate_rows(c, kvkit::RopeCache(c, max_position), positions, tokens, heads, x);
   });
 }
 
@@ -211,18 +216,7 @@ int kvkit_mla_last_token(int heads, int nope, int v_dim, double rope_base, doubl
       for (int i = 0; i < nope; ++i) q_nope[std::size_t(h * nope + i)] = q_last[h * qk + i];
       for (int i = 0; i < 64; ++i) q_pe[std::size_t(h * 64 + i)] = q_last[h * qk + nope + i];
     }
-    kvkit::RopeParams r;
-    r.k = q_pe.data();
-    r.k_token_stride = std::int64_t(heads) * 64;
-    r.k_head_stride = 64;
-    r.num_k_heads = heads;
-    r.positions = positions.data() + (tokens - 1);
-    r.num_tokens = 1;
-    r.head_dim = r.rotary_dim = 64;
-    r.style = c.rope.style;
-    r.dtype = kvkit::DType::kFloat32;
-    rope.attach(r);
-    kvkit::apply_rope(r);
+    rotate_rows(c.rope, rope, positions.data() + (tokens - 1), 1, heads, q_pe.data());
     std::vector<float> w_uk(std::size_t(heads) * nope * rank), w_uv(std::size_t(heads) * v_dim * rank);
     kvkit::mla_split_wkv_b(c, wkv_b, w_uk.data(), w_uv.data());
     std::vector<float> q_dec(std::size_t(heads * lat));
