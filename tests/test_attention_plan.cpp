@@ -182,6 +182,11 @@ TEST_CASE("plan_decode rejects what the GPU kernels cannot run, naming the argum
     in.lens[1] = 1;
     CHECK_THROWS_WITH(in.plan(), Contains("sequence 1 has seq_len 1 < q_len (2)"));
   }
+  SECTION("a negative host length, caught without the causal check") {
+    in.p.causal = false;
+    in.lens[1] = -1;
+    CHECK_THROWS_WITH(in.plan(), Contains("host_seq_lens[1] = -1: expected >= 0"));
+  }
   SECTION("a host length beyond the page table") {
     in.lens[0] = 113;  // 7 pages of 16 hold 112
     CHECK_THROWS_WITH(in.plan(), Contains("host_seq_lens[0] = 113: expected at most max_blocks x page_size (112)"));
