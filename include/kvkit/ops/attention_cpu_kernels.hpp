@@ -15,6 +15,7 @@
 
 #include "kvkit/core/bfloat16.hpp"
 #include "kvkit/core/half.hpp"
+#include "kvkit/core/prefetch.hpp"
 #include "kvkit/core/x86_dispatch.hpp"
 #include "kvkit/layout/kv_scales.hpp"
 #include "kvkit/layout/latent_fp8_layout.hpp"
@@ -172,15 +173,6 @@ KVKIT_FORCEINLINE int chunk_position(int d) {
     return d;
   }
 }
-
-/// Asks for the cache line at p, into L2 rather than L1 (prefetcht1): the
-/// misses of a prefetch into L1 hold one of L1's few fill buffers until
-/// DRAM answers, and a tile's prefetches ran out of them; L2 tracks many more
-/// misses, and the later loads from L2 cost a few cycles that out-of-order
-/// execution hides. Measured on Zen 4 (2 threads, batch 16 x 4k bf16): 13-14
-/// GB/s with prefetches into L1, 17-21 GB/s into L2 (readsum of the same
-/// pages: 22-30 GB/s).
-KVKIT_FORCEINLINE void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 /// Asks for the cache lines of kBytes bytes at p (a whole number of lines
 /// when p is line-aligned).

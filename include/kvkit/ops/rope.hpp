@@ -12,6 +12,7 @@
 
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
+#include "kvkit/core/prefetch.hpp"
 #include "kvkit/core/x86_dispatch.hpp"
 #include "kvkit/ops/rope_config.hpp"
 #include "kvkit/ops/rope_x86.hpp"
@@ -170,7 +171,7 @@ inline void prefetch_rotated_rows(const T* base, std::int64_t head_stride, int n
   const int row_bytes = rotary_dim * int(sizeof(T));
   for (int h = 0; h < num_heads; ++h) {
     const char* row = reinterpret_cast<const char*>(base + h * head_stride);
-    for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 1, 2);  // into L2: see attention_cpu_kernels.hpp
+    for (int b = 0; b < row_bytes; b += 64) prefetch_line_for_write(row + b);
   }
 }
 
