@@ -24,21 +24,31 @@ namespace detail {
 
 inline constexpr int kCopyBlocksThreads = 256;
 
-/// grid: (pairs, caches). Dense pages: rows_per_page == 1, row_units = the page.
+/// grid: (pairs, caches). Dense pages: row_units = the page's units.
+/// Index math in 32 bits (the launcher checks that a page fits): a 64-bit
+/// division per 16-byte unit costs about as many instructions as the copy
+/// allows at HBM speed.
 template <class Unit>
 __global__ void copy_blocks_kernel(PagedKVLayout layout, void* const* caches,
                                    const std::int64_t* pairs, std::int64_t num_pairs, int es,
-                                   bool dense, std::int64_t row_units) {
+                                   bool dense, int row_units) {
   for (std::int64_t p = blockIdx.x; p < num_pairs; p += gridDim.x) {
     const std::int64_t src = pairs[2 * p], dst = pairs[2 * p + 1];
     if (src < 0 || src >= layout.num_pages || dst < 0 || dst >= layout.num_pages) continue;
     char* base = static_cast<char*>(caches[blockIdx.y]);
-    const std::int64_t rows = dense ? 1 : layout.page_size * layout.num_heads;
-    for (std::int64_t u = threadIdx.x; u < rows * row_units; u += blockDim.x) {
-      const std::int64_t r = u / row_units;
-      const std::int64_t i = u - r * row_units;
-      const std::int64_t s = r / layout.num_heads;
-      const std::int64_t h = r - s * layout.num_heads;
+    if (dense) {  // one run of units per page
+      const Unit* from = reinterpret_cast<const Unit*>(base + layout.offset(src, 0, 0, 0) * es);
+      Unit* to = reinterpret_cast<Unit*>(base + layout.offset(dst, 0, 0, 0) * es);
+      for (int u = threadIdx.x; u < row_units; u += blockDim.x) to[u] = from[u];
+      continue;
+    }
+    const int heads = int(layout.num_heads);
+    const int page_units = int(layout.page_size) * heads * row_units;
+    for (int u = threadIdx.x; u < page_units; u += blockDim.x) {
+      const int r = u / row_units;
+      const int i = u - r * row_units;
+      const int s = r / heads;
+      const int h = r - s * heads;
       const Unit* from = reinterpret_cast<const Unit*>(base + layout.offset(src, s, h, 0) * es);
       Unit* to = reinterpret_cast<Unit*>(base + layout.offset(dst, s, h, 0) * es);
       to[i] = from[i];
@@ -69,11 +79,15 @@ inline void copy_blocks(const PagedKVLayout& layout, const CopyBlocksArgs& a,
       {std::uint64_t(cache_alignment), row_bytes,
        // v_offset: the V pointer of an interleaved cache is K + v_offset.
        std::uint64_t(layout.stride_page | layout.stride_slot | layout.stride_head | layout.v_offset) * es});
+  const std::int64_t row_units = std::int64_t(row_bytes) / unit;
+  const std::int64_t page_units = dense ? row_units : layout.page_size * layout.num_heads * row_units;
+  check_argument(page_units <= std::int64_t(INT32_MAX), kWhere, "layout.page_size", layout.page_size,
+                 "small enough that one page holds < 2^31 copy units (", page_units, " here)");
   dim3 grid(detail::grid_for(a.num_pairs > 65535 ? 65535 : a.num_pairs), unsigned(a.num_caches));
   detail::dispatch_copy_unit(unit, [&](auto u) {
     using Unit = decltype(u);
     detail::copy_blocks_kernel<Unit><<<grid, detail::kCopyBlocksThreads, 0, stream>>>(
-        layout, a.caches, a.pairs, a.num_pairs, int(es), dense, std::int64_t(row_bytes) / unit);
+        layout, a.caches, a.pairs, a.num_pairs, int(es), dense, int(row_units));
   });
   KVKIT_CUDA_CHECK(cudaGetLastError());
 }
