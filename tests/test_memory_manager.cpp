@@ -458,3 +458,69 @@ TEST_CASE("bad input throws kvkit::Error and leaves all state unchanged") {
   CHECK(m.take_transfers().empty());
   m.check_invariants();
 }
+
+TEST_CASE("blocks a swap-out frees at the flush keep the sequence's retention priority") {
+  // Regression: take_transfers released the sources of pending transfers at
+  // priority 0, so every device block of a swapped-out priority-7 sequence was
+  // evicted before the priority-0 blocks freed after it.
+  KVCacheManager m(opts(4, 4, 4));  // 3 device blocks
+  SequenceOptions high;
+  high.priority = 7;
+  const SequenceId a = m.create_sequence(high);
+  const SequenceId b = m.create_sequence();
+  REQUIRE(m.reserve(a, 4));
+  REQUIRE(m.reserve(b, 4));
+  const BlockHash ha = h(1), hb = h(2);
+  m.commit_blocks(a, &ha, 1);
+  m.commit_blocks(b, &hb, 1);
+  REQUIRE(m.swap_out(a));
+  CHECK(m.take_transfers().swap_out.size() == 1);  // a's device block is freed here
+  m.free_sequence(b);                              // b's block: priority 0, freed later
+  const SequenceId c = m.create_sequence();
+  REQUIRE(m.reserve(c, 8));  // the empty block plus one eviction
+  CHECK(m.device_pool().find_cached(ha) != kvkit::BlockPool::kNoBlock);  // priority 7 survives
+  CHECK(m.device_pool().find_cached(hb) == kvkit::BlockPool::kNoBlock);
+  m.check_invariants();
+}
+
+TEST_CASE("a reservation larger than the pool returns false before anything changes") {
+  // Regression: n0 + k overflowed for a huge k; reserve then copied a shared
+  // block (copy-on-write) and threw std::length_error with the table changed.
+  KVCacheManager m(opts(8, 4));
+  const SequenceId a = m.create_sequence();
+  REQUIRE(m.reserve(a, 5));
+  const SequenceId c = m.fork(a);  // shares a's partial block 1
+  const auto table = m.block_table(c);
+  const auto stats = m.stats();
+  const std::int64_t huge = INT64_MAX - 5;
+  CHECK_FALSE(m.reserve(c, huge));
+  CHECK_FALSE(m.reserve(c, 1, nullptr, huge));
+  CHECK_FALSE(m.reserve(c, 8 * 4 + 1));  // one token more than the pool's 32 slots
+  CHECK(m.block_table(c) == table);
+  CHECK(m.num_tokens(c) == 5);
+  CHECK(m.stats().device.num_free == stats.device.num_free);
+  CHECK(m.take_transfers().empty());
+  // A huge sink count is accepted and must not overflow the block arithmetic.
+  SequenceOptions so;
+  so.sliding_window = 4;
+  so.num_sink_tokens = INT64_MAX;
+  const SequenceId w = m.create_sequence(so);
+  REQUIRE(m.reserve(w, 9));
+  CHECK(m.block_table(w).size() == 3);  // every block is a sink block: nothing freed
+  m.check_invariants();
+}
+
+TEST_CASE("a CSR page table with null indices throws instead of writing through it") {
+  KVCacheManager m(opts(8, 4));
+  const SequenceId a = m.create_sequence();
+  REQUIRE(m.reserve(a, 5));
+  std::int32_t indptr[2] = {-3, -3}, last[1] = {-3};
+  CHECK_THROWS_WITH(m.build_csr_page_table(&a, 1, indptr, nullptr, last),
+                    Contains("'indices' = nullptr") && Contains("2 pages"));
+  CHECK(indptr[0] == -3);
+  const SequenceId e = m.create_sequence();  // no pages: indices may be null
+  m.build_csr_page_table(&e, 1, indptr, nullptr, last);
+  CHECK(indptr[1] == 0);
+  CHECK(last[0] == 0);
+  m.check_invariants();
+}

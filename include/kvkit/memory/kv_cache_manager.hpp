@@ -227,6 +227,12 @@ class KVCacheManager {
     Seq& s = get_running(seq, where);
     check_argument(k >= 0, where, "k", k, ">= 0");
     check_argument(num_lookahead >= 0, where, "num_lookahead", num_lookahead, ">= 0");
+    // More tokens than the whole pool holds can never fit (all their blocks are
+    // held at once); refusing them here also keeps n0 + k + num_lookahead and
+    // the block counts below from overflowing (which made a huge k throw
+    // std::length_error after the copy-on-write loop had changed the table).
+    const std::int64_t pool_tokens = static_cast<std::int64_t>(device_.num_blocks()) << block_shift_;
+    if (k > pool_tokens || num_lookahead > pool_tokens) return false;
     const std::int64_t n0 = s.num_tokens;
     const std::int64_t n1 = n0 + k;
     const std::int64_t end = n1 + num_lookahead;
@@ -240,13 +246,17 @@ class KVCacheManager {
       if (device_.ref_count(s.blocks[i]) > 1) ++to_allocate;
     }
     // Radix eviction never touches blocks a table names: to_allocate stays valid.
-    if (to_allocate > device_.num_free_blocks() && !make_room(to_allocate)) return false;
+    // make_room takes an int32: a count above the pool size cannot be met anyway.
+    if (to_allocate > device_.num_free_blocks() &&
+        (to_allocate > device_.num_blocks() || !make_room(static_cast<std::int32_t>(to_allocate)))) {
+      return false;
+    }
     if (!s.resume_hashes.empty()) s.resume_hashes.clear();  // recomputing from scratch instead
     for (std::size_t i = first_written; i < last_existing; ++i) {
       const std::int32_t b = s.blocks[i];
       if (device_.ref_count(b) > 1) {
         const std::int32_t copy = device_.allocate_one();
-        record_copy(MemoryTier::kDevice, b, MemoryTier::kDevice, copy);
+        record_copy(MemoryTier::kDevice, b, MemoryTier::kDevice, copy, s.options.priority);
         device_.release_one(b, s.options.priority);  // stays > 0: someone else holds it
         s.blocks[i] = copy;
       } else if (device_.is_cached(b)) {
@@ -409,7 +419,7 @@ class KVCacheManager {
     for (std::int64_t i = on_device; i < total; ++i) {
       const std::int32_t d = device_.allocate_one();
       const std::int32_t h = host_.acquire_cached(hashes[i]);  // record_copy needs it referenced
-      record_copy(MemoryTier::kHost, h, MemoryTier::kDevice, d);
+      record_copy(MemoryTier::kHost, h, MemoryTier::kDevice, d, s.options.priority);
       host_.release_one(h);
       device_.cache_block(d, hashes[i]);
       s.blocks[i] = d;
@@ -461,7 +471,7 @@ class KVCacheManager {
       device_.retain(m.partial_block);
       if (device_.num_free_blocks() > 0 || make_room(1)) {
         const std::int32_t d = device_.allocate_one();
-        record_copy(MemoryTier::kDevice, m.partial_block, MemoryTier::kDevice, d);
+        record_copy(MemoryTier::kDevice, m.partial_block, MemoryTier::kDevice, d, s.options.priority);
         s.blocks.push_back(d);
         copied = m.partial_tokens;
       }
@@ -589,7 +599,7 @@ class KVCacheManager {
         host_.retain(h);
       } else {
         h = host_.allocate_one();
-        record_copy(MemoryTier::kDevice, d, MemoryTier::kHost, h);
+        record_copy(MemoryTier::kDevice, d, MemoryTier::kHost, h, s.options.priority);
         if (i < s.hashes.size()) host_.cache_block(h, s.hashes[i]);
       }
       table[i] = h;
@@ -605,8 +615,9 @@ class KVCacheManager {
   /// Swaps a sequence back in: committed blocks still cached on the device
   /// are shared, the others get new device blocks filled by host->device
   /// copies (swap_in); host blocks are freed and stay cached on the host.
-  /// Returns false, changing nothing, when the device pool is too small.
-  /// Throws kvkit::Error for an unknown or running sequence.
+  /// Returns false, with every sequence unchanged, when the device pool is
+  /// too small (radix leaves evicted while trying stay evicted, as in
+  /// reserve). Throws kvkit::Error for an unknown or running sequence.
   bool swap_in(SequenceId seq) {
     const char* where = "kvkit::KVCacheManager::swap_in";
     Seq& s = get(seq, where);
@@ -644,7 +655,7 @@ class KVCacheManager {
       std::int32_t d;
       {
         d = device_.allocate_one();
-        record_copy(MemoryTier::kHost, h, MemoryTier::kDevice, d);
+        record_copy(MemoryTier::kHost, h, MemoryTier::kDevice, d, s.options.priority);
         if (i < s.hashes.size()) device_.cache_block(d, s.hashes[i]);
       }
       table[i] = d;
@@ -667,9 +678,17 @@ class KVCacheManager {
         if (c.dst == BlockPool::kNoBlock) continue;  // cancelled: destination freed
         dst_list.push_back(c);
         (l == kSwapOut ? pending_host_ : pending_device_)[static_cast<std::size_t>(c.dst)] = kNone;
-        (l == kSwapIn ? host_ : device_).release_one(c.src);
+      }
+      // A source whose last reference this is (e.g. every device block of a
+      // swap_out) is freed here: at the priority of the sequence that queued
+      // the transfer, not 0, and tail first as free_sequence does.
+      for (std::size_t e = list.size(); e > 0; --e) {
+        const BlockCopy& c = list[e - 1];
+        if (c.dst == BlockPool::kNoBlock) continue;
+        (l == kSwapIn ? host_ : device_).release_one(c.src, priorities_[l][e - 1]);
       }
       list.clear();
+      priorities_[l].clear();
     }
     return out;
   }
@@ -729,7 +748,11 @@ class KVCacheManager {
     const char* where = "kvkit::KVCacheManager::build_csr_page_table";
     check_argument(n >= 0 && (n == 0 || (seqs && last_page_len)) && indptr, where, "n", n,
                    ">= 0 with non-null seqs, indptr and last_page_len");
-    for (std::int64_t i = 0; i < n; ++i) get_running(seqs[i], where);
+    std::int64_t total = 0;
+    for (std::int64_t i = 0; i < n; ++i) total += blocks_for(get_running(seqs[i], where).num_tokens);
+    // indices was not checked: a null one with pages to write crashed instead of throwing.
+    check_argument(total == 0 || indices != nullptr, where, "indices", indices, "non-null (",
+                   total, " pages to write)");
     indptr[0] = 0;
     for (std::int64_t i = 0; i < n; ++i) {
       const Seq& s = seqs_[seqs[i].index];
@@ -880,7 +903,9 @@ class KVCacheManager {
   }
 
   std::int64_t blocks_for(std::int64_t tokens) const {
-    return (tokens + block_size_ - 1) >> block_shift_;
+    // Not (tokens + block_size - 1) >> shift: that overflows for counts near
+    // INT64_MAX (e.g. options.num_sink_tokens, which create_sequence accepts).
+    return (tokens >> block_shift_) + ((tokens & (block_size_ - 1)) != 0);
   }
   std::int64_t slot(std::int32_t block, std::int64_t position) const {
     return (static_cast<std::int64_t>(block) << block_shift_) + (position & (block_size_ - 1));
@@ -908,8 +933,10 @@ class KVCacheManager {
     return s;
   }
 
-  // Queues a copy; holds a reference on the source until take_transfers().
-  void record_copy(MemoryTier src_tier, std::int32_t src, MemoryTier dst_tier, std::int32_t dst) {
+  // Queues a copy; holds a reference on the source until take_transfers(),
+  // which releases it at `priority` (that of the sequence queuing the copy).
+  void record_copy(MemoryTier src_tier, std::int32_t src, MemoryTier dst_tier, std::int32_t dst,
+                   int priority) {
     const std::int64_t mark = (src_tier == MemoryTier::kHost ? pending_host_ : pending_device_)[static_cast<std::size_t>(src)];
     if (mark != kNone) {
       // The source is itself waiting for its content: copy from where that comes from.
@@ -924,6 +951,7 @@ class KVCacheManager {
     (dst_tier == MemoryTier::kHost ? pending_host_ : pending_device_)[static_cast<std::size_t>(dst)] =
         encode(l, lists_[l].size());
     lists_[l].push_back(BlockCopy{src, dst});
+    priorities_[l].push_back(static_cast<std::int8_t>(priority));
   }
 
   // The host block a pending swap-in fills device block d from, or kNoBlock.
@@ -949,11 +977,12 @@ class KVCacheManager {
     std::int64_t& mark = (tier == MemoryTier::kHost ? pending_host_ : pending_device_)[static_cast<std::size_t>(block)];
     if (mark == kNone) return;
     const int l = static_cast<int>(mark >> 40);
-    BlockCopy& c = lists_[l][static_cast<std::size_t>(mark & ((std::int64_t{1} << 40) - 1))];
+    const std::size_t e = static_cast<std::size_t>(mark & ((std::int64_t{1} << 40) - 1));
+    BlockCopy& c = lists_[l][e];
     mark = kNone;
     const std::int32_t src = c.src;
     c.src = c.dst = BlockPool::kNoBlock;
-    (l == kSwapIn ? host_ : device_).release_one(src);
+    (l == kSwapIn ? host_ : device_).release_one(src, priorities_[l][e]);
     // Its content will never arrive: it must not stay findable by hash.
     (tier == MemoryTier::kHost ? host_ : device_).uncache_block(block);
   }
@@ -1002,6 +1031,7 @@ class KVCacheManager {
   std::vector<std::uint32_t> free_slots_;
   std::int32_t num_live_ = 0;
   std::vector<BlockCopy> lists_[kNumLists];
+  std::vector<std::int8_t> priorities_[kNumLists];  // per transfer: priority its source is released at
   std::vector<std::int64_t> pending_device_;  // per device block: encoded transfer writing it, or kNone
   std::vector<std::int64_t> pending_host_;
   RadixPrefixIndex radix_;
