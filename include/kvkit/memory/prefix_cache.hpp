@@ -10,10 +10,13 @@
 ///
 /// This is the only kvkit header that includes <xxhash.h> (Debian/Ubuntu:
 /// libxxhash-dev; it is used header-only, nothing to link). XXH3-128 is fast
-/// (tens of GB/s), stable across versions >= 0.8 and platforms (the hash is
-/// defined on little-endian bytes), and 128 bits make accidental collisions
-/// negligible (vLLM moved to a 256-bit/128-bit hash for the same reason).
-/// It is not a cryptographic hash: where tenants must not probe each other's
+/// (tens of GB/s), stable across versions >= 0.8, and 128 bits make
+/// accidental collisions negligible (vLLM moved to a 256-bit/128-bit hash
+/// for the same reason).
+/// The hashed bytes are the token ids and parent hash in the machine's byte
+/// order, so hashes agree between machines of the same endianness (every
+/// platform kvkit targets is little-endian), not across endianness. It is
+/// not a cryptographic hash: where tenants must not probe each other's
 /// cache, put a secret per-tenant salt into the extra key.
 
 #include <cstddef>
