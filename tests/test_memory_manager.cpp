@@ -524,3 +524,18 @@ TEST_CASE("a CSR page table with null indices throws instead of writing through 
   CHECK(last[0] == 0);
   m.check_invariants();
 }
+
+TEST_CASE("a block table refuses a sequence whose length does not fit the int32 seq_lens") {
+  KVCacheManager m(opts(4, 1 << 30));  // 3 usable blocks of 2^30 tokens
+  const SequenceId a = m.create_sequence();
+  REQUIRE(m.reserve(a, (std::int64_t{1} << 31) + 1));
+  std::int32_t table[3] = {-5, -5, -5}, lens[1] = {-5};
+  CHECK_THROWS_WITH(m.build_block_table(&a, 1, 3, table, lens),
+                    Contains("'seqs'") && Contains("a sequence of < 2^31 tokens (it has 2147483649)"));
+  CHECK(lens[0] == -5);
+  CHECK(table[0] == -5);
+  REQUIRE(m.reserve(a, 0));
+  m.rollback(a, 2);  // 2^31 - 1 tokens fit
+  m.build_block_table(&a, 1, 3, table, lens);
+  CHECK(lens[0] == INT32_MAX);
+}

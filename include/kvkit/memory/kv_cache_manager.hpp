@@ -718,6 +718,9 @@ class KVCacheManager {
       const Seq& s = get_running(seqs[i], where);
       check_argument(blocks_for(s.num_tokens) <= max_blocks, where, "max_blocks", max_blocks,
                      ">= ", blocks_for(s.num_tokens), " (blocks of sequence ", seqs[i], ")");
+      // seq_lens are int32, as the kernels read them.
+      check_argument(s.num_tokens <= INT32_MAX, where, "seqs", seqs[i], "a sequence of < 2^31 tokens (it has ",
+                     s.num_tokens, ")");
     }
     for (std::int64_t i = 0; i < n; ++i) {
       const Seq& s = seqs_[seqs[i].index];
