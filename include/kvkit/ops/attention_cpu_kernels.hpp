@@ -524,7 +524,10 @@ KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int6
   }
   for (int j = n; j < kDecodeTile; ++j) s[j] = -INFINITY;
   V m = vec_at<V>(s).v;
-  for (int j = kLanes<V>; j < kDecodeTile; j += kLanes<V>) vec_max_into(m, vec_at<V>(s + j).v);
+  for (int j = kLanes<V>; j < kDecodeTile; j += kLanes<V>) {
+    const V x = vec_at<V>(s + j).v;  // a copy: a V& bound to the member would promise V's alignment
+    vec_max_into(m, x);
+  }
   const float tile_max = vec_max(m);
   if (tile_max == -INFINITY) {
     for (int j = 0; j < kDecodeTile; ++j) s[j] = 0.0f;

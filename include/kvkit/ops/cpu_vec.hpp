@@ -26,14 +26,19 @@ typedef float Vec4 __attribute__((vector_size(16)));
 typedef float Vec8 __attribute__((vector_size(32)));
 typedef float Vec16 __attribute__((vector_size(64)));
 
-/// A vector at any address: `v` of a packed struct. Why not a typedef with
-/// aligned(4): Clang drops such a typedef's alignment once the type passes
-/// through a template parameter and emits aligned loads (vmovaps) that fault
-/// on the scratch rows' 4-byte alignment; a packed struct's alignment is part
-/// of the type, so both compilers emit unaligned moves.
+/// A vector at any address: `v`, of V under-aligned to a float's 4 bytes by a
+/// typedef made inside the template. Two spellings that fault on the scratch
+/// rows' 4-byte alignment with aligned moves (vmovaps), both seen: a typedef
+/// with aligned(4) made outside and passed in as V (Clang drops its alignment
+/// once the type passes through a template parameter), and a packed struct
+/// (GCC 12 at -O0, i.e. Debug builds, ignores the packing when the member is
+/// reached through the reference vec_at returns). Read `v` into a V or
+/// operate on it in place; never bind a V& to it (that reference promises
+/// V's alignment again).
 template <class V>
-struct __attribute__((packed, may_alias)) UnalignedVec {
-  V v;
+struct __attribute__((may_alias)) UnalignedVec {
+  typedef V Unaligned __attribute__((aligned(4)));
+  Unaligned v;
 };
 #else
 struct Vec8 {
