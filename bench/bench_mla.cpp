@@ -41,6 +41,7 @@ void BM_mla_compress(benchmark::State& state) {
   a.dtype = kvkit::DType::kBFloat16;
   a.cos_sin_cache = table.data();
   a.cache_positions = table.max_positions();
+  a.cache_rotary_dim = table.rotary_dim();
   for (auto _ : state) {
     kvkit::mla_compress(layout, a);
     benchmark::ClobberMemory();

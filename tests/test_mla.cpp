@@ -93,6 +93,7 @@ struct CompressProblem {
     args.dtype = kvkit::DType::kFloat32;
     args.cos_sin_cache = table->data();
     args.cache_positions = table->max_positions();
+    args.cache_rotary_dim = table->rotary_dim();
   }
 };
 
@@ -173,6 +174,13 @@ TEST_CASE("bad mla input raises a clear error and writes nothing") {
   SECTION("no rope table") {
     p.args.cos_sin_cache = nullptr;
     CHECK_THROWS_WITH(kvkit::mla_compress(p.layout, p.args), Contains("cos_sin_cache"));
+  }
+  SECTION("a rope table made for another width") {
+    const kvkit::RopeCache narrow(kvkit::RopeConfig{16, 16, 10000.0, kvkit::RopeStyle::kGptJ, {}}, 5000);
+    p.args.cos_sin_cache = narrow.data();  // rows of 16 floats, read as rows of 8 would be wrong angles
+    p.args.cache_rotary_dim = narrow.rotary_dim();
+    CHECK_THROWS_WITH(kvkit::mla_compress(p.layout, p.args),
+                      Contains("'rotary_dim' = 8") && Contains("the attached RoPE table (16)"));
   }
   SECTION("config with a rope width that is not the table's") {
     MlaConfig c;

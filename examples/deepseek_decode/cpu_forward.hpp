@@ -86,6 +86,7 @@ class CpuForward {
       ca.rope_style = c.rope.style;
       ca.cos_sin_cache = rope_.data();
       ca.cache_positions = rope_.max_positions();
+      ca.cache_rotary_dim = rope_.rotary_dim();
       kvkit::mla_compress(layout_, ca);
       // kvkit: rotate q_pe (the last 64 dims of each head) with the same decoupled RoPE.
       kvkit::RopeParams rq;

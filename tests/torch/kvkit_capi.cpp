@@ -207,6 +207,7 @@ int kvkit_mla_last_token(int heads, int nope, int v_dim, double rope_base, doubl
     a.rope_style = c.rope.style;
     a.cos_sin_cache = rope.data();
     a.cache_positions = rope.max_positions();
+    a.cache_rotary_dim = rope.rotary_dim();
     kvkit::mla_compress(layout, a);
 
     // The last token's query: q_pe rotated at its position, q_nope absorbed.

@@ -133,6 +133,11 @@ struct PagedKVLayout {
              ": expected >= ", extent, " (the elements spanned by the inner dimensions), "
              "otherwise two cache entries share memory");
       }
+      // stride >= extent >= 1 here; an extent beyond int64 would make offset() overflow.
+      if (all[i].size - 1 > (INT64_MAX - extent) / all[i].stride) {
+        fail(where, "argument '", all[i].name, "' = ", all[i].stride, " with ", all[i].size,
+             " entries: expected the cache to span at most 2^63 - 1 elements");
+      }
       extent = all[i].stride * (all[i].size - 1) + extent;
     }
   }

@@ -46,8 +46,9 @@ inline void validate_decode_shapes(const PagedDecodeParams& p, const char* where
                  "a finite value > 0 (usually head_dim^-0.5)");
   check_argument(p.window >= 0, where, "window", p.window, ">= 0 (0: no window)");
   check_argument(p.num_sinks >= 0, where, "num_sinks", p.num_sinks, ">= 0");
-  check_argument(p.logit_softcap >= 0.0f, where, "logit_softcap", p.logit_softcap,
-                 ">= 0 (0: no soft-cap)");
+  // An infinite cap would score cap * tanh(s / cap) = inf * 0 = NaN.
+  check_argument(p.logit_softcap >= 0.0f && std::isfinite(p.logit_softcap), where, "logit_softcap",
+                 p.logit_softcap, "a finite value >= 0 (0: no soft-cap)");
   check_argument(p.kv_begin >= 0 && p.kv_begin <= p.kv_end, where, "kv_begin", p.kv_begin,
                  ">= 0 and <= kv_end (", p.kv_end, ")");
   check_argument(p.causal || p.window == 0, where, "window", p.window,

@@ -33,6 +33,7 @@ struct MlaCompressArgs {
   RopeStyle rope_style = RopeStyle::kGptJ;
   const float* cos_sin_cache = nullptr;        ///< [cache_positions, rope_dim] (RopeCache)
   std::int64_t cache_positions = 0;
+  int cache_rotary_dim = 0;                    ///< RopeCache::rotary_dim(): checked against rope_dim when > 0
 };
 
 namespace detail {
@@ -51,6 +52,7 @@ inline RopeParams mla_kpe_rope(const LatentKVLayout& layout, const MlaCompressAr
   r.dtype = a.dtype;
   r.cos_sin_cache = a.cos_sin_cache;
   r.cache_positions = a.cache_positions;
+  r.cache_rotary_dim = a.cache_rotary_dim;
   return r;
 }
 

@@ -251,7 +251,9 @@ void quantize_append_kv(const Layout& layout, const QuantizeAppendArgs& a) {
     for (std::int64_t i = 0; i < n; ++i) {
       for (const float* s : {a.k_scale, a.v_scale}) {
         if (!(s[i] > 0.0f && s[i] <= 3.402823466e38f)) {
-          fail(kWhere, "scale[", i, "] = ", s[i], ": expected a finite scale > 0");
+          // Name the array: "scale[0]" alone does not say whether K's or V's is bad.
+          fail(kWhere, "argument '", s == a.k_scale ? "k_scale" : "v_scale", "' has ",
+               s == a.k_scale ? "k_scale[" : "v_scale[", i, "] = ", s[i], ": expected a finite scale > 0");
         }
       }
     }

@@ -57,6 +57,7 @@ class RopeCache {
     params.cache_positions = max_positions_;
     params.inv_freq = inv_freq_.data();
     params.attention_factor = float(attention_factor_);
+    params.cache_rotary_dim = rotary_dim_;
   }
 
  private:
@@ -86,6 +87,8 @@ inline void validate_rope_params(const RopeParams& p, const char* where) {
   }
   check(p.cos_sin_cache != nullptr || p.inv_freq != nullptr, where,
         "neither cos_sin_cache nor inv_freq is set; expected one of them");
+  check_argument(p.cache_rotary_dim == 0 || p.cache_rotary_dim == p.rotary_dim, where, "rotary_dim",
+                 p.rotary_dim, "the rotary_dim of the attached RoPE table (", p.cache_rotary_dim, ")");
   dispatch_dtype<FloatTypes>(p.dtype, where, "dtype", [](auto) {});
 }
 
@@ -212,6 +215,10 @@ inline void check_positions(const RopeParams& p, const char* where, bool allow_n
     if (!allow_negative && pos < 0) {
       fail(where, "argument 'positions[", t, "]' = ", pos, ": expected >= 0");
     }
+    // |INT64_MIN| is not an int64: negating it (here and in rope_cos_sin) overflows.
+    if (pos == INT64_MIN) {
+      fail(where, "argument 'positions[", t, "]' = ", pos, ": expected |position| < 2^63");
+    }
     const std::int64_t magnitude = pos < 0 ? -pos : pos;
     if (p.cos_sin_cache != nullptr && magnitude >= p.cache_positions) {
       fail(where, "argument 'positions[", t, "]' = ", pos, ": expected |position| < ",
@@ -262,6 +269,9 @@ void rope_reorder_dims(T* data, std::int64_t rows, std::int64_t row_stride, int 
                  "a positive even number");
   check_argument(rows >= 0, kWhere, "rows", rows, ">= 0");
   check_argument(rows == 0 || data != nullptr, kWhere, "data", data, "a non-null pointer");
+  // Rows closer than rotary_dim overlap, and reordering one in place scrambles its neighbour.
+  check_argument(rows <= 1 || row_stride >= rotary_dim, kWhere, "row_stride", row_stride,
+                 ">= rotary_dim (", rotary_dim, ") when rows > 1");
   if (from == to) return;
   std::vector<T> tmp(static_cast<std::size_t>(rotary_dim));
   const int half = rotary_dim / 2;

@@ -38,6 +38,11 @@ struct RopeParams {
   /// [rotary_dim / 2] and the YaRN attention factor, for on-the-fly angles.
   const double* inv_freq = nullptr;
   float attention_factor = 1.0f;
+  /// The rotary_dim the table and inv_freq were made for (RopeCache::attach
+  /// sets it); when > 0 it must equal rotary_dim, since rows of another
+  /// width would be read past their end. 0: not checked (a table made
+  /// elsewhere, which must then be [cache_positions, rotary_dim]).
+  int cache_rotary_dim = 0;
 };
 
 /// cos and sin of pair `i` at `position` (negative positions rotate backwards).

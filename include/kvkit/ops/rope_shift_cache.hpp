@@ -91,6 +91,17 @@ void rope_shift_cache_keys(const RopeParams& rope, const Layout& layout, const R
   detail::check_positions(detail::rope_shift_keys_in_cache(rope, layout, a), kWhere, /*allow_negative=*/true);
   detail::check_slots(a.slots, rope.num_tokens, layout.num_slots(), kWhere);
   const bool quantized = is_quantized_cache_dtype(a.cache_dtype);
+  // A static scale that is NaN, inf or <= 0 would turn every re-quantized key
+  // into NaN or garbage: reject it, as quantize_append_kv does.
+  if (quantized && a.granularity != ScaleGranularity::kPerTokenHead) {
+    const std::int64_t n = a.granularity == ScaleGranularity::kPerHead ? layout.num_heads : 1;
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (!(a.k_scale[i] > 0.0f && a.k_scale[i] <= 3.402823466e38f)) {
+        fail(kWhere, "argument 'k_scale' has k_scale[", i, "] = ", a.k_scale[i],
+             ": expected a finite scale > 0");
+      }
+    }
+  }
 
   const int head_dim = int(layout.head_dim), half_rot = rope.rotary_dim / 2;
   std::vector<float> cos_row(static_cast<std::size_t>(half_rot)), sin_row(cos_row.size());
