@@ -16,7 +16,8 @@
 namespace kvkit {
 
 /// Decode attention: each of `batch_size` sequences has `q_len` new query
-/// tokens (1 for plain decode, up to 8 for speculative decoding) whose K/V are
+/// tokens (1 for plain decode, a few for speculative decoding, a whole chunk
+/// for chunked prefill: any q_len >= 1) whose K/V are
 /// already in the cache; they are the last q_len of the sequence's
 /// page_table.seq_len(b) tokens. Query token i of sequence b sits at position
 /// seq_len - q_len + i and attends causally to keys at positions <= its own.
