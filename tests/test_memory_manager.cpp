@@ -150,6 +150,41 @@ TEST_CASE("a fork shares every block until a write into a shared partial block c
   m.check_invariants();
 }
 
+TEST_CASE("in one step, forks of a partial block copy it once each and the last writer writes in place") {
+  // The pending copies read the block before the step's writes, so the last
+  // sequence still holding it needs no copy of its own (parallel sampling:
+  // n children and the parent all decode in the step after the fork).
+  KVCacheManager m(opts(32, 4));
+  const SequenceId parent = m.create_sequence();
+  REQUIRE(m.reserve(parent, 6));  // P0 full, P1 holds 2 of 4
+  const auto ptable = m.block_table(parent);
+  std::vector<SequenceId> children;
+  for (int i = 0; i < 3; ++i) children.push_back(m.fork(parent));
+  const std::int32_t free_before = m.stats().device.num_free;
+  std::vector<std::int64_t> slots;
+  for (const SequenceId c : children) {
+    std::int64_t slot = -1;
+    REQUIRE(m.reserve(c, 1, &slot));
+    slots.push_back(slot);
+  }
+  std::int64_t parent_slot = -1;
+  REQUIRE(m.reserve(parent, 1, &parent_slot));
+  CHECK(m.block_table(parent) == ptable);  // in place: the three copies read P1 first
+  CHECK(parent_slot == std::int64_t(ptable[1]) * 4 + 2);
+  CHECK(m.stats().device.num_free == free_before - 3);
+  m.check_invariants();
+  const auto t = m.take_transfers();
+  REQUIRE(t.copies.size() == 3);
+  for (std::size_t i = 0; i < 3; ++i) {
+    const auto ctable = m.block_table(children[i]);
+    CHECK(t.copies[i] == BlockCopy{ptable[1], ctable[1]});
+    CHECK(slots[i] == std::int64_t(ctable[1]) * 4 + 2);
+  }
+  CHECK(m.device_pool().ref_count(ptable[1]) == 1);
+  CHECK(m.device_pool().ref_count(ptable[0]) == 4);
+  m.check_invariants();
+}
+
 TEST_CASE("copies within one step never read a pending destination and drop freed destinations") {
   KVCacheManager m(opts(32, 4));
   const SequenceId a = m.create_sequence();

@@ -279,11 +279,7 @@ int serve(const Options& opt, const Config& cfg, const Weights& weights, Model& 
     // Copy-on-write copies (none in this workload unless requests fork) run
     // on every layer's K and V before this step writes the cache.
     const kvkit::BlockTransfers transfers = manager.take_transfers();
-    if (!transfers.copies.empty()) {
-      std::vector<std::int64_t> pairs;
-      for (const auto& c : transfers.copies) pairs.insert(pairs.end(), {c.src, c.dst});
-      model.copy_blocks(pairs);
-    }
+    if (!transfers.copies.empty()) model.copy_blocks(kvkit::block_copy_pairs(transfers.copies));
     if (s.work.empty()) continue;
 
     // 3. The model on this step's tokens, through the page table of the

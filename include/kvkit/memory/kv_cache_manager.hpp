@@ -95,6 +95,18 @@ struct BlockTransfers {
   bool empty() const { return copies.empty() && swap_out.empty() && swap_in.empty(); }
 };
 
+/// `copies` as int64 (src, dst) pairs, [copies.size(), 2]: the form
+/// CopyBlocksArgs::pairs (copy_blocks) and SwapPlan::make take.
+inline std::vector<std::int64_t> block_copy_pairs(const std::vector<BlockCopy>& copies) {
+  std::vector<std::int64_t> pairs;
+  pairs.reserve(2 * copies.size());
+  for (const BlockCopy& c : copies) {
+    pairs.push_back(c.src);
+    pairs.push_back(c.dst);
+  }
+  return pairs;
+}
+
 /// Result of attaching cached blocks to an empty sequence.
 struct PrefixHit {
   std::int64_t num_tokens = 0;         ///< tokens now in the sequence (whole blocks)
@@ -128,6 +140,7 @@ class KVCacheManager {
         has_host_(options.num_host_blocks > 0),
         pending_device_(static_cast<std::size_t>(options.num_blocks), kNone),
         pending_host_(static_cast<std::size_t>(host_.num_blocks()), kNone),
+        pending_reads_(static_cast<std::size_t>(options.num_blocks), 0),
         radix_(options.block_size, options.num_blocks),
         has_radix_(options.radix_index) {
     device_.set_events_enabled(options.enable_events);
@@ -243,7 +256,7 @@ class KVCacheManager {
     // Fast path of a decode step: one token into an exclusively held block.
     std::int64_t to_allocate = need > have ? static_cast<std::int64_t>(need - have) : 0;
     for (std::size_t i = first_written; i < last_existing; ++i) {
-      if (device_.ref_count(s.blocks[i]) > 1) ++to_allocate;
+      if (sharers(s.blocks[i]) > 1) ++to_allocate;
     }
     // Radix eviction never touches blocks a table names: to_allocate stays valid.
     // make_room takes an int32: a count above the pool size cannot be met anyway.
@@ -254,7 +267,7 @@ class KVCacheManager {
     if (!s.resume_hashes.empty()) s.resume_hashes.clear();  // recomputing from scratch instead
     for (std::size_t i = first_written; i < last_existing; ++i) {
       const std::int32_t b = s.blocks[i];
-      if (device_.ref_count(b) > 1) {
+      if (sharers(b) > 1) {
         const std::int32_t copy = device_.allocate_one();
         record_copy(MemoryTier::kDevice, b, MemoryTier::kDevice, copy, s.options.priority);
         device_.release_one(b, s.options.priority);  // stays > 0: someone else holds it
@@ -685,6 +698,7 @@ class KVCacheManager {
       for (std::size_t e = list.size(); e > 0; --e) {
         const BlockCopy& c = list[e - 1];
         if (c.dst == BlockPool::kNoBlock) continue;
+        if (l != kSwapIn) --pending_reads_[static_cast<std::size_t>(c.src)];
         (l == kSwapIn ? host_ : device_).release_one(c.src, priorities_[l][e - 1]);
       }
       list.clear();
@@ -852,6 +866,14 @@ class KVCacheManager {
               " is free");
       }
     }
+    std::vector<std::int32_t> reads(static_cast<std::size_t>(device_.num_blocks()), 0);
+    for (int l = 0; l < kNumLists; ++l) {
+      if (l == kSwapIn) continue;
+      for (const BlockCopy& c : lists_[l]) {
+        if (c.dst != BlockPool::kNoBlock) ++reads[static_cast<std::size_t>(c.src)];
+      }
+    }
+    check(reads == pending_reads_, where, "pending-read counts do not match the transfer lists");
     for (std::int64_t m : pending_device_) pending_marks += m != kNone;
     for (std::int64_t m : pending_host_) pending_marks += m != kNone;
     std::int64_t live_entries = 0;
@@ -936,6 +958,13 @@ class KVCacheManager {
     return s;
   }
 
+  // References to device block b other than pending transfers reading it:
+  // those run before the step's KV writes, so a block only they share with
+  // its writer is written in place (a fork's parent after its child's copy).
+  std::int32_t sharers(std::int32_t b) const {
+    return device_.ref_count(b) - pending_reads_[static_cast<std::size_t>(b)];
+  }
+
   // Queues a copy; holds a reference on the source until take_transfers(),
   // which releases it at `priority` (that of the sequence queuing the copy).
   void record_copy(MemoryTier src_tier, std::int32_t src, MemoryTier dst_tier, std::int32_t dst,
@@ -948,6 +977,7 @@ class KVCacheManager {
       src_tier = l == kSwapIn ? MemoryTier::kHost : MemoryTier::kDevice;
     }
     (src_tier == MemoryTier::kHost ? host_ : device_).retain(src);
+    if (src_tier == MemoryTier::kDevice) ++pending_reads_[static_cast<std::size_t>(src)];
     // host -> host cannot arise: swap_out shares a pending swap-in's host source instead.
     const int l = src_tier == MemoryTier::kHost ? kSwapIn
                   : dst_tier == MemoryTier::kDevice ? kCopies : kSwapOut;
@@ -985,6 +1015,7 @@ class KVCacheManager {
     mark = kNone;
     const std::int32_t src = c.src;
     c.src = c.dst = BlockPool::kNoBlock;
+    if (l != kSwapIn) --pending_reads_[static_cast<std::size_t>(src)];
     (l == kSwapIn ? host_ : device_).release_one(src, priorities_[l][e]);
     // Its content will never arrive: it must not stay findable by hash.
     (tier == MemoryTier::kHost ? host_ : device_).uncache_block(block);
@@ -1037,6 +1068,7 @@ class KVCacheManager {
   std::vector<std::int8_t> priorities_[kNumLists];  // per transfer: priority its source is released at
   std::vector<std::int64_t> pending_device_;  // per device block: encoded transfer writing it, or kNone
   std::vector<std::int64_t> pending_host_;
+  std::vector<std::int32_t> pending_reads_;   // per device block: pending transfers reading it
   RadixPrefixIndex radix_;
   bool has_radix_;
   std::vector<std::int32_t> radix_freed_;  // scratch of make_room
