@@ -180,6 +180,12 @@ TEST_CASE("in one step, forks of a partial block copy it once each and the last 
     CHECK(t.copies[i] == BlockCopy{ptable[1], ctable[1]});
     CHECK(slots[i] == std::int64_t(ctable[1]) * 4 + 2);
   }
+  const std::vector<std::int64_t> pairs = kvkit::block_copy_pairs(t.copies);  // what copy_blocks takes
+  REQUIRE(pairs.size() == 6);
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK(pairs[2 * i] == t.copies[i].src);
+    CHECK(pairs[2 * i + 1] == t.copies[i].dst);
+  }
   CHECK(m.device_pool().ref_count(ptable[1]) == 1);
   CHECK(m.device_pool().ref_count(ptable[0]) == 4);
   m.check_invariants();
