@@ -580,3 +580,22 @@ TEST_CASE("a block table refuses a sequence whose length does not fit the int32 
   m.build_block_table(&a, 1, 3, table, lens);
   CHECK(lens[0] == INT32_MAX);
 }
+
+TEST_CASE("commit_blocks refuses the chain passed from block 0 again, changing nothing") {
+  // Regression of a caller mistake that went unnoticed: the hashes start at
+  // the first uncommitted block; passing the whole chain again registered
+  // block 1 under block 0's hash (as duplicate content: silently uncached).
+  KVCacheManager m(opts(16, 4));
+  const SequenceId a = m.create_sequence();
+  REQUIRE(m.reserve(a, 4));
+  const auto hashes = chain(7, 3);
+  m.commit_blocks(a, hashes.data(), 1);
+  REQUIRE(m.reserve(a, 8));  // blocks 1 and 2 full
+  CHECK_THROWS_WITH(m.commit_blocks(a, hashes.data(), 2),
+                    Contains("'hashes[0]'") && Contains("expected the hashes of blocks 1..2"));
+  CHECK(m.committed_hashes(a).size() == 1);
+  m.commit_blocks(a, hashes.data() + 1, 2);  // the right call
+  CHECK(m.committed_hashes(a).size() == 3);
+  CHECK(m.count_cached_prefix(hashes.data(), 3) == 3);
+  m.check_invariants();
+}

@@ -363,8 +363,9 @@ class KVCacheManager {
   /// already cached elsewhere stay uncached (duplicate content); the
   /// sequence remembers every hash for recompute preemption.
   /// Throws kvkit::Error, changing nothing, for an unknown or swapped
-  /// sequence, n < 0, more blocks than are full, or a block already cached
-  /// under a different hash.
+  /// sequence, n < 0, more blocks than are full, a block already cached
+  /// under a different hash, or a hash this sequence already committed (the
+  /// chain passed from block 0 again).
   void commit_blocks(SequenceId seq, const BlockHash* hashes, std::int64_t n) {
     const char* where = "kvkit::KVCacheManager::commit_blocks";
     Seq& s = get_running(seq, where);
@@ -378,6 +379,17 @@ class KVCacheManager {
       if (b != device_.null_block() && device_.is_cached(b) && device_.block_hash(b) != hashes[j]) {
         fail(where, "block ", b, " (index ", done + j, ") is already cached under ",
              device_.block_hash(b), ", not ", hashes[j]);
+      }
+      // Chained hashes differ at every position, so a hash this sequence
+      // already committed means the chain was passed from block 0 again
+      // rather than from block `done` on. Looked for only when the hash is
+      // cached on another block (as it then is), so commits stay O(n).
+      const std::int32_t found = device_.find_cached(hashes[j]);
+      if (found != BlockPool::kNoBlock && found != b &&
+          std::find(s.hashes.begin(), s.hashes.end(), hashes[j]) != s.hashes.end()) {
+        fail(where, "argument 'hashes[", j, "]' = ", hashes[j], " is the hash of an already committed block ",
+             "of this sequence: expected the hashes of blocks ", done, "..", done + n - 1,
+             " (from committed_hashes(seq).size() on)");
       }
     }
     for (std::int64_t j = 0; j < n; ++j) {
