@@ -458,6 +458,20 @@ TEST_CASE("padded block table and CSR page table describe the running sequences"
   }
   CHECK_THROWS_WITH(m.build_block_table(seqs.data(), n, 3, table.data(), seq_lens.data()),
                     Contains("'max_blocks' = 3") && Contains(">= 4"));
+
+  // The allocating form: rows as long as the longest sequence, or as asked.
+  const kvkit::PaddedPageTableStorage fitted = m.build_page_table(seqs.data(), n);
+  CHECK(fitted.max_blocks == 4);
+  const kvkit::PaddedPageTable view = fitted.view();
+  CHECK(view.batch_size == n);
+  kvkit::validate_page_table(view, 4, 64);
+  for (std::int64_t i = 0; i < n; ++i) {
+    CHECK(view.seq_len(i) == lens[i]);
+    for (std::int64_t j = 0; j < 4; ++j) CHECK(view.page(i, j) == table[i * max_blocks + j]);
+  }
+  CHECK(m.build_page_table(seqs.data(), n, 6).max_blocks == 6);
+  CHECK(m.build_page_table(seqs.data() + 3, 1).max_blocks == 1);  // the empty sequence: one null entry
+  CHECK_THROWS_WITH(m.build_page_table(seqs.data(), n, 3), Contains("'max_blocks' = 3"));
 }
 
 TEST_CASE("bad input throws kvkit::Error and leaves all state unchanged") {

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "kvkit/core/error.hpp"
+#include "kvkit/layout/page_table.hpp"
 #include "kvkit/memory/block_hash.hpp"
 #include "kvkit/memory/block_pool.hpp"
 #include "kvkit/memory/radix_index.hpp"
@@ -756,6 +757,27 @@ class KVCacheManager {
       std::fill(row + used, row + max_blocks, null_block());
       seq_lens[i] = static_cast<std::int32_t>(s.num_tokens);
     }
+  }
+
+  /// build_block_table into arrays it allocates: the padded page table of
+  /// running sequences `seqs[0..n)`, as attention's `PaddedPageTable`
+  /// (`.view()`). Rows hold `max_blocks` entries, or when that is 0 as many as
+  /// the longest sequence needs (at least 1). A fixed `max_blocks` keeps the
+  /// shape constant from step to step (CUDA graphs); build_block_table itself
+  /// fills arrays the caller owns, without allocating. Throws as it does.
+  PaddedPageTableStorage build_page_table(const SequenceId* seqs, std::int64_t n,
+                                          std::int64_t max_blocks = 0) const {
+    const char* where = "kvkit::KVCacheManager::build_page_table";
+    check_argument(n >= 0 && (n == 0 || seqs), where, "n", n, ">= 0 with non-null seqs");
+    check_argument(max_blocks >= 0, where, "max_blocks", max_blocks, ">= 0 (0: the longest sequence's)");
+    std::int64_t longest = 1;
+    for (std::int64_t i = 0; i < n; ++i) longest = std::max(longest, blocks_for(get_running(seqs[i], where).num_tokens));
+    PaddedPageTableStorage out;
+    out.max_blocks = max_blocks > 0 ? max_blocks : longest;
+    out.block_table.resize(static_cast<std::size_t>(n * out.max_blocks));
+    out.seq_lens.resize(static_cast<std::size_t>(n));
+    build_block_table(seqs, n, out.max_blocks, out.block_table.data(), out.seq_lens.data());
+    return out;
   }
 
   /// Total pages of running sequences `seqs[0..n)`: the length of the CSR `indices`.
