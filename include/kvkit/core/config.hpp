@@ -54,11 +54,14 @@
 /// x86_dispatch.hpp) are therefore compiled as at -O3, as in the Release
 /// builds the tests and benchmarks use, whenever the user optimizes at all
 /// (an unoptimized -O0 build stays debuggable). Clang vectorizes at -O2
-/// already and gets nothing. Define KVKIT_VECTORIZE (to nothing) before
-/// including kvkit to let your own flags rule.
+/// already and gets nothing. Sanitized builds (AddressSanitizer,
+/// ThreadSanitizer) keep their own level: GCC compiles the instrumented
+/// per-ISA kernels at -O3 slowly (see docs/architecture.md). Define
+/// KVKIT_VECTORIZE (to nothing) before including kvkit to let your own flags
+/// rule (e.g. with only -fsanitize=undefined, which GCC does not announce).
 #ifndef KVKIT_VECTORIZE
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && !defined(__INTEL_LLVM_COMPILER) && \
-    defined(__OPTIMIZE__)
+    defined(__OPTIMIZE__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 #define KVKIT_VECTORIZE __attribute__((optimize("O3")))
 #else
 #define KVKIT_VECTORIZE
