@@ -31,6 +31,18 @@ kvkit::RopeConfig small_rope() {
   return c;
 }
 
+// RoPE over `tokens` float32 rows of one head, `dim` wide and fully rotated:
+// set q or k (and its strides) on the result.
+kvkit::RopeParams one_head_rows(const std::int64_t* positions, std::int64_t tokens, int dim) {
+  kvkit::RopeParams p;
+  p.positions = positions;
+  p.num_tokens = tokens;
+  p.head_dim = dim;
+  p.rotary_dim = dim;
+  p.dtype = DType::kFloat32;
+  return p;
+}
+
 }  // namespace
 
 TEST_CASE("rope_shift_keys rejects a delta of INT64_MIN, whose magnitude is not an int64") {
@@ -38,16 +50,11 @@ TEST_CASE("rope_shift_keys rejects a delta of INT64_MIN, whose magnitude is not 
   std::vector<float> k(2 * 8, kPoison);
   const std::vector<float> before = k;
   const std::int64_t deltas[2] = {1, std::numeric_limits<std::int64_t>::min()};
-  kvkit::RopeParams p;
+  kvkit::RopeParams p = one_head_rows(deltas, 2, 8);
   p.k = k.data();
   p.k_token_stride = 8;
   p.k_head_stride = 8;
   p.num_k_heads = 1;
-  p.positions = deltas;
-  p.num_tokens = 2;
-  p.head_dim = 8;
-  p.rotary_dim = 8;
-  p.dtype = DType::kFloat32;
   SECTION("with the cos/sin table") { table.attach(p); }
   SECTION("with on-the-fly angles") {
     table.attach(p);
@@ -179,16 +186,11 @@ TEST_CASE("apply_rope refuses a table attached for another rotary_dim, changing 
   std::vector<float> q(2 * 16, kPoison);
   const std::vector<float> before = q;
   const std::int64_t positions[2] = {3, 15};
-  kvkit::RopeParams p;
+  kvkit::RopeParams p = one_head_rows(positions, 2, 16);
   p.q = q.data();
   p.q_token_stride = 16;
   p.q_head_stride = 16;
   p.num_q_heads = 1;
-  p.positions = positions;
-  p.num_tokens = 2;
-  p.head_dim = 16;
-  p.rotary_dim = 16;
-  p.dtype = DType::kFloat32;
   table.attach(p);
   CHECK(p.cache_rotary_dim == 8);
   REQUIRE_THROWS_WITH(kvkit::apply_rope(p), Contains("'rotary_dim' = 16") && Contains("RoPE table (8)"));
