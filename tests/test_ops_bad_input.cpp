@@ -11,6 +11,7 @@
 
 #include "kvkit/layout/paged_kv_layout.hpp"
 #include "kvkit/ops/attention_decode.hpp"
+#include "kvkit/ops/gather.hpp"
 #include "kvkit/ops/quantize.hpp"
 #include "kvkit/ops/rope.hpp"
 #include "kvkit/ops/rope_shift_cache.hpp"
@@ -139,6 +140,10 @@ TEST_CASE("quantize_append_kv names the bad scale array, K's or V's") {
     v_scale = 0.0f;
     REQUIRE_THROWS_WITH(kvkit::quantize_append_kv(layout, a), Contains("v_scale[0] = 0"));
   }
+  SECTION("a negative token stride (append_kv refuses it too)") {
+    a.key_stride_token = -8;
+    REQUIRE_THROWS_WITH(kvkit::quantize_append_kv(layout, a), Contains("'key_stride_token' = -8"));
+  }
   CHECK(k_cache == before);
   CHECK(v_cache == before);
 }
@@ -198,4 +203,25 @@ TEST_CASE("apply_rope refuses a table attached for another rotary_dim, changing 
   p.rotary_dim = 8;  // the table's width: accepted
   kvkit::apply_rope(p);
   CHECK(q != before);
+}
+
+TEST_CASE("gathers refuse output rows of different tokens that overlap, writing nothing") {
+  const PagedKVLayout layout = PagedKVLayout::nhd(2, 4, 2, 8);
+  std::vector<float> k_cache(std::size_t(layout.num_slots() * 16), 1.5f), v_cache = k_cache;
+  const std::int32_t pages[1] = {1};
+  std::vector<float> key_out(64, kPoison), value_out(64, kPoison);
+  kvkit::GatherKVArgs a{k_cache.data(), v_cache.data(), pages, 3, key_out.data(), value_out.data(),
+                        /*out_stride_token=*/8, /*out_stride_head=*/8, DType::kFloat32};
+  CHECK_THROWS_WITH(kvkit::gather_kv(layout, a),
+                    Contains("'out_stride_token' = 8") && Contains("(16) so that the tokens' rows do not overlap"));
+  a.out_stride_token = 0;
+  CHECK_THROWS_WITH(kvkit::gather_kv(layout, a), Contains("'out_stride_token' = 0"));
+  CHECK(key_out == std::vector<float>(64, kPoison));
+  CHECK(value_out == std::vector<float>(64, kPoison));
+  a.num_tokens = 1;  // one token: its stride is never used
+  kvkit::gather_kv(layout, a);
+  CHECK(key_out[0] == 1.5f);
+  a.num_tokens = 3;
+  a.out_stride_token = 16;
+  kvkit::gather_kv(layout, a);
 }

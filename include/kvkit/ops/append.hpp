@@ -83,6 +83,18 @@ inline void check_pointer(const void* p, bool used, DType dtype, const char* whe
                  dtype_size(dtype), " bytes (", dtype_name(dtype), ")");
 }
 
+/// Checks the token stride of a dense output [num_tokens, num_heads, head_dim]
+/// (head stride `stride_head`): rows of different tokens must not overlap,
+/// or the result would depend on the order of the writes.
+template <class Layout>
+inline void check_output_token_stride(std::int64_t stride_token, std::int64_t num_tokens, const Layout& layout,
+                                      std::int64_t stride_head, const char* where) {
+  const std::int64_t token_extent = (layout.num_heads - 1) * stride_head + layout.head_dim;
+  check_argument(num_tokens <= 1 || stride_token >= token_extent, where, "out_stride_token", stride_token,
+                 ">= (num_heads - 1) x out_stride_head + head_dim (", token_extent,
+                 ") so that the tokens' rows do not overlap");
+}
+
 /// Throws kvkit::Error naming the first token whose slot is >= num_slots.
 /// Reads slot_mapping: host memory only.
 inline void check_slots(const std::int64_t* slot_mapping, std::int64_t num_tokens,

@@ -46,7 +46,7 @@ inline void validate_gather_kv(const PagedKVLayout& layout, const GatherKVArgs& 
   detail::check_pointer(a.v_cache, used && a.v_cache != nullptr, a.dtype, where, "v_cache");
   check_argument(layout.num_heads == 1 || a.out_stride_head >= layout.head_dim, where,
                  "out_stride_head", a.out_stride_head, ">= head_dim (", layout.head_dim, ")");
-  check_argument(a.out_stride_token >= 0, where, "out_stride_token", a.out_stride_token, ">= 0");
+  detail::check_output_token_stride(a.out_stride_token, a.num_tokens, layout, a.out_stride_head, where);
 }
 
 /// Copies the sequence's tokens 0..num_tokens-1 out of the cache (CPU).

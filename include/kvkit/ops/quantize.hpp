@@ -135,6 +135,8 @@ void validate_quantize_append(const Layout& layout, const QuantizeAppendArgs& a,
                  a.key_stride_head, ">= head_dim (", hd, ")");
   check_argument(layout.num_heads == 1 || a.value_stride_head >= hd, where, "value_stride_head",
                  a.value_stride_head, ">= head_dim (", hd, ")");
+  check_argument(a.key_stride_token >= 0, where, "key_stride_token", a.key_stride_token, ">= 0");
+  check_argument(a.value_stride_token >= 0, where, "value_stride_token", a.value_stride_token, ">= 0");
 }
 
 namespace detail {
@@ -299,6 +301,7 @@ inline void validate_dequantize_gather(const PagedKVLayout& layout, const Dequan
   detail::check_pointer(a.v_scale, used, DType::kFloat32, where, "v_scale");
   check_argument(layout.num_heads == 1 || a.out_stride_head >= layout.head_dim, where,
                  "out_stride_head", a.out_stride_head, ">= head_dim (", layout.head_dim, ")");
+  detail::check_output_token_stride(a.out_stride_token, a.num_tokens, layout, a.out_stride_head, where);
 }
 
 /// Dequantizes a sequence's K/V into float32 (CPU). Throws kvkit::Error on
