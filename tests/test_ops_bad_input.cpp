@@ -182,6 +182,30 @@ TEST_CASE("paged_decode_attention rejects an infinite logit_softcap, writing not
   for (float x : o) CHECK(x == kPoison);
   p.logit_softcap = 30.0f;  // a finite cap passes the checks (test_attention runs it)
   CHECK_NOTHROW(kvkit::detail::validate_decode_params(p, "test"));
+
+  SECTION("quantized cache: NaN, infinite or non-positive static scales") {
+    // Regression: only null scales were refused; a NaN k_scale gave o = 0,
+    // an infinite one o = NaN.
+    p.logit_softcap = 0.0f;
+    std::vector<std::uint8_t> k8(k_cache.size(), 0x38), v8(k8.size(), 0x30);  // e4m3 1.0 and 0.5
+    p.k_cache = k8.data();
+    p.v_cache = v8.data();
+    p.kv_dtype = DType::kFloat8E4M3;
+    float k_scale = 1.0f, v_scale = 1.0f;
+    p.k_scale = &k_scale;
+    p.v_scale = &v_scale;
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), 0.0f, -2.0f}) {
+      k_scale = bad;
+      CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("k_scale[0] = "));
+      k_scale = 1.0f;
+      v_scale = bad;
+      CHECK_THROWS_WITH(kvkit::paged_decode_attention(p), Contains("v_scale[0] = "));
+      v_scale = 1.0f;
+    }
+    for (float x : o) CHECK(x == kPoison);
+    kvkit::paged_decode_attention(p);
+    CHECK(o[0] == 0.5f);  // every value row is 0.5
+  }
 }
 
 TEST_CASE("apply_rope refuses a table attached for another rotary_dim, changing nothing") {

@@ -135,4 +135,21 @@ inline void validate_decode_params(const PagedDecodeParams& p, const char* where
   }
 }
 
+/// The CPU op's check of static quantized-cache scales (host memory; the
+/// CUDA launchers cannot read theirs): a NaN, infinite or non-positive
+/// scale would make the output 0 or NaN without a word. Per-(token, head)
+/// scales come from quantize_append_kv, which only writes valid ones.
+inline void check_static_kv_scales(const PagedDecodeParams& p, const char* where) {
+  if (!is_quantized_cache_dtype(p.kv_dtype) || p.kv_scale_granularity == ScaleGranularity::kPerTokenHead) return;
+  const std::int64_t n = p.kv_scale_granularity == ScaleGranularity::kPerHead ? p.layout.num_heads : 1;
+  for (const float* s : {p.k_scale, p.v_scale}) {
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (!(s[i] > 0.0f && s[i] <= 3.402823466e38f)) {
+        fail(where, "argument '", s == p.k_scale ? "k_scale" : "v_scale", "' has ",
+             s == p.k_scale ? "k_scale[" : "v_scale[", i, "] = ", s[i], ": expected a finite scale > 0");
+      }
+    }
+  }
+}
+
 }  // namespace kvkit::detail

@@ -356,6 +356,7 @@ void decode_all_sequences(const PagedDecodeParams& p) {
 inline void paged_decode_attention(const PagedDecodeParams& p) {
   constexpr const char* kWhere = "kvkit::paged_decode_attention";
   detail::validate_decode_params(p, kWhere);
+  detail::check_static_kv_scales(p, kWhere);
   dispatch_dtype<FloatTypes>(p.q_dtype, kWhere, "q_dtype", [&](auto qtag) {
     detail::dispatch_kv_cache_dtype(p.kv_dtype, kWhere, [&](auto kv_dtype) {
       using QT = typename decltype(qtag)::type;
