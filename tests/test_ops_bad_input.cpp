@@ -229,6 +229,59 @@ TEST_CASE("apply_rope refuses a table attached for another rotary_dim, changing 
   CHECK(q != before);
 }
 
+TEST_CASE("apply_rope refuses heads whose rotated dims overlap, changing nothing") {
+  // Regression: q_head_stride 4 with rotary_dim 8 rotated dims 4..7 twice, in
+  // an order the CPU loop and the CUDA threads do not share.
+  const kvkit::RopeCache table(small_rope(), 16);
+  std::vector<float> q(3 * 16, kPoison);
+  const std::vector<float> before = q;
+  const std::int64_t positions[3] = {1, 2, 3};
+  kvkit::RopeParams p = one_head_rows(positions, 3, 8);
+  p.q = q.data();
+  p.q_token_stride = 16;
+  p.num_q_heads = 2;
+  table.attach(p);
+  SECTION("query heads") {
+    p.q_head_stride = GENERATE(4, 0, -7);
+    REQUIRE_THROWS_WITH(kvkit::apply_rope(p), Contains("'q_head_stride' = ") && Contains("rotary_dim (8)"));
+  }
+  SECTION("key heads") {
+    p.q = nullptr;
+    p.k = q.data();
+    p.k_token_stride = 16;
+    p.k_head_stride = 7;
+    p.num_k_heads = 2;
+    REQUIRE_THROWS_WITH(kvkit::apply_rope(p), Contains("'k_head_stride' = 7"));
+  }
+  CHECK(q == before);
+}
+
+TEST_CASE("apply_rope takes heads exactly rotary_dim apart, either way, and one head at any stride") {
+  const kvkit::RopeCache table(small_rope(), 16);
+  std::vector<float> q(3 * 16, 0.25f);
+  const std::int64_t positions[3] = {1, 2, 3};
+  kvkit::RopeParams p = one_head_rows(positions, 3, 8);
+  p.q_token_stride = 16;
+  p.num_q_heads = 2;
+  table.attach(p);
+  SECTION("stride +8") {
+    p.q = q.data();
+    p.q_head_stride = 8;
+  }
+  SECTION("stride -8 from the second head") {
+    p.q = q.data() + 8;
+    p.q_head_stride = -8;
+  }
+  SECTION("one head, stride 0") {
+    p.q = q.data();
+    p.num_q_heads = 1;
+    p.q_head_stride = 0;
+  }
+  const std::vector<float> before = q;
+  kvkit::apply_rope(p);
+  CHECK(q != before);
+}
+
 TEST_CASE("gathers refuse output rows of different tokens that overlap, writing nothing") {
   const PagedKVLayout layout = PagedKVLayout::nhd(2, 4, 2, 8);
   std::vector<float> k_cache(std::size_t(layout.num_slots() * 16), 1.5f), v_cache = k_cache;

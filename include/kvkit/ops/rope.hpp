@@ -81,6 +81,19 @@ inline void validate_rope_params(const RopeParams& p, const char* where) {
   check(p.q != nullptr || p.k != nullptr, where, "both q and k are null; expected at least one");
   if (p.q != nullptr) check_argument(p.num_q_heads > 0, where, "num_q_heads", p.num_q_heads, "> 0");
   if (p.k != nullptr) check_argument(p.num_k_heads > 0, where, "num_k_heads", p.num_k_heads, "> 0");
+  // Heads whose rotated dims overlap would be rotated twice, in an order that
+  // differs between the CPU and the GPU.
+  const auto heads_apart = [&](std::int64_t stride, int heads) {
+    return heads <= 1 || stride >= p.rotary_dim || stride <= -std::int64_t(p.rotary_dim);
+  };
+  if (p.q != nullptr) {
+    check_argument(heads_apart(p.q_head_stride, p.num_q_heads), where, "q_head_stride", p.q_head_stride,
+                   "at least rotary_dim (", p.rotary_dim, ") apart for ", p.num_q_heads, " heads");
+  }
+  if (p.k != nullptr) {
+    check_argument(heads_apart(p.k_head_stride, p.num_k_heads), where, "k_head_stride", p.k_head_stride,
+                   "at least rotary_dim (", p.rotary_dim, ") apart for ", p.num_k_heads, " heads");
+  }
   if (p.num_tokens > 0) {
     check_argument(p.positions != nullptr, where, "positions", p.positions,
                    "a non-null pointer for ", p.num_tokens, " tokens");
