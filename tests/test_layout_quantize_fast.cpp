@@ -193,16 +193,16 @@ void check_against_scalar(AppendFn fn, DType src_dtype, DType cache_dtype, Scale
 
 template <class Src, DType kCache>
 void baseline_entry(const PagedKVLayout& l, const kvkit::QuantizeAppendArgs& a) {
-  kvkit::detail::quantize_append_baseline<Src, kCache>(l, a);
+  kvkit::detail::run_loop_baseline<&kvkit::detail::quantize_append_loop<Src, kCache, PagedKVLayout>>(l, a);
 }
 #if KVKIT_QUANTIZE_X86_DISPATCH
 template <class Src, DType kCache>
 void avx2_entry(const PagedKVLayout& l, const kvkit::QuantizeAppendArgs& a) {
-  kvkit::detail::quantize_append_avx2<Src, kCache>(l, a);
+  kvkit::detail::run_loop_avx2<&kvkit::detail::quantize_append_loop<Src, kCache, PagedKVLayout>>(l, a);
 }
 template <class Src, DType kCache>
 void avx512_entry(const PagedKVLayout& l, const kvkit::QuantizeAppendArgs& a) {
-  kvkit::detail::quantize_append_avx512<Src, kCache>(l, a);
+  kvkit::detail::run_loop_avx512<&kvkit::detail::quantize_append_loop<Src, kCache, PagedKVLayout>>(l, a);
 }
 #endif
 

@@ -12,6 +12,9 @@
 /// equal to the CUDA kernels, which also avoid contraction). The CPU decode
 /// attention (ops/attention_decode.hpp) uses FMA and the vector width to
 /// order its sums: deterministic per ISA, equal across ISAs to fp32 rounding.
+/// An op with one plain loop calls `run_loop_on_widest_isa<kWidest,
+/// &loop>(args...)` below; decode and RoPE, with hand-written kernels per
+/// ISA, pick theirs from `x86_level()` themselves.
 ///
 /// KVKIT_X86_DISPATCH is 1 with GCC or Clang on x86-64, when not already built
 /// for AVX-512 and not inside nvcc (which compiles the CPU ops only as test
@@ -29,11 +32,19 @@
 #include <cstdlib>
 #include <string_view>
 
+#include "kvkit/core/config.hpp"
+
 #if KVKIT_X86_DISPATCH
 #include <cpuid.h>
 #endif
 
 namespace kvkit::detail {
+
+/// The widest vector ISA of the CPU running us that the dispatched loops use.
+/// kAvx512Bf16 adds AVX512-BF16's dot products of bfloat16 pairs (Cooper
+/// Lake, Sapphire Rapids, Zen 4 and later), used where both operands already
+/// are bfloat16; everything else treats it as kAvx512.
+enum class X86Level { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 
 #if KVKIT_X86_DISPATCH
 /// F16C (CPUID leaf 1, ECX bit 29), asked with cpuid: Clang before 16 has no
@@ -42,12 +53,6 @@ inline bool cpu_has_f16c() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && ((ecx >> 29) & 1u) != 0;
 }
-
-/// The widest vector ISA of the CPU running us that the dispatched loops use.
-/// kAvx512Bf16 adds AVX512-BF16's dot products of bfloat16 pairs (Cooper
-/// Lake, Sapphire Rapids, Zen 4 and later), used where both operands already
-/// are bfloat16; everything else treats it as kAvx512.
-enum class X86Level { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 
 /// Asked once per process. The environment variable KVKIT_CPU_ISA
 /// (`baseline`, `avx2`, `avx512` or `avx512bf16`) lowers it, never raises it:
@@ -78,5 +83,42 @@ inline X86Level x86_level() {
   return level;
 }
 #endif
+
+// One copy of `kLoop` per ISA. kLoop is a compile-time constant, so each copy
+// inlines it (kLoop should be KVKIT_FORCEINLINE) and compiles its loops with
+// that copy's target. The targets name no FMA: ops dispatched here must give
+// the same bits on every ISA, so their loops must not hold a multiply-add the
+// compiler could contract (AVX-512F has FMA instructions of its own).
+template <auto kLoop, class... Args>
+KVKIT_VECTORIZE void run_loop_baseline(const Args&... args) {
+  kLoop(args...);
+}
+#if KVKIT_X86_DISPATCH
+template <auto kLoop, class... Args>
+__attribute__((target("avx2"))) KVKIT_VECTORIZE void run_loop_avx2(const Args&... args) {
+  kLoop(args...);
+}
+template <auto kLoop, class... Args>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) KVKIT_VECTORIZE void run_loop_avx512(const Args&... args) {
+  kLoop(args...);
+}
+#endif
+
+/// Calls kLoop(args...) compiled for the widest ISA the CPU has, up to
+/// kWidest (kBaseline: the build's own target, e.g. SSE2). Where the 512-bit
+/// variant gains nothing over AVX2, kWidest = kAvx2 saves its compile time.
+template <X86Level kWidest, auto kLoop, class... Args>
+void run_loop_on_widest_isa(const Args&... args) {
+#if KVKIT_X86_DISPATCH
+  if constexpr (kWidest >= X86Level::kAvx2) {
+    const X86Level level = x86_level();
+    if constexpr (kWidest >= X86Level::kAvx512) {
+      if (level >= X86Level::kAvx512) return run_loop_avx512<kLoop>(args...);
+    }
+    if (level >= X86Level::kAvx2) return run_loop_avx2<kLoop>(args...);
+  }
+#endif
+  run_loop_baseline<kLoop>(args...);
+}
 
 }  // namespace kvkit::detail

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kvkit/core/dispatch.hpp"
+#include "kvkit/core/x86_dispatch.hpp"
 #include "kvkit/layout/latent_kv_layout.hpp"
 #include "kvkit/ops/append.hpp"
 #include "kvkit/ops/rope.hpp"
@@ -118,53 +119,27 @@ KVKIT_FORCEINLINE void mla_compress_tokens(const LatentKVLayout& layout, const M
   if (kStreaming) streaming_store_fence();
 }
 
-/// Arguments of one ISA variant of the token loop.
 template <class T>
-struct MlaCompressRange {
-  const LatentKVLayout& layout;
-  const MlaCompressArgs& args;
-  const RopeParams& rope;
-  std::int64_t first, end;
-  T* scratch;
-  float* cos_row;
-  float* sin_row;
-  bool streaming;
-};
-
-template <class T>
-KVKIT_FORCEINLINE void run_mla_compress_range(const MlaCompressRange<T>& r) {
-  if (r.streaming) {
-    mla_compress_tokens<T, true>(r.layout, r.args, r.rope, r.first, r.end, r.scratch, r.cos_row, r.sin_row);
+KVKIT_FORCEINLINE void run_mla_compress_tokens(const LatentKVLayout& layout, const MlaCompressArgs& a,
+                                               const RopeParams& rope, std::int64_t first, std::int64_t end,
+                                               T* scratch, float* cos_row, float* sin_row, bool streaming) {
+  if (streaming) {
+    mla_compress_tokens<T, true>(layout, a, rope, first, end, scratch, cos_row, sin_row);
   } else {
-    mla_compress_tokens<T, false>(r.layout, r.args, r.rope, r.first, r.end, r.scratch, r.cos_row, r.sin_row);
+    mla_compress_tokens<T, false>(layout, a, rope, first, end, scratch, cos_row, sin_row);
   }
 }
 
-template <class T>
-KVKIT_VECTORIZE void mla_compress_range_baseline(const MlaCompressRange<T>& r) {
-  run_mla_compress_range(r);
-}
-
-#if KVKIT_X86_DISPATCH
-/// 8-lane AVX2 without FMA: bf16 and fp16 rows widen and narrow in vectors.
-template <class T>
-__attribute__((target("avx2"))) KVKIT_VECTORIZE void mla_compress_range_avx2(const MlaCompressRange<T>& r) {
-  run_mla_compress_range(r);
-}
-#endif
-
-/// Compresses tokens [first, end) with the widest ISA the CPU has.
+/// Compresses tokens [first, end) with the widest ISA the CPU has, up to
+/// AVX2 (8 lanes without FMA: bf16 and fp16 rows widen and narrow in vectors).
 template <class T>
 void mla_compress_range(const LatentKVLayout& layout, const MlaCompressArgs& a, const RopeParams& rope,
                         std::int64_t first, std::int64_t end, bool streaming) {
   std::vector<T> scratch(static_cast<std::size_t>(layout.row_elements()));
   std::vector<float> cos_sin(static_cast<std::size_t>(layout.rope_dim));
-  const MlaCompressRange<T> r{layout, a, rope, first, end, scratch.data(), cos_sin.data(),
-                              cos_sin.data() + layout.rope_dim / 2, streaming};
-#if KVKIT_X86_DISPATCH
-  if (x86_level() != X86Level::kBaseline) return mla_compress_range_avx2(r);
-#endif
-  mla_compress_range_baseline(r);
+  run_loop_on_widest_isa<X86Level::kAvx2, &run_mla_compress_tokens<T>>(
+      layout, a, rope, first, end, scratch.data(), cos_sin.data(), cos_sin.data() + layout.rope_dim / 2,
+      streaming);
 }
 
 /// mla_compress with the stores chosen by `stores` (tests force each kind).

@@ -108,37 +108,12 @@ KVKIT_FORCEINLINE void run_mla_fp8_append_tokens(const LatentFp8Layout& layout, 
   }
 }
 
-template <class T>
-KVKIT_VECTORIZE void mla_fp8_append_range_baseline(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a,
-                                                   std::int64_t first, std::int64_t end, bool streaming) {
-  run_mla_fp8_append_tokens<T>(layout, a, first, end, streaming);
-}
-
-#if KVKIT_QUANTIZE_X86_DISPATCH
-template <class T>
-__attribute__((target("avx2"))) KVKIT_VECTORIZE void mla_fp8_append_range_avx2(const LatentFp8Layout& layout,
-                                                               const MlaFp8AppendArgs& a, std::int64_t first,
-                                                               std::int64_t end, bool streaming) {
-  run_mla_fp8_append_tokens<T>(layout, a, first, end, streaming);
-}
-template <class T>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) KVKIT_VECTORIZE void mla_fp8_append_range_avx512(
-    const LatentFp8Layout& layout, const MlaFp8AppendArgs& a, std::int64_t first, std::int64_t end,
-    bool streaming) {
-  run_mla_fp8_append_tokens<T>(layout, a, first, end, streaming);
-}
-#endif
-
 /// Quantizes tokens [first, end) with the widest ISA the CPU has.
 template <class T>
 void mla_fp8_append_range(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a, std::int64_t first,
                           std::int64_t end, bool streaming) {
-#if KVKIT_QUANTIZE_X86_DISPATCH
-  const X86Level level = x86_level();
-  if (level >= X86Level::kAvx512) return mla_fp8_append_range_avx512<T>(layout, a, first, end, streaming);
-  if (level == X86Level::kAvx2) return mla_fp8_append_range_avx2<T>(layout, a, first, end, streaming);
-#endif
-  mla_fp8_append_range_baseline<T>(layout, a, first, end, streaming);
+  constexpr X86Level kWidest = KVKIT_QUANTIZE_X86_DISPATCH ? X86Level::kAvx512 : X86Level::kBaseline;
+  run_loop_on_widest_isa<kWidest, &run_mla_fp8_append_tokens<T>>(layout, a, first, end, streaming);
 }
 
 /// Whether token t's row (any source type) holds an inf or NaN: x - x is 0

@@ -52,31 +52,6 @@ KVKIT_FORCEINLINE void combine_token_range(const TensorView& y_sorted, const std
   }
 }
 
-/// The arguments of one call of the token loop.
-struct CombineRange {
-  const TensorView& y_sorted;
-  const std::int32_t* rows;
-  const float* weights;
-  const TensorView& shared;
-  const TensorView& out;
-  int top_k;
-  std::int64_t first, end;
-  float* acc;
-};
-
-template <class T>
-KVKIT_VECTORIZE void combine_range_baseline(const CombineRange& c) {
-  combine_token_range<T>(c.y_sorted, c.rows, c.weights, c.shared, c.out, c.top_k, c.first, c.end, c.acc);
-}
-
-#if KVKIT_X86_DISPATCH
-/// 8 lanes and vector bf16 / fp16 widening (no FMA: the bits of the baseline).
-template <class T>
-__attribute__((target("avx2"))) KVKIT_VECTORIZE void combine_range_avx2(const CombineRange& c) {
-  combine_token_range<T>(c.y_sorted, c.rows, c.weights, c.shared, c.out, c.top_k, c.first, c.end, c.acc);
-}
-#endif
-
 /// Combines every token: OpenMP threads share chunks of 16 tokens where the
 /// program enables OpenMP (each token writes only its own output row, so
 /// `out` may still alias `shared`), each chunk on the widest ISA the CPU has.
@@ -87,11 +62,9 @@ void combine_rows(const TensorView& y_sorted, const std::int32_t* rows, const fl
   detail::for_each_token_chunk(out.size(0), /*chunk=*/16, /*min_tokens_to_thread=*/17,
                        [&](std::int64_t first, std::int64_t end) {
                          std::vector<float> acc(static_cast<std::size_t>(hidden));
-                         const CombineRange c{y_sorted, rows, weights, shared, out, top_k, first, end, acc.data()};
-#if KVKIT_X86_DISPATCH
-                         if (detail::x86_level() != detail::X86Level::kBaseline) return combine_range_avx2<T>(c);
-#endif
-                         combine_range_baseline<T>(c);
+                         // AVX2 at the most: AVX-512F would contract acc += w * y into FMAs.
+                         detail::run_loop_on_widest_isa<detail::X86Level::kAvx2, &combine_token_range<T>>(
+                             y_sorted, rows, weights, shared, out, top_k, first, end, acc.data());
                        });
 }
 

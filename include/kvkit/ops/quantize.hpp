@@ -176,36 +176,14 @@ KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const Quantize
   }
 }
 
-template <class Src, DType kCache, class Layout>
-KVKIT_VECTORIZE void quantize_append_baseline(const Layout& layout, const QuantizeAppendArgs& a) {
-  quantize_append_loop<Src, kCache>(layout, a);
-}
-
-#if KVKIT_QUANTIZE_X86_DISPATCH
-/// The same loop compiled for AVX2 and for AVX-512 (8 or 16 lanes instead of
-/// SSE2's 4, and cheaper narrowing to bytes): about 2x and 6x faster. IEEE
-/// operations give the same results on every ISA, and the loop has no
-/// multiply-add for the compiler to contract into an FMA.
-template <class Src, DType kCache, class Layout>
-__attribute__((target("avx2"))) KVKIT_VECTORIZE void quantize_append_avx2(const Layout& layout,
-                                                          const QuantizeAppendArgs& a) {
-  quantize_append_loop<Src, kCache>(layout, a);
-}
-template <class Src, DType kCache, class Layout>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) KVKIT_VECTORIZE void quantize_append_avx512(
-    const Layout& layout, const QuantizeAppendArgs& a) {
-  quantize_append_loop<Src, kCache>(layout, a);
-}
-#endif
-
+/// quantize_append_loop on the widest ISA (the AVX2 and AVX-512 copies have 8
+/// or 16 lanes instead of SSE2's 4, and cheaper narrowing to bytes: about 2x
+/// and 6x faster). IEEE operations give the same results on every ISA, and
+/// the loop has no multiply-add for the compiler to contract into an FMA.
 template <class Src, DType kCache, class Layout>
 void quantize_append_isa(const Layout& layout, const QuantizeAppendArgs& a) {
-#if KVKIT_QUANTIZE_X86_DISPATCH
-  const X86Level level = x86_level();
-  if (level >= X86Level::kAvx512) return quantize_append_avx512<Src, kCache>(layout, a);
-  if (level == X86Level::kAvx2) return quantize_append_avx2<Src, kCache>(layout, a);
-#endif
-  quantize_append_baseline<Src, kCache>(layout, a);
+  constexpr X86Level kWidest = KVKIT_QUANTIZE_X86_DISPATCH ? X86Level::kAvx512 : X86Level::kBaseline;
+  run_loop_on_widest_isa<kWidest, &quantize_append_loop<Src, kCache, Layout>>(layout, a);
 }
 
 /// Splits the tokens into chunks of 256, shared among OpenMP threads from
