@@ -415,6 +415,19 @@ TEST_CASE("copy_blocks rejects out-of-range and conflicting pairs before copying
   CHECK_THROWS_WITH(kvkit::copy_blocks(layout, b), Contains("'caches[i]' = nullptr"));
 }
 
+TEST_CASE("validate_copy_pairs needs memory for the pairs only, however many pages the cache has") {
+  // Regression: it kept a byte per cache page (2^50 here: std::bad_alloc).
+  const std::int64_t pages = std::int64_t(1) << 50;
+  std::vector<std::int64_t> pairs{pages - 1, 5, 7, pages - 2, 9, 3};
+  CHECK_NOTHROW(kvkit::validate_copy_pairs(pairs.data(), 3, pages, "test"));
+  pairs[5] = 5;  // a second copy into page 5
+  CHECK_THROWS_WITH(kvkit::validate_copy_pairs(pairs.data(), 3, pages, "test"),
+                    Contains("pairs[2][1] = 5: expected a destination that is neither"));
+  pairs[5] = pages - 1;  // the destination is the first pair's source
+  CHECK_THROWS_WITH(kvkit::validate_copy_pairs(pairs.data(), 3, pages, "test"),
+                    Contains("pairs[2][1] = 1125899906842623"));
+}
+
 TEST_CASE("gather_kv reads a sequence's pages back into dense tensors") {
   const Kind kind = GENERATE(Kind::kNhd, Kind::kHnd);
   const std::int64_t pages = 6, ps = 8, heads = 7, hd = 64;

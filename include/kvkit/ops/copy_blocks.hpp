@@ -5,8 +5,10 @@
 /// written, or compaction. CPU implementation; the CUDA one, with the same
 /// arguments, is kvkit/cuda/copy_blocks.cuh.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "kvkit/core/dtype.hpp"
@@ -34,7 +36,6 @@ inline void validate_copy_pairs(const std::int64_t* pairs, std::int64_t num_pair
   check_argument(num_pairs >= 0, where, "num_pairs", num_pairs, ">= 0");
   if (num_pairs == 0) return;
   check_argument(pairs != nullptr, where, "pairs", pairs, "a non-null pointer");
-  std::vector<char> role(std::size_t(num_pages), 0);  // 1: source, 2: destination
   for (std::int64_t i = 0; i < num_pairs; ++i) {
     for (int j = 0; j < 2; ++j) {
       const std::int64_t p = pairs[2 * i + j];
@@ -44,14 +45,29 @@ inline void validate_copy_pairs(const std::int64_t* pairs, std::int64_t num_pair
       }
     }
   }
-  for (std::int64_t i = 0; i < num_pairs; ++i) role[std::size_t(pairs[2 * i])] |= 1;
-  for (std::int64_t i = 0; i < num_pairs; ++i) {
-    char& r = role[std::size_t(pairs[2 * i + 1])];
-    if (r != 0) {
-      fail(where, "argument 'pairs' has pairs[", i, "][1] = ", pairs[2 * i + 1],
+  // Sorted copies rather than a table of num_pages entries: memory follows
+  // the pairs, not the cache (which may hold millions of pages).
+  const std::size_t n = std::size_t(num_pairs);
+  std::vector<std::int64_t> sources(n);
+  std::vector<std::pair<std::int64_t, std::int64_t>> destinations(n);  // (page, pair)
+  for (std::size_t i = 0; i < n; ++i) {
+    sources[i] = pairs[2 * i];
+    destinations[i] = {pairs[2 * i + 1], std::int64_t(i)};
+  }
+  std::sort(sources.begin(), sources.end());
+  std::sort(destinations.begin(), destinations.end());
+  std::vector<char> repeats_earlier(n, 0);  // its destination is an earlier pair's
+  for (std::size_t k = 1; k < n; ++k) {
+    if (destinations[k].first == destinations[k - 1].first) {
+      repeats_earlier[std::size_t(destinations[k].second)] = 1;
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::int64_t d = pairs[2 * i + 1];
+    if (repeats_earlier[i] != 0 || std::binary_search(sources.begin(), sources.end(), d)) {
+      fail(where, "argument 'pairs' has pairs[", i, "][1] = ", d,
            ": expected a destination that is neither another pair's destination nor a source");
     }
-    r = 2;
   }
 }
 
