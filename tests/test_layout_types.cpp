@@ -178,6 +178,10 @@ TEST_CASE("padded tables convert to CSR and back") {
   CHECK(wide.block_table == std::vector<std::int32_t>{7, 2, 0, 0, 0, 0, 5, 1, 0});
   CHECK_THROWS_WITH(kvkit::csr_to_padded(v, 4, 1),
                     Contains("'max_blocks' = 1: expected >= the longest page list (2 pages)"));
+  // Rows wider than an int32 sequence length can fill would only allocate
+  // (here 3 x 2^29 entries): refused.
+  CHECK_THROWS_WITH(kvkit::csr_to_padded(v, 4, 536870913),
+                    Contains("'max_blocks' = 536870913: expected in [0, 536870912]"));
 }
 
 TEST_CASE("page table validation names the inconsistent entry") {

@@ -472,6 +472,11 @@ TEST_CASE("padded block table and CSR page table describe the running sequences"
   CHECK(m.build_page_table(seqs.data(), n, 6).max_blocks == 6);
   CHECK(m.build_page_table(seqs.data() + 3, 1).max_blocks == 1);  // the empty sequence: one null entry
   CHECK_THROWS_WITH(m.build_page_table(seqs.data(), n, 3), Contains("'max_blocks' = 3"));
+  // Wider rows than any int32-length sequence can use: refused, not allocated.
+  const std::int64_t widest = (std::int64_t(INT32_MAX) + 3) / 4;
+  CHECK(kvkit::max_pages_per_sequence(4) == widest);
+  CHECK_THROWS_WITH(m.build_page_table(seqs.data(), n, widest + 1),
+                    Contains("'max_blocks' = 536870913") && Contains("in [0, 536870912]"));
 }
 
 TEST_CASE("bad input throws kvkit::Error and leaves all state unchanged") {

@@ -45,6 +45,13 @@ struct PaddedPageTable {
   }
 };
 
+/// The most pages one sequence can use: seq_lens are int32, so no sequence
+/// holds more than 2^31 - 1 tokens. A padded table wider than this only
+/// wastes memory; the builders below refuse it.
+inline constexpr std::int64_t max_pages_per_sequence(std::int64_t page_size) {
+  return (std::int64_t(INT32_MAX) + page_size - 1) / page_size;
+}
+
 /// FlashInfer-style CSR page table. Does not own its arrays.
 struct CsrPageTable {
   const std::int32_t* indptr = nullptr;         ///< [batch_size + 1], indptr[0] == 0
@@ -188,7 +195,9 @@ inline PaddedPageTableStorage csr_to_padded(const CsrPageTable& t, std::int64_t 
                                             std::int32_t pad_page = 0) {
   constexpr const char* kWhere = "kvkit::csr_to_padded";
   validate_page_table(t, page_size);
-  check_argument(max_blocks >= 0, kWhere, "max_blocks", max_blocks, ">= 0");
+  check_argument(max_blocks >= 0 && max_blocks <= max_pages_per_sequence(page_size), kWhere, "max_blocks",
+                 max_blocks, "in [0, ", max_pages_per_sequence(page_size),
+                 "] (int32 sequence lengths over pages of ", page_size, " tokens)");
   std::int64_t longest = 0;
   for (std::int64_t b = 0; b < t.batch_size; ++b) {
     longest = t.num_pages(b) > longest ? t.num_pages(b) : longest;

@@ -769,7 +769,9 @@ class KVCacheManager {
                                           std::int64_t max_blocks = 0) const {
     const char* where = "kvkit::KVCacheManager::build_page_table";
     check_argument(n >= 0 && (n == 0 || seqs), where, "n", n, ">= 0 with non-null seqs");
-    check_argument(max_blocks >= 0, where, "max_blocks", max_blocks, ">= 0 (0: the longest sequence's)");
+    check_argument(max_blocks >= 0 && max_blocks <= max_pages_per_sequence(block_size()), where, "max_blocks",
+                   max_blocks, "in [0, ", max_pages_per_sequence(block_size()),
+                   "] (0: the longest sequence's; seq_lens are int32)");
     std::int64_t longest = 1;
     for (std::int64_t i = 0; i < n; ++i) longest = std::max(longest, blocks_for(get_running(seqs[i], where).num_tokens));
     PaddedPageTableStorage out;
