@@ -141,16 +141,6 @@ inline void load_cos_sin_row(const RopeParams& p, std::int64_t position, float* 
   for (int i = 0; i < p.rotary_dim / 2; ++i) rope_cos_sin(p, position, i, cos_row[i], sin_row[i]);
 }
 
-#if KVKIT_X86_DISPATCH
-/// The same loop with 8-lane AVX2 (no FMA: results stay bit-identical).
-template <class T>
-__attribute__((target("avx2"))) KVKIT_VECTORIZE void rotate_heads_avx2(T* base, std::int64_t head_stride,
-                                                       int num_heads, const RopeParams& p,
-                                                       const float* cos_row, const float* sin_row) {
-  rotate_heads_body(base, head_stride, num_heads, p, cos_row, sin_row);
-}
-#endif
-
 /// Rotates `num_heads` rows of `base` (rows head_stride apart) by one token's cos/sin.
 template <class T>
 KVKIT_VECTORIZE void rotate_heads(T* base, std::int64_t head_stride, int num_heads, const RopeParams& p,
@@ -162,7 +152,7 @@ KVKIT_VECTORIZE void rotate_heads(T* base, std::int64_t head_stride, int num_hea
       if constexpr (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>) {
         rotate_heads_neox_avx2(base, head_stride, num_heads, p.rotary_dim, cos_row, sin_row);
       } else {
-        rotate_heads_avx2(base, head_stride, num_heads, p, cos_row, sin_row);
+        run_loop_avx2<&rotate_heads_body<T>>(base, head_stride, num_heads, p, cos_row, sin_row);
       }
       return;
     }
