@@ -17,22 +17,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 jobs=$(nproc)
+# Each step's start, with the seconds since this script began: CI's budget is
+# 25 minutes, and its log shows where they go.
+step() { echo "== $1 (at ${SECONDS} s, $(date -u +%H:%M:%S) UTC)"; }
 scripts/install-deps.sh
 
-echo "== 1/5 build and test (Release)"
+step "1/5 build and test (Release)"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKVKIT_BUILD_TESTS=ON \
   -DKVKIT_BUILD_BENCHMARKS=ON -DKVKIT_BUILD_EXAMPLES=ON >/dev/null
 cmake --build build -j"$jobs"
 (cd build && ctest -j"$jobs" --output-on-failure)
 
-echo "== 2/5 host tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+step "2/5 host tests under AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKVKIT_SANITIZE=ON -DKVKIT_ENABLE_CUDA=OFF \
   -DKVKIT_BUILD_BENCHMARKS=OFF -DKVKIT_BUILD_EXAMPLES=OFF >/dev/null
 cmake --build build-asan -j"$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest -j"$jobs" --output-on-failure -L host)
 
-echo "== 3/5 consumer test: find_package(kvkit) from an installed prefix, and add_subdirectory"
+step "3/5 consumer test: find_package(kvkit) from an installed prefix, and add_subdirectory"
 prefix=$(mktemp -d)
 trap 'rm -rf "$prefix"' EXIT
 cmake --install build --prefix "$prefix/install" >/dev/null
@@ -45,7 +48,7 @@ cmake -S tests/consumer -B "$prefix/build-subdir" -DKVKIT_SOURCE_DIR="$root" >/d
 cmake --build "$prefix/build-subdir" -j"$jobs" --target consumer
 "$prefix/build-subdir/consumer"
 
-echo "== 4/5 vector-kernel CPU tests built with Clang"
+step "4/5 vector-kernel CPU tests built with Clang"
 # The tests whose kernels Clang treated differently (unaligned vector structs,
 # F16C, AVX-512 target attributes) and the conversions; kept short: CI's
 # budget is 25 minutes.
@@ -55,11 +58,11 @@ cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang+
 cmake --build build-clang -j"$jobs" --target "${clang_tests[@]}"
 (cd build-clang && ctest -j"$jobs" --output-on-failure -L host \
   -R "^($(IFS='|'; echo "${clang_tests[*]}"))[: ]")
-echo "== 5/5 decode kernel tests in a GCC Debug build (-O0, no sanitizer)"
+step "5/5 decode kernel tests in a GCC Debug build (-O0, no sanitizer)"
 debug_tests=(test_attention test_mla_fp8)
 cmake -S . -B build-debug -DCMAKE_BUILD_TYPE=Debug -DKVKIT_ENABLE_CUDA=OFF \
   -DKVKIT_BUILD_BENCHMARKS=OFF -DKVKIT_BUILD_EXAMPLES=OFF >/dev/null
 cmake --build build-debug -j"$jobs" --target "${debug_tests[@]}"
 (cd build-debug && ctest -j"$jobs" --output-on-failure -L host \
   -R "^($(IFS='|'; echo "${debug_tests[*]}"))[: ]")
-echo "kvkit: all tests passed ($root)"
+echo "kvkit: all tests passed ($root) in ${SECONDS} s"
