@@ -618,3 +618,87 @@ TEST_CASE("commit_blocks refuses the chain passed from block 0 again, changing n
   CHECK(m.count_cached_prefix(hashes.data(), 3) == 3);
   m.check_invariants();
 }
+
+TEST_CASE("offload_to_host copies committed blocks to the host, where a later request finds them") {
+  KVCacheManager m(opts(9, 4, 6));  // 8 device blocks, 6 host blocks
+  const SequenceId a = m.create_sequence();
+  REQUIRE(m.reserve(a, 14));  // 3 full blocks + 2 tokens
+  const auto hs = chain(90, 3);
+  m.commit_blocks(a, hs.data(), 3);
+  const auto dev = m.block_table(a);
+  CHECK(m.offload_to_host(a) == 3);
+  CHECK(m.offload_to_host(a) == 0);  // already on the host (content in flight)
+  CHECK(m.block_table(a) == dev);    // the sequence keeps running on its device blocks
+  CHECK_FALSE(m.is_swapped(a));
+  m.check_invariants();
+  m.free_sequence(a);  // the queued copies still read the device blocks
+  m.check_invariants();
+  const auto out = m.take_transfers();
+  REQUIRE(out.swap_out.size() == 3);
+  CHECK(out.copies.empty());
+  CHECK(out.swap_in.empty());
+  for (int i = 0; i < 3; ++i) {
+    CHECK(out.swap_out[std::size_t(i)].src == dev[std::size_t(i)]);
+    CHECK(m.host_pool().find_cached(hs[std::size_t(i)]) == out.swap_out[std::size_t(i)].dst);
+  }
+  CHECK(m.host_pool().num_used_blocks() == 0);  // cached and free on the host
+  m.check_invariants();
+
+  // The device evicts the blocks; the request comes back and loads them from the host.
+  const SequenceId filler = m.create_sequence();
+  REQUIRE(m.reserve(filler, 32));
+  m.free_sequence(filler);
+  CHECK(m.count_cached_prefix(hs.data(), 3) == 0);
+  const SequenceId b = m.create_sequence();
+  const auto hit = m.attach_prefix(b, hs.data(), 3);
+  CHECK(hit.num_device_blocks == 0);
+  CHECK(hit.num_host_blocks == 3);
+  const auto load = m.take_transfers();
+  REQUIRE(load.swap_in.size() == 3);
+  for (int i = 0; i < 3; ++i) {
+    CHECK(load.swap_in[std::size_t(i)] == BlockCopy{out.swap_out[std::size_t(i)].dst, m.block_table(b)[std::size_t(i)]});
+  }
+  m.check_invariants();
+  CHECK(m.offload_to_host(b) == 0);  // its blocks came from there
+}
+
+TEST_CASE("offload_to_host stops where the host runs out and keeps the chain it already holds") {
+  KVCacheManager m(opts(17, 4, 2));  // 16 device blocks, 2 host blocks
+  const SequenceId a = m.create_sequence();
+  REQUIRE(m.reserve(a, 16));
+  const auto hs = chain(110, 4);
+  m.commit_blocks(a, hs.data(), 4);
+  CHECK(m.offload_to_host(a) == 2);  // blocks 0 and 1
+  m.take_transfers();
+  CHECK(m.host_pool().find_cached(hs[0]) != kvkit::BlockPool::kNoBlock);
+  CHECK(m.host_pool().find_cached(hs[1]) != kvkit::BlockPool::kNoBlock);
+  // Another chain's offload may evict cached host blocks, but a chain never
+  // evicts its own earlier blocks to make room for later ones.
+  const SequenceId c = m.create_sequence();
+  REQUIRE(m.reserve(c, 8));
+  const auto other = chain(500, 2);
+  m.commit_blocks(c, other.data(), 2);
+  CHECK(m.offload_to_host(a) == 0);
+  CHECK(m.offload_to_host(c) == 2);
+  m.take_transfers();
+  CHECK(m.host_pool().find_cached(hs[0]) == kvkit::BlockPool::kNoBlock);
+  CHECK(m.host_pool().find_cached(other[1]) != kvkit::BlockPool::kNoBlock);
+  m.check_invariants();
+}
+
+TEST_CASE("offload_to_host refuses a swapped or unknown sequence and a manager without host blocks") {
+  KVCacheManager m(opts(9, 4, 4));
+  const SequenceId a = m.create_sequence();
+  REQUIRE(m.reserve(a, 8));
+  const auto hs = chain(130, 2);
+  m.commit_blocks(a, hs.data(), 2);
+  REQUIRE(m.swap_out(a));
+  const auto stats = m.stats();
+  CHECK_THROWS_WITH(m.offload_to_host(a), Contains("swapped out"));
+  CHECK_THROWS_WITH(m.offload_to_host(SequenceId{7, 0}), Contains("offload_to_host"));
+  CHECK(m.stats().host.num_free == stats.host.num_free);
+  KVCacheManager no_host(opts(9, 4));
+  const SequenceId s = no_host.create_sequence();
+  CHECK_THROWS_WITH(no_host.offload_to_host(s), Contains("no host blocks"));
+  m.check_invariants();
+}

@@ -10,8 +10,9 @@
 //
 // Operations: create (with window/sinks/priority), attach a cached prefix,
 // reserve (with look-ahead), roll back, fork, commit full blocks, count a
-// prefix, free, preempt (recompute) and resume, swap out, swap in, and bad
-// calls that must throw and change nothing.
+// prefix, free, preempt (recompute) and resume, swap out, swap in, offload
+// committed blocks to the host, and bad calls that must throw and change
+// nothing.
 //
 // 1,000,000 operations by default; 300,000 when built with sanitizers
 // (KVKIT_TEST_SANITIZED, set by tests/CMakeLists.txt): about 25 s there.
@@ -141,6 +142,7 @@ class Model {
     INFO("counters: attaches " << attaches_ << ", device hits " << st.device.hits << ", host hits "
                                << st.host.hits << ", evictions " << st.device.evictions << ", CoW copies "
                                << copies_ << ", swap-outs " << swap_outs_ << ", swap-ins " << swap_ins_
+                               << ", offloaded blocks " << offloads_
                                << ", failed reserves " << failed_reserves_ << ", bad calls " << bad_calls_);
     // Every path must have been exercised, or the test proves less than it claims.
     CHECK(st.device.hits > 0);
@@ -149,6 +151,7 @@ class Model {
     CHECK(copies_ > 0);
     CHECK(swap_outs_ > 0);
     CHECK(swap_ins_ > 0);
+    CHECK(offloads_ > 0);
     CHECK(failed_reserves_ > 0);
     CHECK(bad_calls_ > 0);
     if (radix_) {
@@ -219,7 +222,8 @@ class Model {
     if (kind < 81) return free_seq(s);
     if (kind < 85) return preempt(s);
     if (kind < 91) return swap_out(s);
-    if (kind < 97) return swap_in(s);
+    if (kind < 95) return swap_in(s);
+    if (kind < 98) return offload(s);
     return bad_call(s);
   }
 
@@ -237,6 +241,7 @@ class Model {
     if (kind < 84) return preempt(s);
     if (kind < 89) return swap_out(s);
     if (kind < 94) return swap_in(s);
+    if (kind < 96) return offload(s);
     if (kind < 99) return bad_call(s);
     if (pick(4) == 0) {
       m_.clear_radix_index();
@@ -449,6 +454,20 @@ class Model {
     }
   }
 
+  // Write-through offload of the committed blocks; after the flush the host
+  // blocks found by their hashes must hold the tokens.
+  void offload(RefSeq& s) {
+    if (s.swapped) return;
+    const auto table = m_.block_table(s.id);
+    const std::size_t committed = m_.committed_hashes(s.id).size();
+    const std::int64_t n = m_.offload_to_host(s.id);
+    REQUIRE(n <= static_cast<std::int64_t>(committed));
+    REQUIRE(m_.block_table(s.id) == table);
+    offloads_ += n;
+    pending_offloads_.emplace_back(s.tokens.begin(), s.tokens.begin() + static_cast<std::ptrdiff_t>(committed * kBlockSize));
+    trace("offload", s.id);
+  }
+
   void bad_call(RefSeq& s) {
     const auto stats = m_.stats();
     const auto table = m_.block_table(s.id);
@@ -524,6 +543,17 @@ class Model {
       }
     }
     pending_lookups_.clear();
+    for (const auto& prompt : pending_offloads_) {
+      const auto hs = hashes_of(prompt, kBlockSize);
+      for (std::size_t b = 0; b < hs.size(); ++b) {
+        const std::int32_t block = m_.host_pool().find_cached(hs[b]);
+        if (block < 0) continue;  // no room, or evicted since: fine
+        for (int j = 0; j < kBlockSize; ++j) {
+          REQUIRE(host_[std::size_t(block) * kBlockSize + j] == prompt[b * kBlockSize + j]);
+        }
+      }
+    }
+    pending_offloads_.clear();
   }
 
   void verify_all() {
@@ -555,9 +585,11 @@ class Model {
   std::vector<RefSeq> seqs_;
   std::vector<PendingWrite> writes_;
   std::vector<std::vector<std::int64_t>> pending_lookups_;
+  std::vector<std::vector<std::int64_t>> pending_offloads_;
   std::mt19937 rng_;
   std::vector<std::string> log_;
   long radix_attaches_ = 0, radix_inserts_ = 0, radix_clears_ = 0, radix_checked_nodes_ = 0, radix_bad_calls_ = 0;
+  long offloads_ = 0;
   long attaches_ = 0, copies_ = 0, swap_outs_ = 0, swap_ins_ = 0, failed_reserves_ = 0, bad_calls_ = 0;
 };
 

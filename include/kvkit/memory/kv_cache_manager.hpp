@@ -692,6 +692,46 @@ class KVCacheManager {
     return true;
   }
 
+  /// Copies a running sequence's committed blocks to the host tier, in order,
+  /// where the host does not hold their hash yet (write-through offload:
+  /// call it before free_sequence for a conversation that may come back).
+  /// The device blocks stay as they are; the copies are queued in swap_out
+  /// and the host blocks are findable by hash at once, so a later
+  /// attach_prefix that misses on the device (its blocks evicted meanwhile)
+  /// continues on the host. Stops at the first block the host has no free
+  /// block for (a chain is only useful from its start; cached host blocks
+  /// are evicted as for any host allocation, never this chain's) or that the
+  /// sliding window dropped. Returns the number of copies queued. Throws
+  /// kvkit::Error for an unknown or swapped sequence or a manager without
+  /// host blocks.
+  std::int64_t offload_to_host(SequenceId seq) {
+    const char* where = "kvkit::KVCacheManager::offload_to_host";
+    Seq& s = get_running(seq, where);
+    check(has_host_, where, "the manager has no host blocks (options.num_host_blocks = 0)");
+    std::vector<std::int32_t> pinned;  // host hits, held so that allocations below keep them
+    std::int64_t queued = 0;
+    for (std::size_t i = 0; i < s.hashes.size(); ++i) {
+      const std::int32_t d = s.blocks[i];
+      if (d == device_.null_block()) break;
+      const std::int32_t hit = host_.acquire_cached(s.hashes[i]);
+      if (hit != BlockPool::kNoBlock) {
+        pinned.push_back(hit);
+        continue;
+      }
+      // Swapped in this step: its content is still in a host block.
+      if (pending_swap_in_source(d) != BlockPool::kNoBlock) continue;
+      const std::int32_t h = host_.allocate_one();
+      if (h == BlockPool::kNoBlock) break;
+      record_copy(MemoryTier::kDevice, d, MemoryTier::kHost, h, s.options.priority);
+      host_.cache_block(h, s.hashes[i]);
+      offload_holds_.push_back(h);
+      offload_priorities_.push_back(static_cast<std::int8_t>(s.options.priority));
+      ++queued;
+    }
+    for (std::size_t i = pinned.size(); i > 0; --i) host_.release_one(pinned[i - 1], s.options.priority);
+    return queued;
+  }
+
   /// Returns the step's pending block transfers and releases the references
   /// they held on their sources. Call once per step, execute the three lists
   /// (in any order) before the step's KV writes.
@@ -717,6 +757,13 @@ class KVCacheManager {
       list.clear();
       priorities_[l].clear();
     }
+    // Offloaded host blocks were held so that nothing reused them before
+    // their content arrived; they now stay cached on the host (tail first).
+    for (std::size_t e = offload_holds_.size(); e > 0; --e) {
+      host_.release_one(offload_holds_[e - 1], offload_priorities_[e - 1]);
+    }
+    offload_holds_.clear();
+    offload_priorities_.clear();
     return out;
   }
 
@@ -886,6 +933,7 @@ class KVCacheManager {
       }
     }
     check(live == num_live_, where, "live sequence count ", live, " != counter ", num_live_);
+    for (std::int32_t h : offload_holds_) ++host_refs[static_cast<std::size_t>(h)];
     std::int64_t pending_marks = 0;
     for (int l = 0; l < kNumLists; ++l) {
       for (std::size_t e = 0; e < lists_[l].size(); ++e) {
@@ -925,7 +973,7 @@ class KVCacheManager {
     }
     for (std::int32_t b = 0; b < host_.num_blocks(); ++b) {
       check(host_.ref_count(b) == host_refs[b], where, "host block ", b, " has reference count ",
-            host_.ref_count(b), " but ", host_refs[b], " table entries and pending transfers");
+            host_.ref_count(b), " but ", host_refs[b], " table entries, pending transfers and offloads");
     }
   }
 
@@ -1105,6 +1153,8 @@ class KVCacheManager {
   std::vector<std::int64_t> pending_device_;  // per device block: encoded transfer writing it, or kNone
   std::vector<std::int64_t> pending_host_;
   std::vector<std::int32_t> pending_reads_;   // per device block: pending transfers reading it
+  std::vector<std::int32_t> offload_holds_;   // host destinations of offload_to_host, held until the flush
+  std::vector<std::int8_t> offload_priorities_;
   RadixPrefixIndex radix_;
   bool has_radix_;
   std::vector<std::int32_t> radix_freed_;  // scratch of make_room
