@@ -650,6 +650,13 @@ TEST_CASE("offload_to_host copies committed blocks to the host, where a later re
   m.free_sequence(filler);
   CHECK(m.count_cached_prefix(hs.data(), 3) == 0);
   const SequenceId b = m.create_sequence();
+  const auto host_hits = m.stats().host.hits;
+  const auto ahead = m.lookup_prefix(hs.data(), 3);  // a scheduler's look, changing nothing
+  CHECK(ahead.num_tokens == 12);
+  CHECK(ahead.num_device_blocks == 0);
+  CHECK(ahead.num_host_blocks == 3);
+  CHECK(m.stats().host.hits == host_hits);
+  CHECK(m.take_transfers().empty());
   const auto hit = m.attach_prefix(b, hs.data(), 3);
   CHECK(hit.num_device_blocks == 0);
   CHECK(hit.num_host_blocks == 3);
@@ -700,5 +707,38 @@ TEST_CASE("offload_to_host refuses a swapped or unknown sequence and a manager w
   KVCacheManager no_host(opts(9, 4));
   const SequenceId s = no_host.create_sequence();
   CHECK_THROWS_WITH(no_host.offload_to_host(s), Contains("no host blocks"));
+  m.check_invariants();
+}
+
+TEST_CASE("lookup_prefix foretells attach_prefix: device hits, then host hits as far as free device blocks go") {
+  KVCacheManager m(opts(9, 4, 8));  // 8 device blocks, 8 host blocks
+  const SequenceId a = m.create_sequence();
+  REQUIRE(m.reserve(a, 16));
+  const auto hs = chain(150, 4);
+  m.commit_blocks(a, hs.data(), 4);
+  REQUIRE(m.offload_to_host(a) == 4);
+  m.take_transfers();
+  m.free_sequence(a);
+  // Keep blocks 0 and 1 on the device (a sequence holds them), evict 2 and 3,
+  // and leave one free device block.
+  const SequenceId keep = m.create_sequence();
+  REQUIRE(m.attach_prefix(keep, hs.data(), 2).num_device_blocks == 2);
+  const SequenceId filler = m.create_sequence();
+  REQUIRE(m.reserve(filler, 24));  // the 6 other blocks: evicts 2 and 3
+  m.rollback(filler, 4);           // its last block back, empty
+  m.take_transfers();
+  REQUIRE(m.device_pool().num_free_blocks() == 1);
+  REQUIRE(m.count_cached_prefix(hs.data(), 4) == 2);
+  const auto ahead = m.lookup_prefix(hs.data(), 4);
+  CHECK(ahead.num_device_blocks == 2);
+  CHECK(ahead.num_host_blocks == 1);  // one free device block to copy into
+  CHECK(ahead.num_tokens == 12);
+  const SequenceId b = m.create_sequence();
+  const auto hit = m.attach_prefix(b, hs.data(), 4);
+  CHECK(hit.num_device_blocks == ahead.num_device_blocks);
+  CHECK(hit.num_host_blocks == ahead.num_host_blocks);
+  CHECK(hit.num_tokens == ahead.num_tokens);
+  CHECK(m.lookup_prefix(hs.data(), 0).num_tokens == 0);
+  CHECK_THROWS_WITH(m.lookup_prefix(nullptr, 1), Contains("'n' = 1"));
   m.check_invariants();
 }

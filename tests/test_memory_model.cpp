@@ -318,8 +318,12 @@ class Model {
       std::vector<std::int64_t> prompt(static_cast<std::size_t>(pick(20)));
       for (auto& t : prompt) t = token();
       const auto hs = hashes_of(prompt, kBlockSize);
+      const auto ahead = m_.lookup_prefix(hs.data(), static_cast<std::int64_t>(hs.size()));
       const auto hit = m_.attach_prefix(s.id, hs.data(), static_cast<std::int64_t>(hs.size()));
       REQUIRE(hit.num_tokens == (hit.num_device_blocks + hit.num_host_blocks) * kBlockSize);
+      REQUIRE(ahead.num_tokens == hit.num_tokens);  // the lookup foretold the attach
+      REQUIRE(ahead.num_device_blocks == hit.num_device_blocks);
+      REQUIRE(ahead.num_host_blocks == hit.num_host_blocks);
       s.tokens.assign(prompt.begin(), prompt.begin() + hit.num_tokens);
       ++attaches_;
     }

@@ -409,6 +409,21 @@ class KVCacheManager {
     return i;
   }
 
+  /// What attach_prefix(seq, hashes, n) would give an empty sequence now
+  /// (device blocks, then host blocks as far as free device blocks allow),
+  /// without changing anything or counting hits: for a scheduler weighing
+  /// which request to admit. num_copied_tokens is 0.
+  PrefixHit lookup_prefix(const BlockHash* hashes, std::int64_t n) const {
+    check_argument(n >= 0 && (n == 0 || hashes != nullptr), "kvkit::KVCacheManager::lookup_prefix", "n", n,
+                   ">= 0 with non-null hashes");
+    const PrefixTiers t = prefix_tiers(hashes, n);
+    PrefixHit hit;
+    hit.num_tokens = (t.on_device + t.on_host) << block_shift_;
+    hit.num_device_blocks = static_cast<std::int32_t>(t.on_device);
+    hit.num_host_blocks = static_cast<std::int32_t>(t.on_host);
+    return hit;
+  }
+
   /// Gives an empty running sequence the longest cached prefix of the blocks
   /// named by `hashes[0..n)`: device hits are shared as they are; the chain
   /// then continues on the host tier, whose hits are copied into new device
@@ -425,20 +440,7 @@ class KVCacheManager {
                    ">= 0 with non-null hashes");
     s.resume_hashes.clear();
     PrefixHit hit;
-    std::int64_t on_device = 0, device_free_hits = 0;
-    for (; on_device < n; ++on_device) {
-      const std::int32_t b = device_.find_cached(hashes[on_device]);
-      if (b == BlockPool::kNoBlock) break;
-      if (device_.ref_count(b) == 0) ++device_free_hits;
-    }
-    std::int64_t on_host = 0;
-    if (has_host_) {
-      const std::int64_t room = device_.num_free_blocks() - device_free_hits;
-      while (on_device + on_host < n && on_host < room &&
-             host_.find_cached(hashes[on_device + on_host]) != BlockPool::kNoBlock) {
-        ++on_host;
-      }
-    }
+    const auto [on_device, on_host] = prefix_tiers(hashes, n);
     const std::int64_t total = on_device + on_host;
     s.blocks.resize(static_cast<std::size_t>(total));
     for (std::int64_t i = 0; i < on_device; ++i) s.blocks[i] = device_.acquire_cached(hashes[i]);
@@ -1045,6 +1047,30 @@ class KVCacheManager {
   // References to device block b other than pending transfers reading it:
   // those run before the step's KV writes, so a block only they share with
   // its writer is written in place (a fork's parent after its child's copy).
+  struct PrefixTiers {
+    std::int64_t on_device, on_host;
+  };
+  // The leading hashes cached on the device, then those the chain continues
+  // with on the host, as far as the device has free blocks to copy them into
+  // (device hits that are free blocks themselves take some of those).
+  PrefixTiers prefix_tiers(const BlockHash* hashes, std::int64_t n) const {
+    std::int64_t on_device = 0, device_free_hits = 0;
+    for (; on_device < n; ++on_device) {
+      const std::int32_t b = device_.find_cached(hashes[on_device]);
+      if (b == BlockPool::kNoBlock) break;
+      if (device_.ref_count(b) == 0) ++device_free_hits;
+    }
+    std::int64_t on_host = 0;
+    if (has_host_) {
+      const std::int64_t room = device_.num_free_blocks() - device_free_hits;
+      while (on_device + on_host < n && on_host < room &&
+             host_.find_cached(hashes[on_device + on_host]) != BlockPool::kNoBlock) {
+        ++on_host;
+      }
+    }
+    return {on_device, on_host};
+  }
+
   std::int32_t sharers(std::int32_t b) const {
     return device_.ref_count(b) - pending_reads_[static_cast<std::size_t>(b)];
   }
