@@ -1,5 +1,6 @@
 // Host bookkeeping of kvkit::memory: block pool, one decode step for a batch,
-// prefix lookup (block hashes and radix index), fork + copy-on-write.
+// prefix lookup (block hashes and radix index), fork + copy-on-write,
+// write-through offload to the host tier.
 // Reports ns_per_op and ops_per_second.
 
 #include <cstdint>
@@ -186,11 +187,43 @@ void BM_fork_cow(benchmark::State& state) {
   report_ops(state, 1);
 }
 
+// One op = write-through offload of a 4,096-token conversation (256 committed
+// blocks of 16) to the host tier + take_transfers. Two conversations take
+// turns in a host pool that holds one of them, so every op copies all 256.
+void BM_offload_4k(benchmark::State& state) {
+  kvkit::KVCacheManagerOptions o;
+  o.num_blocks = 1024;
+  o.block_size = 16;
+  o.num_host_blocks = 256;
+  kvkit::KVCacheManager m(o);
+  kvkit::SequenceId seqs[2];
+  for (int c = 0; c < 2; ++c) {
+    std::vector<std::int32_t> tokens(4096);
+    for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = std::int32_t(i * 7 + std::size_t(c) * 100003);
+    std::vector<kvkit::BlockHash> hashes(tokens.size() / 16);
+    kvkit::hash_blocks(tokens.data(), std::int64_t(tokens.size()), 16, hashes.data());
+    seqs[c] = m.create_sequence();
+    m.reserve(seqs[c], 4096);
+    m.commit_blocks(seqs[c], hashes.data(), std::int64_t(hashes.size()));
+  }
+  int turn = 0;
+  std::int64_t copies = 0;
+  for (auto _ : state) {
+    copies += m.offload_to_host(seqs[turn]);
+    auto t = m.take_transfers();
+    benchmark::DoNotOptimize(t.swap_out.data());
+    turn ^= 1;
+  }
+  if (copies != 256 * std::int64_t(state.iterations())) state.SkipWithError("an offload copied fewer than 256 blocks");
+  report_ops(state, 1);
+}
+
 BENCHMARK(BM_alloc_free_one_block)->Name("memory/alloc_free_one_block");
 BENCHMARK(BM_decode_step_256)->Name("memory/decode_step_256_seqs")->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_prefix_lookup_4k_half_hit)->Name("memory/prefix_lookup_4k_tokens_50pct_hit")->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_radix_lookup_4k_half_hit)->Name("memory/radix_lookup_4k_tokens_50pct_hit")->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_radix_attach_4k_half_hit)->Name("memory/radix_attach_4k_tokens_50pct_hit_free")->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_fork_cow)->Name("memory/fork_cow_free")->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_offload_4k)->Name("memory/offload_4k_tokens_to_host")->Unit(benchmark::kMicrosecond);
 
 }  // namespace
