@@ -742,3 +742,60 @@ TEST_CASE("lookup_prefix foretells attach_prefix: device hits, then host hits as
   CHECK_THROWS_WITH(m.lookup_prefix(nullptr, 1), Contains("'n' = 1"));
   m.check_invariants();
 }
+
+// offload_to_host within one step, beside swaps of sequences sharing its blocks
+
+TEST_CASE("offload_to_host holds a host hit whose copy is still in flight until the flush") {
+  for (int variant = 0; variant < 2; ++variant) {
+    INFO("variant " << variant << (variant == 0 ? " (free the swapped sequence)" : " (swap it back in)"));
+    KVCacheManager m(opts(9, 4, 4));
+    const SequenceId b = m.create_sequence();
+    REQUIRE(m.reserve(b, 4));
+    m.take_transfers();
+    const auto hs = chain(700, 1);
+    m.commit_blocks(b, hs.data(), 1);
+    REQUIRE(m.swap_out(b));  // queues dB -> hB; hB cached under hs[0], held by b's host table
+    const SequenceId a = m.create_sequence();
+    REQUIRE(m.attach_prefix(a, hs.data(), 1).num_device_blocks == 1);  // shares dB (held by the copy)
+    CHECK(m.offload_to_host(a) == 0);  // the host "already holds" hs[0]: its copy is in flight
+    if (variant == 0) {
+      m.free_sequence(b);   // b's request is aborted...
+    } else {
+      REQUIRE(m.swap_in(b));  // ...or b comes back in the same step
+    }
+    m.free_sequence(a);  // the engine offloaded a because it may come back
+    m.check_invariants();
+    m.take_transfers();
+    m.check_invariants();
+    // a's write-through must have reached the host.
+    CHECK(m.host_pool().find_cached(hs[0]) != kvkit::BlockPool::kNoBlock);
+  }
+}
+
+TEST_CASE("offload_to_host caches blocks swapped in this step on their host source, leaving no hole in the chain") {
+  KVCacheManager m(opts(9, 4, 4));
+  const SequenceId s = m.create_sequence();
+  REQUIRE(m.reserve(s, 8));
+  m.take_transfers();
+  REQUIRE(m.swap_out(s));  // nothing committed yet: its host blocks carry no hash
+  m.take_transfers();
+  REQUIRE(m.swap_in(s));
+  const auto hs = chain(800, 2);
+  m.commit_blocks(s, hs.data(), 2);  // the KV was written before the swap-out
+  m.offload_to_host(s);
+  m.free_sequence(s);
+  m.check_invariants();
+  m.take_transfers();
+  m.check_invariants();
+  CHECK(m.host_pool().find_cached(hs[0]) != kvkit::BlockPool::kNoBlock);
+  CHECK(m.host_pool().find_cached(hs[1]) != kvkit::BlockPool::kNoBlock);
+  // The device evicts them; the request comes back and must find them on the host.
+  const SequenceId filler = m.create_sequence();
+  REQUIRE(m.reserve(filler, 32));
+  m.free_sequence(filler);
+  m.take_transfers();
+  const SequenceId r = m.create_sequence();
+  CHECK(m.lookup_prefix(hs.data(), 2).num_host_blocks == 2);
+  CHECK(m.attach_prefix(r, hs.data(), 2).num_host_blocks == 2);
+  m.check_invariants();
+}

@@ -702,8 +702,11 @@ class KVCacheManager {
   /// attach_prefix that misses on the device (its blocks evicted meanwhile)
   /// continues on the host. Stops at the first block the host has no free
   /// block for (a chain is only useful from its start; cached host blocks
-  /// are evicted as for any host allocation, never this chain's) or that the
-  /// sliding window dropped. Returns the number of copies queued. Throws
+  /// are evicted as for any host allocation, never this chain's earlier
+  /// blocks, but possibly later ones it already held) or that the sliding
+  /// window dropped. A block swapped in this step is not copied: the host
+  /// block it comes from is cached under its hash. Returns the number of
+  /// copies queued. Throws
   /// kvkit::Error for an unknown or swapped sequence or a manager without
   /// host blocks.
   std::int64_t offload_to_host(SequenceId seq) {
@@ -717,11 +720,24 @@ class KVCacheManager {
       if (d == device_.null_block()) break;
       const std::int32_t hit = host_.acquire_cached(s.hashes[i]);
       if (hit != BlockPool::kNoBlock) {
-        pinned.push_back(hit);
+        // A hit whose content is still in flight (another swap-out's or
+        // offload's destination) is held until the flush like our own copies:
+        // its other holder may free it before then, cancelling the copy.
+        if (pending_host_[static_cast<std::size_t>(hit)] != kNone) {
+          offload_holds_.push_back(hit);
+          offload_priorities_.push_back(static_cast<std::int8_t>(s.options.priority));
+        } else {
+          pinned.push_back(hit);
+        }
         continue;
       }
-      // Swapped in this step: its content is still in a host block.
-      if (pending_swap_in_source(d) != BlockPool::kNoBlock) continue;
+      // Swapped in this step: the host block it comes from holds the content
+      // (and is held by that transfer): make it findable instead of copying.
+      const std::int32_t src = pending_swap_in_source(d);
+      if (src != BlockPool::kNoBlock) {
+        if (host_.is_cached(src) || !host_.cache_block(src, s.hashes[i])) break;
+        continue;
+      }
       const std::int32_t h = host_.allocate_one();
       if (h == BlockPool::kNoBlock) break;
       record_copy(MemoryTier::kDevice, d, MemoryTier::kHost, h, s.options.priority);
@@ -735,7 +751,8 @@ class KVCacheManager {
   }
 
   /// Returns the step's pending block transfers and releases the references
-  /// they held on their sources. Call once per step, execute the three lists
+  /// they held on their sources (and offload_to_host's holds on host blocks).
+  /// Call once per step, execute the three lists
   /// (in any order) before the step's KV writes.
   BlockTransfers take_transfers() {
     BlockTransfers out;
@@ -880,8 +897,8 @@ class KVCacheManager {
   /// Verifies in O(blocks + table entries) both pools' invariants and that
   /// every block's reference count equals the number of block-table entries
   /// naming it plus the pending transfers reading from it plus the radix
-  /// index's holds; the radix tree's own structure (see
-  /// RadixPrefixIndex::check_invariants); that tables cover their tokens,
+  /// index's holds (host blocks: plus offload_to_host's holds); the radix
+  /// tree's own structure (see RadixPrefixIndex::check_invariants); that tables cover their tokens,
   /// window-freed entries are exactly the null ones, committed hashes only
   /// name full blocks, pending-destination marks match the transfer lists
   /// and every pending destination is in use. Throws kvkit::Error naming the
@@ -1044,9 +1061,6 @@ class KVCacheManager {
     return s;
   }
 
-  // References to device block b other than pending transfers reading it:
-  // those run before the step's KV writes, so a block only they share with
-  // its writer is written in place (a fork's parent after its child's copy).
   struct PrefixTiers {
     std::int64_t on_device, on_host;
   };
@@ -1071,6 +1085,9 @@ class KVCacheManager {
     return {on_device, on_host};
   }
 
+  // References to device block b other than pending transfers reading it:
+  // those run before the step's KV writes, so a block only they share with
+  // its writer is written in place (a fork's parent after its child's copy).
   std::int32_t sharers(std::int32_t b) const {
     return device_.ref_count(b) - pending_reads_[static_cast<std::size_t>(b)];
   }
