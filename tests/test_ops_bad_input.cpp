@@ -302,3 +302,24 @@ TEST_CASE("gathers refuse output rows of different tokens that overlap, writing 
   a.out_stride_token = 16;
   kvkit::gather_kv(layout, a);
 }
+
+TEST_CASE("apply_rope refuses tokens whose rotated rows overlap, changing nothing") {
+  const kvkit::RopeCache table(small_rope(), 16);
+  std::vector<float> q(3 * 16, kPoison);
+  const std::vector<float> before = q;
+  const std::int64_t positions[3] = {1, 2, 3};
+  kvkit::RopeParams p = one_head_rows(positions, 3, 8);
+  p.q = q.data();
+  table.attach(p);
+  SECTION("one head, tokens closer than rotary_dim") {
+    p.num_q_heads = 1;
+    p.q_token_stride = GENERATE(0, 4, -7);
+  }
+  SECTION("token t's second head is token t+1's first") {
+    p.num_q_heads = 2;
+    p.q_head_stride = 8;
+    p.q_token_stride = 8;
+  }
+  REQUIRE_THROWS_WITH(kvkit::apply_rope(p), Contains("'q_token_stride' = ") && Contains("rotary_dim (8)"));
+  CHECK(q == before);
+}

@@ -74,7 +74,7 @@ inline void validate_mla_compress(const LatentKVLayout& layout, const MlaCompres
   check_pointer(a.cache, true, a.dtype, where, "cache");
   check_pointer(a.slot_mapping, true, DType::kInt64, where, "slot_mapping");
   check_argument(a.norm_weight != nullptr, where, "norm_weight", a.norm_weight, "a non-null pointer");
-  validate_rope_params(mla_kpe_rope(layout, a), where);
+  validate_rope_params(mla_kpe_rope(layout, a), where, /*check_token_rows=*/false);
 }
 
 /// Compresses tokens [first, end): RMSNorm of c_kv, then k_pe copied and

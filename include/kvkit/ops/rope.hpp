@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kvkit/core/dispatch.hpp"
@@ -71,7 +72,7 @@ class RopeCache {
 namespace detail {
 
 /// Checks everything about `p` that does not depend on position values.
-inline void validate_rope_params(const RopeParams& p, const char* where) {
+inline void validate_rope_params(const RopeParams& p, const char* where, bool check_token_rows = true) {
   check_argument(p.num_tokens >= 0, where, "num_tokens", p.num_tokens, ">= 0");
   check_argument(p.head_dim > 0, where, "head_dim", p.head_dim, "> 0");
   check_argument(p.rotary_dim > 0 && p.rotary_dim % 2 == 0, where, "rotary_dim", p.rotary_dim,
@@ -81,18 +82,36 @@ inline void validate_rope_params(const RopeParams& p, const char* where) {
   check(p.q != nullptr || p.k != nullptr, where, "both q and k are null; expected at least one");
   if (p.q != nullptr) check_argument(p.num_q_heads > 0, where, "num_q_heads", p.num_q_heads, "> 0");
   if (p.k != nullptr) check_argument(p.num_k_heads > 0, where, "num_k_heads", p.num_k_heads, "> 0");
-  // Heads whose rotated dims overlap would be rotated twice, in an order that
-  // differs between the CPU and the GPU.
-  const auto heads_apart = [&](std::int64_t stride, int heads) {
-    return heads <= 1 || stride >= p.rotary_dim || stride <= -std::int64_t(p.rotary_dim);
+  // Rows (token, head) whose rotated dims overlap would be rotated twice, in
+  // an order that differs between the CPU and the GPU. Sufficient check, as
+  // PagedKVLayout::validate: ordered by |stride|, each dimension of size > 1
+  // steps over the extent of the ones inside it. Callers whose tokens go to
+  // cache slots (rope_append, rope_shift_cache, MLA k_pe) check heads only.
+  const auto rows_apart = [&](std::int64_t token_stride, std::int64_t tokens, std::int64_t head_stride,
+                              std::int64_t heads) {
+    if (!check_token_rows) tokens = 1;
+    std::int64_t s[2] = {head_stride < 0 ? -head_stride : head_stride, token_stride < 0 ? -token_stride : token_stride};
+    std::int64_t n[2] = {heads, tokens};
+    if (n[0] > 1 && n[1] > 1 && s[1] < s[0]) { std::swap(s[0], s[1]); std::swap(n[0], n[1]); }
+    std::int64_t extent = p.rotary_dim;
+    for (int i = 0; i < 2; ++i) {
+      if (n[i] <= 1) continue;
+      if (s[i] < extent || (n[i] - 1) > (INT64_MAX - extent) / s[i]) return false;
+      extent += s[i] * (n[i] - 1);
+    }
+    return true;
   };
   if (p.q != nullptr) {
-    check_argument(heads_apart(p.q_head_stride, p.num_q_heads), where, "q_head_stride", p.q_head_stride,
-                   "at least rotary_dim (", p.rotary_dim, ") apart for ", p.num_q_heads, " heads");
+    check(rows_apart(p.q_token_stride, p.num_tokens, p.q_head_stride, p.num_q_heads), where,
+          "argument 'q_head_stride' = ", p.q_head_stride, " / 'q_token_stride' = ", p.q_token_stride,
+          ": rows of ", p.num_q_heads, " heads x ", p.num_tokens, " tokens overlap; expected them at least rotary_dim (",
+          p.rotary_dim, ") apart");
   }
   if (p.k != nullptr) {
-    check_argument(heads_apart(p.k_head_stride, p.num_k_heads), where, "k_head_stride", p.k_head_stride,
-                   "at least rotary_dim (", p.rotary_dim, ") apart for ", p.num_k_heads, " heads");
+    check(rows_apart(p.k_token_stride, p.num_tokens, p.k_head_stride, p.num_k_heads), where,
+          "argument 'k_head_stride' = ", p.k_head_stride, " / 'k_token_stride' = ", p.k_token_stride,
+          ": rows of ", p.num_k_heads, " heads x ", p.num_tokens, " tokens overlap; expected them at least rotary_dim (",
+          p.rotary_dim, ") apart");
   }
   if (p.num_tokens > 0) {
     check_argument(p.positions != nullptr, where, "positions", p.positions,

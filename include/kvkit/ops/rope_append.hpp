@@ -41,7 +41,7 @@ void validate_rope_append(const RopeParams& rope, const Layout& layout,
                  "the layout's head_dim (", layout.head_dim, ")");
   check(rope.dtype == append.src_dtype, where, "rope.dtype ", dtype_name(rope.dtype),
         " differs from append.src_dtype ", dtype_name(append.src_dtype), "; expected equal");
-  validate_rope_params(rope_keys_in_cache(rope, layout, append), where);
+  validate_rope_params(rope_keys_in_cache(rope, layout, append), where, /*check_token_rows=*/false);
   if (rope.q != nullptr) validate_rope_params(rope, where);
   validate_append_kv(layout, append, where);
 }

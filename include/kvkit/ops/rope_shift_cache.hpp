@@ -61,7 +61,7 @@ void validate_rope_shift_cache(const RopeParams& rope, const Layout& layout, con
   layout.validate(where);
   check_argument(rope.head_dim == layout.head_dim, where, "rope.head_dim", rope.head_dim,
                  "the layout's head_dim (", layout.head_dim, ")");
-  validate_rope_params(rope_shift_keys_in_cache(rope, layout, a), where);
+  validate_rope_params(rope_shift_keys_in_cache(rope, layout, a), where, /*check_token_rows=*/false);
   const bool quantized = is_quantized_cache_dtype(a.cache_dtype);
   check_argument(quantized || a.cache_dtype == DType::kFloat32 || a.cache_dtype == DType::kFloat16 ||
                      a.cache_dtype == DType::kBFloat16,
