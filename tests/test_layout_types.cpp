@@ -212,3 +212,10 @@ TEST_CASE("page table validation names the inconsistent entry") {
   indptr[0] = 1;
   CHECK_THROWS_WITH(kvkit::validate_page_table(csr, 4), Contains("'indptr[0]' = 1: expected 0"));
 }
+
+TEST_CASE("csr_to_padded refuses a CSR row longer than an int32 seq_len, whatever max_blocks") {
+  const std::int64_t page_size = std::int64_t(1) << 30;  // two pages hold 2^31 tokens
+  const std::int32_t indptr[2] = {0, 3}, indices[3] = {0, 1, 2}, last[1] = {1};
+  const kvkit::CsrPageTable t{indptr, indices, last, 1};
+  CHECK_THROWS_WITH(kvkit::csr_to_padded(t, page_size), Catch::Matchers::Contains("2147483649 tokens"));
+}

@@ -201,6 +201,11 @@ inline PaddedPageTableStorage csr_to_padded(const CsrPageTable& t, std::int64_t 
   std::int64_t longest = 0;
   for (std::int64_t b = 0; b < t.batch_size; ++b) {
     longest = t.num_pages(b) > longest ? t.num_pages(b) : longest;
+    // seq_lens are int32: a longer CSR row would be truncated.
+    if (t.seq_len(b, page_size) > INT32_MAX) {
+      fail(kWhere, "sequence ", b, " has ", t.seq_len(b, page_size), " tokens (", t.num_pages(b),
+           " pages of ", page_size, "): expected at most 2^31 - 1 (seq_lens are int32)");
+    }
   }
   if (max_blocks == 0) max_blocks = longest;
   check_argument(longest <= max_blocks, kWhere, "max_blocks", max_blocks,
