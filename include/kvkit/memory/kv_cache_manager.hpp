@@ -724,8 +724,7 @@ class KVCacheManager {
         // offload's destination) is held until the flush like our own copies:
         // its other holder may free it before then, cancelling the copy.
         if (pending_host_[static_cast<std::size_t>(hit)] != kNone) {
-          offload_holds_.push_back(hit);
-          offload_priorities_.push_back(static_cast<std::int8_t>(s.options.priority));
+          hold_until_flush(hit, s.options.priority);
         } else {
           pinned.push_back(hit);
         }
@@ -742,8 +741,7 @@ class KVCacheManager {
       if (h == BlockPool::kNoBlock) break;
       record_copy(MemoryTier::kDevice, d, MemoryTier::kHost, h, s.options.priority);
       host_.cache_block(h, s.hashes[i]);
-      offload_holds_.push_back(h);
-      offload_priorities_.push_back(static_cast<std::int8_t>(s.options.priority));
+      hold_until_flush(h, s.options.priority);
       ++queued;
     }
     for (std::size_t i = pinned.size(); i > 0; --i) host_.release_one(pinned[i - 1], s.options.priority);
@@ -1112,6 +1110,12 @@ class KVCacheManager {
         encode(l, lists_[l].size());
     lists_[l].push_back(BlockCopy{src, dst});
     priorities_[l].push_back(static_cast<std::int8_t>(priority));
+  }
+
+  // Keeps host block h (already referenced) in use until take_transfers().
+  void hold_until_flush(std::int32_t h, int priority) {
+    offload_holds_.push_back(h);
+    offload_priorities_.push_back(static_cast<std::int8_t>(priority));
   }
 
   // The host block a pending swap-in fills device block d from, or kNoBlock.

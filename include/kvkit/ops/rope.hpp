@@ -101,18 +101,14 @@ inline void validate_rope_params(const RopeParams& p, const char* where, bool ch
     }
     return true;
   };
-  if (p.q != nullptr) {
-    check(rows_apart(p.q_token_stride, p.num_tokens, p.q_head_stride, p.num_q_heads), where,
-          "argument 'q_head_stride' = ", p.q_head_stride, " / 'q_token_stride' = ", p.q_token_stride,
-          ": rows of ", p.num_q_heads, " heads x ", p.num_tokens, " tokens overlap; expected them at least rotary_dim (",
-          p.rotary_dim, ") apart");
-  }
-  if (p.k != nullptr) {
-    check(rows_apart(p.k_token_stride, p.num_tokens, p.k_head_stride, p.num_k_heads), where,
-          "argument 'k_head_stride' = ", p.k_head_stride, " / 'k_token_stride' = ", p.k_token_stride,
-          ": rows of ", p.num_k_heads, " heads x ", p.num_tokens, " tokens overlap; expected them at least rotary_dim (",
-          p.rotary_dim, ") apart");
-  }
+  const auto check_rows = [&](const char* name, std::int64_t token_stride, std::int64_t head_stride, int heads) {
+    check(rows_apart(token_stride, p.num_tokens, head_stride, heads), where, "argument '", name,
+          "_head_stride' = ", head_stride, " / '", name, "_token_stride' = ", token_stride, ": rows of ", heads,
+          " heads x ", p.num_tokens, " tokens overlap; expected them at least rotary_dim (", p.rotary_dim,
+          ") apart");
+  };
+  if (p.q != nullptr) check_rows("q", p.q_token_stride, p.q_head_stride, p.num_q_heads);
+  if (p.k != nullptr) check_rows("k", p.k_token_stride, p.k_head_stride, p.num_k_heads);
   if (p.num_tokens > 0) {
     check_argument(p.positions != nullptr, where, "positions", p.positions,
                    "a non-null pointer for ", p.num_tokens, " tokens");
