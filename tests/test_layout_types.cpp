@@ -12,6 +12,7 @@
 #include "kvkit/layout/latent_kv_layout.hpp"
 #include "kvkit/layout/page_table.hpp"
 #include "kvkit/layout/paged_kv_layout.hpp"
+#include "kvkit/layout/stride_overlap.hpp"
 
 using Catch::Matchers::Contains;
 using kvkit::ContiguousKVLayout;
@@ -95,6 +96,61 @@ TEST_CASE("paged layouts reject bad sizes and overlapping strides") {
   // V inside K.
   CHECK_THROWS_WITH(PagedKVLayout::strided(2, 2, 2, 8, 64, 16, 8, 16), Contains("'v_offset'"));
   CHECK_THROWS_WITH(PagedKVLayout::strided(2, 2, 2, 8, -64, 16, 8), Contains("'stride_page' = -64"));
+}
+
+TEST_CASE("find_stride_overlap names the first dimension, by stride, that steps inside the inner extent") {
+  using kvkit::detail::find_stride_overlap;
+  using kvkit::detail::StrideDim;
+  using Kind = kvkit::detail::StrideOverlapKind;
+  SECTION("rows exactly apart, given in any order, pass") {
+    const StrideDim nhd[3] = {{8, 2}, {16, 4}, {64, 3}};  // heads, slots, pages over rows of 8
+    CHECK(find_stride_overlap(nhd, 8).kind == Kind::kNone);
+    const StrideDim shuffled[3] = {{64, 3}, {8, 2}, {16, 4}};
+    CHECK(find_stride_overlap(shuffled, 8).kind == Kind::kNone);
+    const StrideDim padded[2] = {{10, 3}, {40, 2}};  // gaps are fine
+    CHECK(find_stride_overlap(padded, 8).dim == -1);
+  }
+  SECTION("too close: the inner extent, then the extent grown by the dimensions inside") {
+    const StrideDim rows[2] = {{8, 2}, {7, 1}};
+    const auto r = find_stride_overlap(rows, 9);
+    CHECK(r.kind == Kind::kTooClose);
+    CHECK(r.dim == 0);
+    CHECK(r.inner_extent == 9);
+    // Heads span 8 + 8 = 16; slots 12 apart land inside them.
+    const StrideDim slots[3] = {{64, 2}, {12, 4}, {8, 2}};
+    const auto s = find_stride_overlap(slots, 8);
+    CHECK(s.kind == Kind::kTooClose);
+    CHECK(s.dim == 1);
+    CHECK(s.inner_extent == 16);
+  }
+  SECTION("equal strides keep the array's order, so the later one is blamed") {
+    const StrideDim ab[2] = {{8, 2}, {8, 3}};
+    CHECK(find_stride_overlap(ab, 8).dim == 1);
+    CHECK(find_stride_overlap(ab, 8).inner_extent == 16);
+    const StrideDim ba[2] = {{8, 3}, {8, 2}};
+    CHECK(find_stride_overlap(ba, 8).dim == 1);
+    CHECK(find_stride_overlap(ba, 8).inner_extent == 24);
+  }
+  SECTION("dimensions of size 0 or 1 never step, whatever their stride") {
+    const StrideDim dims[4] = {{0, 1}, {3, 0}, {8, 2}, {-5, 1}};
+    CHECK(find_stride_overlap(dims, 8).kind == Kind::kNone);
+    const StrideDim zero[2] = {{0, 2}, {8, 1}};
+    CHECK(find_stride_overlap(zero, 8).kind == Kind::kTooClose);
+    CHECK(find_stride_overlap(zero, 8).dim == 0);
+  }
+  SECTION("an extent beyond INT64_MAX is an overflow; INT64_MAX itself fits") {
+    const std::int64_t max = INT64_MAX;
+    const StrideDim fits[2] = {{1, 2}, {max - 2, 2}};  // 2 + (max - 2) = max
+    CHECK(find_stride_overlap(fits, 1).kind == Kind::kNone);
+    const StrideDim over[2] = {{1, 2}, {max - 1, 2}};
+    const auto r = find_stride_overlap(over, 1);
+    CHECK(r.kind == Kind::kOverflow);
+    CHECK(r.dim == 1);
+    CHECK(r.inner_extent == 2);
+    const StrideDim many[2] = {{max / 2, 4}, {1, 1}};
+    CHECK(find_stride_overlap(many, 8).kind == Kind::kOverflow);
+    CHECK(find_stride_overlap(many, 8).dim == 0);
+  }
 }
 
 TEST_CASE("the latent layout is [pages, page_size, kv_lora_rank + rope_dim] with two views") {

@@ -18,6 +18,7 @@
 
 #include "kvkit/core/config.hpp"
 #include "kvkit/core/error.hpp"
+#include "kvkit/layout/stride_overlap.hpp"
 
 namespace kvkit {
 
@@ -102,43 +103,24 @@ struct PagedKVLayout {
     check_argument(stride_slot >= 0, where, "stride_slot", stride_slot, ">= 0");
     check_argument(stride_head >= 0, where, "stride_head", stride_head, ">= 0");
     check_argument(v_offset >= 0, where, "v_offset", v_offset, ">= 0");
-    // Sufficient condition for no aliasing: ordered by stride, every dimension
-    // of size > 1 steps over the whole extent of the dimensions inside it.
-    struct Dim {
-      std::int64_t stride, size;
-      const char* name;
-    };
-    Dim dims[4] = {{1, head_dim, "head_dim"},
-                   {stride_head, num_heads, "stride_head"},
-                   {stride_slot, page_size, "stride_slot"},
-                   {stride_page, num_pages, "stride_page"}};
-    // An interleaved V cache is a fifth "dimension" of size 2.
-    Dim all[5];
-    int n = 0;
-    for (const Dim& d : dims) {
-      if (d.size > 1) all[n++] = d;
+    // No aliasing (detail::find_stride_overlap). head_dim is a dimension of
+    // stride 1 rather than the inner extent, so that a stride of 0 is blamed
+    // with "expected >= 1"; an interleaved V cache is a fifth one of size 2.
+    const detail::StrideDim dims[5] = {{1, head_dim},
+                                       {stride_head, num_heads},
+                                       {stride_slot, page_size},
+                                       {stride_page, num_pages},
+                                       {v_offset, v_offset > 0 ? 2 : 1}};
+    const char* const names[5] = {"head_dim", "stride_head", "stride_slot", "stride_page", "v_offset"};
+    const detail::StrideOverlap bad = detail::find_stride_overlap(dims, 1);
+    if (bad.kind == detail::StrideOverlapKind::kTooClose) {
+      fail(where, "argument '", names[bad.dim], "' = ", dims[bad.dim].stride,
+           ": expected >= ", bad.inner_extent, " (the elements spanned by the inner dimensions), "
+           "otherwise two cache entries share memory");
     }
-    if (v_offset > 0) all[n++] = {v_offset, 2, "v_offset"};
-    for (int i = 1; i < n; ++i) {  // insertion sort: at most five entries
-      for (int j = i; j > 0 && all[j].stride < all[j - 1].stride; --j) {
-        const Dim t = all[j];
-        all[j] = all[j - 1];
-        all[j - 1] = t;
-      }
-    }
-    std::int64_t extent = 1;  // elements spanned by the dimensions inside
-    for (int i = 0; i < n; ++i) {
-      if (all[i].stride < extent) {
-        fail(where, "argument '", all[i].name, "' = ", all[i].stride,
-             ": expected >= ", extent, " (the elements spanned by the inner dimensions), "
-             "otherwise two cache entries share memory");
-      }
-      // stride >= extent >= 1 here; an extent beyond int64 would make offset() overflow.
-      if (all[i].size - 1 > (INT64_MAX - extent) / all[i].stride) {
-        fail(where, "argument '", all[i].name, "' = ", all[i].stride, " with ", all[i].size,
-             " entries: expected the cache to span at most 2^63 - 1 elements");
-      }
-      extent = all[i].stride * (all[i].size - 1) + extent;
+    if (bad.kind == detail::StrideOverlapKind::kOverflow) {  // offset() would overflow
+      fail(where, "argument '", names[bad.dim], "' = ", dims[bad.dim].stride, " with ", dims[bad.dim].size,
+           " entries: expected the cache to span at most 2^63 - 1 elements");
     }
   }
 

@@ -8,13 +8,13 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "kvkit/core/dispatch.hpp"
 #include "kvkit/core/error.hpp"
 #include "kvkit/core/prefetch.hpp"
 #include "kvkit/core/x86_dispatch.hpp"
+#include "kvkit/layout/stride_overlap.hpp"
 #include "kvkit/ops/rope_config.hpp"
 #include "kvkit/ops/rope_x86.hpp"
 #include "kvkit/ops/rope_params.hpp"
@@ -83,23 +83,17 @@ inline void validate_rope_params(const RopeParams& p, const char* where, bool ch
   if (p.q != nullptr) check_argument(p.num_q_heads > 0, where, "num_q_heads", p.num_q_heads, "> 0");
   if (p.k != nullptr) check_argument(p.num_k_heads > 0, where, "num_k_heads", p.num_k_heads, "> 0");
   // Rows (token, head) whose rotated dims overlap would be rotated twice, in
-  // an order that differs between the CPU and the GPU. Sufficient check, as
-  // PagedKVLayout::validate: ordered by |stride|, each dimension of size > 1
-  // steps over the extent of the ones inside it. Callers whose tokens go to
-  // cache slots (rope_append, rope_shift_cache, MLA k_pe) check heads only.
+  // an order that differs between the CPU and the GPU: the rule of
+  // PagedKVLayout::validate (detail::find_stride_overlap) over |stride|, with
+  // rows of rotary_dim. Callers whose tokens go to cache slots (rope_append,
+  // rope_shift_cache, MLA k_pe) check heads only.
   const auto rows_apart = [&](std::int64_t token_stride, std::int64_t tokens, std::int64_t head_stride,
                               std::int64_t heads) {
     if (!check_token_rows) tokens = 1;
-    std::int64_t s[2] = {head_stride < 0 ? -head_stride : head_stride, token_stride < 0 ? -token_stride : token_stride};
-    std::int64_t n[2] = {heads, tokens};
-    if (n[0] > 1 && n[1] > 1 && s[1] < s[0]) { std::swap(s[0], s[1]); std::swap(n[0], n[1]); }
-    std::int64_t extent = p.rotary_dim;
-    for (int i = 0; i < 2; ++i) {
-      if (n[i] <= 1) continue;
-      if (s[i] < extent || (n[i] - 1) > (INT64_MAX - extent) / s[i]) return false;
-      extent += s[i] * (n[i] - 1);
-    }
-    return true;
+    // |INT64_MIN| saturates: 2^63 - 1 still fails (overflow) for 2+ rows, as 2^63 would.
+    const auto magnitude = [](std::int64_t s) { return s >= 0 ? s : s == INT64_MIN ? INT64_MAX : -s; };
+    const StrideDim dims[2] = {{magnitude(head_stride), heads}, {magnitude(token_stride), tokens}};
+    return find_stride_overlap(dims, p.rotary_dim).kind == StrideOverlapKind::kNone;
   };
   const auto check_rows = [&](const char* name, std::int64_t token_stride, std::int64_t head_stride, int heads) {
     check(rows_apart(token_stride, p.num_tokens, head_stride, heads), where, "argument '", name,
