@@ -1,9 +1,10 @@
-// Decode attention on the CPU over a paged bf16 cache, Llama-3-8B shape
-// (32 q heads, 8 kv heads, head_dim 128, page 16), with q and o in fp32 and,
-// as a bf16 model has them, in bf16 (the scores then use AVX512-BF16's pair
-// dot products where the CPU has them). Memory-bound: reports the bytes read
-// (K + V of every attended token, plus Q and O) as bytes/s and
-// pct_of_memcpy.
+// Decode attention on the CPU over a paged cache, Llama-3-8B shape (32 q
+// heads, 8 kv heads, head_dim 128, page 16). A bf16 cache with q and o in
+// fp32 and, as a bf16 model has them, in bf16 (the scores then use
+// AVX512-BF16's pair dot products where the CPU has them); fp16 and fp8 e4m3
+// caches (per-tensor scale) with fp32 q, which go through float tiles.
+// Memory-bound: reports the bytes read (K + V of every attended token, plus
+// Q and O) as bytes/s and pct_of_memcpy.
 //
 // Cascade (shared prefix): 32 sequences share a 4,096-token prefix (the same
 // 256 pages in every page table) and each has its own 256-token suffix.
@@ -29,9 +30,8 @@ namespace {
 
 using kvkit::bench::full_or_smoke;
 
-template <class QT>
+template <class QT, class KV>
 void BM_decode(benchmark::State& state, std::int64_t batch, std::int64_t context) {
-  using KV = kvkit::bfloat16;
   const int q_heads = 32, kv_heads = 8, head_dim = 128, page = 16;
   batch = full_or_smoke<std::int64_t>(batch, 2);
   context = full_or_smoke<std::int64_t>(context, 100);
@@ -68,7 +68,9 @@ void BM_decode(benchmark::State& state, std::int64_t batch, std::int64_t context
   p.o_stride_head = head_dim;
   p.o_stride_token = q_heads * head_dim;
   p.q_dtype = kvkit::dtype_of<QT>;
-  p.kv_dtype = kvkit::DType::kBFloat16;
+  p.kv_dtype = kvkit::dtype_of<KV>;
+  const float kv_scale = 0.5f;  // a quantized cache's per-tensor scale (random values, any scale reads the same)
+  if (kvkit::dtype_size(p.kv_dtype) == 1) p.k_scale = p.v_scale = &kv_scale;
   for (auto _ : state) {
     kvkit::paged_decode_attention(p);
     benchmark::DoNotOptimize(o.data());
@@ -80,10 +82,16 @@ void BM_decode(benchmark::State& state, std::int64_t batch, std::int64_t context
 
 // (BENCHMARK_CAPTURE pastes the function's name into an identifier: no template arguments.)
 void BM_decode_fp32_q(benchmark::State& s, std::int64_t batch, std::int64_t context) {
-  BM_decode<float>(s, batch, context);
+  BM_decode<float, kvkit::bfloat16>(s, batch, context);
 }
 void BM_decode_bf16_q(benchmark::State& s, std::int64_t batch, std::int64_t context) {
-  BM_decode<kvkit::bfloat16>(s, batch, context);
+  BM_decode<kvkit::bfloat16, kvkit::bfloat16>(s, batch, context);
+}
+void BM_decode_fp16_kv(benchmark::State& s, std::int64_t batch, std::int64_t context) {
+  BM_decode<float, kvkit::half>(s, batch, context);
+}
+void BM_decode_fp8_kv(benchmark::State& s, std::int64_t batch, std::int64_t context) {
+  BM_decode<float, kvkit::float8_e4m3>(s, batch, context);
 }
 
 BENCHMARK_CAPTURE(BM_decode_fp32_q, batch16_ctx4096, 16, 4096)
@@ -94,6 +102,10 @@ BENCHMARK_CAPTURE(BM_decode_bf16_q, batch16_ctx4096, 16, 4096)
     ->Name("attention/decode/llama3_8b/bf16_kv_bf16_q/page16/batch16_ctx4096")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_decode_bf16_q, batch1_ctx32768, 1, 32768)
     ->Name("attention/decode/llama3_8b/bf16_kv_bf16_q/page16/batch1_ctx32768")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_decode_fp16_kv, batch16_ctx4096, 16, 4096)
+    ->Name("attention/decode/llama3_8b/fp16_kv/page16/batch16_ctx4096")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_decode_fp8_kv, batch16_ctx4096, 16, 4096)
+    ->Name("attention/decode/llama3_8b/fp8_e4m3_kv/page16/batch16_ctx4096")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The cascade problem: Llama-3-8B shape, bf16 cache, page 16, float32 q and o
 // (merge_states works on float32 states).

@@ -161,6 +161,25 @@ TEST_CASE("paged decode attention matches float64 for every head_dim, GQA ratio,
   SECTION("fp32 q, bf16 kv") { check_matrix<float, kvkit::bfloat16>(); }
 }
 
+TEST_CASE("head sizes that are not a multiple of the vector chunk read fp32 and bf16 caches through float tiles") {
+  // 40 and 80 are whole AVX2 chunks (16) or not, never whole AVX-512 ones
+  // (32): the in-place bodies hand these calls to the tile body.
+  std::uint64_t seed = 900;
+  for (int head_dim : {40, 80}) {
+    DecodeCase c;
+    c.head_dim = head_dim;
+    c.kv_heads = 2;
+    c.q_heads = 8;
+    c.page_size = 16;
+    c.seq_lens = {1, 17, 300};
+    INFO("head_dim " << head_dim);
+    DecodeProblem<float, float>(c, seed++).run_and_check();
+    DecodeProblem<kvkit::bfloat16, kvkit::bfloat16>(c, seed++).run_and_check();
+    DecodeProblem<float, kvkit::bfloat16>(c, seed++).run_and_check();
+    DecodeProblem<kvkit::half, kvkit::half>(c, seed++).run_and_check();
+  }
+}
+
 TEST_CASE("paged decode attention handles long and wildly different sequence lengths") {
   DecodeCase c;
   c.head_dim = 64;

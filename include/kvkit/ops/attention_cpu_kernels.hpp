@@ -38,22 +38,6 @@ namespace kvkit::detail {
 /// vector's lanes (16).
 constexpr int kDecodeTile = 16;
 
-/// float(stored) of every byte of a 1-byte cache dtype, built once.
-struct ByteDequantTable {
-  float value[256];
-};
-inline const ByteDequantTable& byte_dequant_table(DType t) {
-  static const auto make = [](DType dtype) {
-    ByteDequantTable table{};
-    for (int b = 0; b < 256; ++b) table.value[b] = dequantize_value(std::uint8_t(b), 1.0f, dtype);
-    return table;
-  };
-  static const ByteDequantTable e4m3 = make(DType::kFloat8E4M3);
-  static const ByteDequantTable e5m2 = make(DType::kFloat8E5M2);
-  static const ByteDequantTable int8 = make(DType::kInt8);
-  return t == DType::kFloat8E4M3 ? e4m3 : t == DType::kFloat8E5M2 ? e5m2 : int8;
-}
-
 #if KVKIT_X86_DISPATCH
 /// float16 -> float with F16C, 8 at a time (exact, like half_bits_to_float).
 /// Not inlined: a default-target caller cannot inline an F16C function.
@@ -67,46 +51,70 @@ __attribute__((target("avx2,f16c"))) inline void half_row_to_float_f16c(
 }
 #endif
 
-/// One head row of the cache as float: `n` elements at element offset `off`,
-/// times `scale` for the 1-byte dtypes (float(stored) * scale, exactly
-/// dequantize_value). kF16C: the caller is built for F16C.
-template <DType kKV, bool kF16C, bool kLatentRows = false>
-KVKIT_FORCEINLINE void load_cache_row(const void* cache, std::int64_t off, int n, float scale,
-                                      const float* byte_table, float* dst) {
-  if constexpr (kLatentRows) {
+/// One head row of the cache as float: `n` elements at element offset `off`
+/// (bytes for latent rows), times `scale` for the 1-byte dtypes
+/// (float(stored) * scale, exactly dequantize_value). A switch on the dtype
+/// per row, so that one tile body serves every cache dtype; each case's loop
+/// is branch-free and vectorizes (the fp8 conversions are written for it).
+/// kF16C: the caller is built for F16C.
+template <bool kF16C>
+KVKIT_FORCEINLINE void load_cache_row(DType dtype, bool latent_rows, const void* cache, std::int64_t off, int n,
+                                      float scale, float* dst) {
+  if (latent_rows) {
     // FlashMLA's fp8 latent rows (layout/latent_fp8_layout.hpp): e4m3 c_kv
-    // with one float scale per 128 values, then bf16 k_pe; `off` in bytes.
-    // Equal to mla_fp8_value (one exact float product).
-    (void)scale;
+    // with one float scale per 128 values, then bf16 k_pe. Equal to
+    // mla_fp8_value (one exact float product).
     const std::uint8_t* row = static_cast<const std::uint8_t*>(cache) + off;
     const int c_kv = n < MlaFp8Row::kRank ? n : MlaFp8Row::kRank;
     for (int g = 0; g * MlaFp8Row::kGroupSize < c_kv; ++g) {
       const float group_scale = mla_fp8_scale(row, g);
       const int end = std::min(c_kv, (g + 1) * MlaFp8Row::kGroupSize);
-      for (int d = g * MlaFp8Row::kGroupSize; d < end; ++d) dst[d] = group_scale * byte_table[row[d]];
+      for (int d = g * MlaFp8Row::kGroupSize; d < end; ++d) dst[d] = group_scale * e4m3_bits_to_float(row[d]);
     }
     for (int d = c_kv; d < n; ++d) {
       std::uint16_t bits;
       std::memcpy(&bits, row + MlaFp8Row::kRopeOffset + 2 * (d - MlaFp8Row::kRank), 2);
       dst[d] = bfloat16_bits_to_float(bits);
     }
-  } else if constexpr (kKV == DType::kFloat32) {
-    std::memcpy(dst, static_cast<const float*>(cache) + off, sizeof(float) * std::size_t(n));
-  } else if constexpr (kKV == DType::kBFloat16) {
-    const auto* src = reinterpret_cast<const std::uint16_t*>(static_cast<const bfloat16*>(cache) + off);
-    for (int d = 0; d < n; ++d) dst[d] = bfloat16_bits_to_float(src[d]);
-  } else if constexpr (kKV == DType::kFloat16) {
-    const auto* src = reinterpret_cast<const std::uint16_t*>(static_cast<const half*>(cache) + off);
-#if KVKIT_X86_DISPATCH
-    if constexpr (kF16C) {
-      half_row_to_float_f16c(src, n, dst);
+    return;
+  }
+  switch (dtype) {
+    case DType::kFloat32:
+      std::memcpy(dst, static_cast<const float*>(cache) + off, sizeof(float) * std::size_t(n));
+      return;
+    case DType::kBFloat16: {
+      const auto* src = reinterpret_cast<const std::uint16_t*>(static_cast<const bfloat16*>(cache) + off);
+      for (int d = 0; d < n; ++d) dst[d] = bfloat16_bits_to_float(src[d]);
       return;
     }
+    case DType::kFloat16: {
+      const auto* src = reinterpret_cast<const std::uint16_t*>(static_cast<const half*>(cache) + off);
+#if KVKIT_X86_DISPATCH
+      if constexpr (kF16C) {
+        half_row_to_float_f16c(src, n, dst);
+        return;
+      }
 #endif
-    for (int d = 0; d < n; ++d) dst[d] = half_bits_to_float(src[d]);
-  } else {
-    const std::uint8_t* src = static_cast<const std::uint8_t*>(cache) + off;
-    for (int d = 0; d < n; ++d) dst[d] = byte_table[src[d]] * scale;
+      for (int d = 0; d < n; ++d) dst[d] = half_bits_to_float(src[d]);
+      return;
+    }
+    case DType::kFloat8E4M3: {
+      const std::uint8_t* src = static_cast<const std::uint8_t*>(cache) + off;
+      for (int d = 0; d < n; ++d) dst[d] = e4m3_bits_to_float(src[d]) * scale;
+      return;
+    }
+    case DType::kFloat8E5M2: {
+      const std::uint8_t* src = static_cast<const std::uint8_t*>(cache) + off;
+      for (int d = 0; d < n; ++d) dst[d] = e5m2_bits_to_float(src[d]) * scale;
+      return;
+    }
+    case DType::kInt8: {
+      const std::int8_t* src = static_cast<const std::int8_t*>(cache) + off;
+      for (int d = 0; d < n; ++d) dst[d] = float(src[d]) * scale;
+      return;
+    }
+    default:
+      return;  // validated before
   }
 }
 
@@ -467,38 +475,32 @@ KVKIT_FORCEINLINE float kv_scale_at(const PagedDecodeParams& p, const float* sca
   return scales != nullptr ? scales[scale_index(p.kv_scale_granularity, slot, head, p.layout.num_heads)] : 1.0f;
 }
 
-/// Keys [first, first + n) of one sequence, heads [head_begin, head_begin +
-/// heads), as float rows of `width` floats: tile[h][j][0, elements).
-template <DType kKV, bool kF16C, bool kLatentRows>
-KVKIT_FORCEINLINE void load_kv_tile(const PagedDecodeParams& p, const void* cache, const float* scales,
-                                    const std::int32_t* pages, std::int64_t first, int n, int head_begin,
-                                    int heads, int elements, const float* byte_table, float* tile, int width) {
+/// Keys [first, first + n) of one sequence, one kv head, as float rows of
+/// `width` floats: tile[j][0, elements) (the rest stays zero).
+template <bool kF16C>
+KVKIT_FORCEINLINE void load_kv_head_tile(const PagedDecodeParams& p, const void* cache, const float* scales,
+                                         bool latent_rows, const std::int32_t* pages, std::int64_t first, int n,
+                                         int head, int elements, float* tile, int width) {
   for (int j = 0; j < n; ++j) {
     const std::int64_t slot = token_slot(pages, first + j, p.layout.page_shift);
-    for (int h = 0; h < heads; ++h) {
-      const std::int64_t head = head_begin + h;
-      load_cache_row<kKV, kF16C, kLatentRows>(cache, p.layout.slot_offset(slot, head), elements,
-                                 kv_scale_at(p, scales, slot, head), byte_table,
-                                 tile + (std::size_t(h) * kDecodeTile + j) * width);
-    }
+    const std::int64_t off = p.layout.slot_offset(slot, head);
+    load_cache_row<kF16C>(p.kv_dtype, latent_rows, cache, off, elements, kv_scale_at(p, scales, slot, head),
+                          tile + std::size_t(j) * width);
   }
 }
 
-/// Asks for the cache lines of keys [first, first + n), heads [head_begin,
-/// head_begin + heads), so that the next tile's rows arrive while this one is
+/// Asks for the cache lines of one kv head's rows (row_bytes each) of keys
+/// [first, first + n), so that the next tile's rows arrive while this one is
 /// computed: pages are scattered, so the hardware prefetcher loses the stream
 /// at every page boundary.
-template <class Storage>
 KVKIT_FORCEINLINE void prefetch_kv_tile(const PagedDecodeParams& p, const void* cache, const std::int32_t* pages,
-                                        std::int64_t first, int n, int head_begin, int heads, int elements) {
+                                        std::int64_t first, int n, int head, std::int64_t row_bytes) {
   const auto* base = static_cast<const char*>(cache);
-  const std::int64_t row_bytes = std::int64_t(elements) * std::int64_t(sizeof(Storage));
+  const std::int64_t elem_bytes = std::int64_t(dtype_size(p.kv_dtype));
   for (int j = 0; j < n; ++j) {
     const std::int64_t slot = token_slot(pages, first + j, p.layout.page_shift);
-    for (int h = 0; h < heads; ++h) {
-      const char* row = base + p.layout.slot_offset(slot, head_begin + h) * std::int64_t(sizeof(Storage));
-      for (std::int64_t b = 0; b < row_bytes; b += 64) prefetch_line(row + b);
-    }
+    const char* row = base + p.layout.slot_offset(slot, head) * elem_bytes;
+    for (std::int64_t b = 0; b < row_bytes; b += 64) prefetch_line(row + b);
   }
 }
 

@@ -47,6 +47,27 @@ struct DecodeScratch {
 };
 
 
+/// A q row (float32, float16 or bfloat16: validated before) as n floats, and
+/// n floats back into an o row of the same dtype. Once per row and work item,
+/// so the runtime switch costs nothing next to the keys, and the decode
+/// bodies are not instantiated once per q dtype.
+inline void q_row_to_float(DType dtype, const void* src, int n, float* dst) {
+  dispatch_known_dtype(FloatTypes{}, dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    for (int d = 0; d < n; ++d) dst[d] = to_float(static_cast<const T*>(src)[d]);
+  });
+}
+inline void float_to_o_row(DType dtype, const float* src, int n, void* dst) {
+  dispatch_known_dtype(FloatTypes{}, dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    for (int d = 0; d < n; ++d) static_cast<T*>(dst)[d] = from_float<T>(src[d]);
+  });
+}
+
+/// Where the decode body reads key and value rows: fp32 or bf16 caches in
+/// place, or float tiles converted (dequantized) from a cache of any dtype.
+enum class DecodeRows { kFloat32Cache, kBf16Cache, kFloatTiles };
+
 /// All query rows of one sequence for kv heads [kv_head_begin, kv_head_end).
 /// Rows are ordered (kv head, token, q head in the group), so that a kv
 /// head's rows are contiguous. Per tile of keys and per kv head: scores of
@@ -57,20 +78,23 @@ struct DecodeScratch {
 /// (load_chunk), with the next tile's rows prefetched as the current ones are
 /// read. Other caches (fp16, the 1-byte dtypes, FlashMLA's fp8 latent rows)
 /// and head sizes that are not a multiple of two vectors are first converted
-/// (dequantized) into float tiles, a tile's K rows of every head in one pass
-/// over the cache (in NHD a token's heads are contiguous, so that read is a
-/// stream). Scratch rows are zero-padded to a multiple of 32 floats so that
-/// the vector loops need no tails.
+/// (dequantized) into a float tile, one kv head at a time so that the tile
+/// stays in L1, with the next tile's rows of that head prefetched. The tile
+/// path converts rows through a runtime switch on the cache dtype
+/// (load_cache_row): it is one body per ISA for every dtype, and a switch per
+/// row costs nothing next to the row. Scratch rows are zero-padded to a
+/// multiple of 32 floats so that the vector loops need no tails.
 ///
 /// kBf16Pairs (bf16 q, bf16 cache in place, a CPU with AVX512-BF16): q rows
 /// keep their bf16 bits and the scores come from decode_scores_bf16_rows.
-template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows, bool kInPlace, bool kBf16Pairs>
+/// latent_rows: FlashMLA's fp8 latent rows (tiles only).
+template <DecodeRows kRows, bool kF16C, class V, bool kBf16Pairs>
 KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, const DecodeWorkItem& item,
-                                                DecodeScratch& scratch) {
+                                                bool latent_rows, DecodeScratch& scratch) {
   // What a row is read as: the cache's bf16 bits or floats in place, or the
   // floats of a tile.
-  constexpr bool in_place = kInPlace;
-  using Elem = std::conditional_t<kInPlace && kKV == DType::kBFloat16, std::uint16_t, float>;
+  constexpr bool in_place = kRows != DecodeRows::kFloatTiles;
+  using Elem = std::conditional_t<kRows == DecodeRows::kBf16Cache, std::uint16_t, float>;
   const std::int64_t b = item.b;
   const int kv_head_begin = item.kv_head_begin, kv_head_end = item.kv_head_end;
   const int head_dim = int(p.layout.head_dim);
@@ -95,15 +119,18 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
 
   const std::size_t q_floats = std::size_t(rows) * k_width;
   const std::size_t acc_floats = std::size_t(rows) * v_width;
-  const std::size_t k_tile_floats = in_place ? 0 : std::size_t(kv_heads) * kDecodeTile * k_width;
-  const std::size_t v_tile_floats = in_place ? 0 : std::size_t(kv_heads) * kDecodeTile * v_width;
-  scratch.floats.assign(q_floats + acc_floats + k_tile_floats + v_tile_floats + std::size_t(rows) * kDecodeTile,
+  const std::size_t k_tile_floats = in_place ? 0 : std::size_t(kDecodeTile) * k_width;
+  const std::size_t v_tile_floats = in_place ? 0 : std::size_t(kDecodeTile) * v_width;
+  const std::size_t score_floats = std::size_t(rows) * kDecodeTile;
+  scratch.floats.assign(q_floats + acc_floats + k_tile_floats + v_tile_floats + score_floats +
+                            std::size_t(std::max(head_dim, v_dim)),
                         0.0f);
   float* q = scratch.floats.data();       // [rows, k_width]
   float* acc = q + q_floats;              // [rows, v_width]
-  float* k_tile = acc + acc_floats;       // [kv_heads, tile, k_width]
-  float* v_tile = k_tile + k_tile_floats; // [kv_heads, tile, v_width]
+  float* k_tile = acc + acc_floats;       // [tile, k_width]: one kv head's keys
+  float* v_tile = k_tile + k_tile_floats; // [tile, v_width]
   float* scores = v_tile + v_tile_floats; // [rows, tile]: scores, then softmax weights
+  float* row = scores + score_floats;     // one q or o row in its own order
   scratch.softmax.assign(std::size_t(rows), OnlineSoftmax{});
   OnlineSoftmax* softmax = scratch.softmax.data();
   scratch.token_pos.resize(std::size_t(q_len));
@@ -112,29 +139,24 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
   // Row r = (h * q_len + t) * group + g is token q_begin + t, q head
   // (kv_head_begin + h) * group_all + group_begin + g. q and the
   // accumulators hold a row's elements in the order load_chunk reads them.
-  const QT* q_base = static_cast<const QT*>(p.q);
+  const std::size_t q_elem_bytes = dtype_size(p.q_dtype);
+  const auto* q_base = static_cast<const unsigned char*>(p.q);
   for (int t = 0; t < q_len; ++t) token_pos[t] = seq_len - q_len + t;
   for (int r = 0; r < rows; ++r) {
     const int h = r / head_rows, t = (r % head_rows) / group, g = r % group;
     const std::int64_t q_head = std::int64_t(kv_head_begin + h) * group_all + item.group_begin + g;
-    const QT* src = q_base + (q_begin + t) * p.q_stride_token + q_head * p.q_stride_head;
+    const void* src = q_base + std::size_t((q_begin + t) * p.q_stride_token + q_head * p.q_stride_head) * q_elem_bytes;
     if constexpr (kBf16Pairs) {
-      static_assert(std::is_same_v<QT, bfloat16> && kKV == DType::kBFloat16 && kInPlace, "bf16 q and cache");
-      std::memcpy(q + std::size_t(r) * k_width, src, sizeof(QT) * std::size_t(head_dim));
+      static_assert(kRows == DecodeRows::kBf16Cache, "bf16 q and cache");
+      std::memcpy(q + std::size_t(r) * k_width, src, sizeof(bfloat16) * std::size_t(head_dim));
     } else {
-      for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * k_width + chunk_position<Elem, V>(d)] = to_float(src[d]);
+      q_row_to_float(p.q_dtype, src, head_dim, row);
+      for (int d = 0; d < head_dim; ++d) q[std::size_t(r) * k_width + chunk_position<Elem, V>(d)] = row[d];
     }
   }
 
-  using Storage = std::conditional_t<kKV == DType::kFloat32, float,
-                                     std::conditional_t<dtype_size(kKV) == 2, std::uint16_t, std::uint8_t>>;
-  const float* byte_table = nullptr;
-  if constexpr (kKV == DType::kFloat8E4M3 || kKV == DType::kFloat8E5M2 || kKV == DType::kInt8) {
-    byte_table = byte_dequant_table(kKV).value;
-  }
-  // Row pointers of one head's keys in this tile and the next (prefetched).
   // Row pointers of the tile's keys and the next tile's (prefetched), for
-  // head 0 of the cache or of the float tile; a head adds head_offset.
+  // head 0 of the cache, or of the float tile; a head adds its offset.
   const Elem* k_rows[kDecodeTile];
   const Elem* v_rows[kDecodeTile];
   const Elem* k_next[kDecodeTile];
@@ -147,6 +169,9 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
       v_out[j] = static_cast<const Elem*>(p.v_cache) + off;
     }
   };
+  // Bytes of a K and a V row that the tile path reads (and prefetches).
+  const std::int64_t k_row_bytes = latent_rows ? MlaFp8Row::kBytes : head_dim * dtype_size(p.kv_dtype);
+  const std::int64_t v_row_bytes = std::int64_t(v_dim) * dtype_size(p.kv_dtype);
   if constexpr (!in_place) {
     for (int j = 0; j < kDecodeTile; ++j) {
       k_rows[j] = reinterpret_cast<const Elem*>(k_tile + std::size_t(j) * k_width);
@@ -163,7 +188,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
       const std::int64_t next = first + n;
       const int next_n = int(std::min<std::int64_t>(kDecodeTile, range[1] - next));
       // Prefetches of the next tile's rows: in place, key by key as the
-      // current rows are read; from tiles, per head before its scores.
+      // current rows are read; for tiles, per head before its scores.
       const Elem* const* k_prefetch = nullptr;
       const Elem* const* v_prefetch = nullptr;
       if constexpr (in_place) {
@@ -173,26 +198,19 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
           k_prefetch = k_next;
           v_prefetch = v_next;
         }
-      } else {
-        load_kv_tile<kKV, kF16C, kLatentRows>(p, p.k_cache, p.k_scale, pages, first, n, kv_head_begin, kv_heads,
-                                              head_dim, byte_table, k_tile, k_width);
       }
       // A head at a time, scores then weights then values, so that the rows
       // read and prefetched stay in L1 (all heads' K rows of this tile and
       // the next, then all V rows, overflowed it: measured 25% slower).
-      bool v_tile_loaded = false;
       for (int h = 0; h < kv_heads; ++h) {
         std::int64_t k_offset = 0, v_offset = 0;
+        const int head = kv_head_begin + h;
         if constexpr (in_place) {
-          k_offset = v_offset = (kv_head_begin + h) * stride_head;
+          k_offset = v_offset = head * stride_head;
         } else {
-          k_offset = std::int64_t(h) * kDecodeTile * k_width;
-          v_offset = std::int64_t(h) * kDecodeTile * v_width;
-          if (next_n > 0) {
-            prefetch_kv_tile<Storage>(p, p.k_cache, pages, next, next_n, kv_head_begin + h, 1,
-                                      kLatentRows ? int(MlaFp8Row::kBytes) : head_dim);
-            prefetch_kv_tile<Storage>(p, p.v_cache, pages, next, next_n, kv_head_begin + h, 1, v_dim);
-          }
+          load_kv_head_tile<kF16C>(p, p.k_cache, p.k_scale, latent_rows, pages, first, n, head, head_dim, k_tile,
+                                   k_width);
+          if (next_n > 0) prefetch_kv_tile(p, p.k_cache, pages, next, next_n, head, k_row_bytes);
         }
         const std::size_t row0 = std::size_t(h) * head_rows;
 #if KVKIT_X86_DISPATCH
@@ -216,11 +234,9 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
         }
         if (!any_weight) continue;
         if constexpr (!in_place) {
-          if (!v_tile_loaded) {
-            load_kv_tile<kKV, kF16C, kLatentRows>(p, p.v_cache, p.v_scale, pages, first, n, kv_head_begin,
-                                                  kv_heads, v_dim, byte_table, v_tile, v_width);
-            v_tile_loaded = true;
-          }
+          load_kv_head_tile<kF16C>(p, p.v_cache, p.v_scale, latent_rows, pages, first, n, head, v_dim, v_tile,
+                                   v_width);
+          if (next_n > 0) prefetch_kv_tile(p, p.v_cache, pages, next, next_n, head, v_row_bytes);
         }
         decode_accumulate_rows<V>(scores + row0 * kDecodeTile, v_rows, v_prefetch, v_offset, n, v_len,
                                   acc + row0 * v_width, v_width, head_rows);
@@ -228,33 +244,46 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
     }
   }
 
-  QT* o_base = static_cast<QT*>(p.o);
+  auto* o_base = static_cast<unsigned char*>(p.o);
   for (int r = 0; r < rows; ++r) {
     const int h = r / head_rows, t = (r % head_rows) / group, g = r % group;
     const std::int64_t token = q_begin + t;
     const std::int64_t q_head = std::int64_t(kv_head_begin + h) * group_all + item.group_begin + g;
-    QT* dst = o_base + token * p.o_stride_token + q_head * p.o_stride_head;
+    void* dst = o_base + std::size_t(token * p.o_stride_token + q_head * p.o_stride_head) * q_elem_bytes;
     const float inv = softmax[r].sum > 0.0f ? 1.0f / softmax[r].sum : 0.0f;
     const float* acc_row = acc + std::size_t(r) * v_width;
-    for (int d = 0; d < v_dim; ++d) dst[d] = from_float<QT>(acc_row[chunk_position<Elem, V>(d)] * inv);
+    for (int d = 0; d < v_dim; ++d) row[d] = acc_row[chunk_position<Elem, V>(d)] * inv;
+    float_to_o_row(p.q_dtype, row, v_dim, dst);
     if (p.lse != nullptr) p.lse[token * p.num_q_heads + q_head] = softmax[r].lse();
   }
 }
 
-/// decode_one_sequence_rows, reading the cache in place where it can:
-/// bf16 or fp32 rows whose sizes are a multiple of kChunk (GCC or Clang).
-/// kBf16Pairs: see decode_one_sequence_rows (only with 16-lane vectors).
-template <class QT, DType kKV, bool kF16C, class V, bool kLatentRows, bool kBf16Pairs = false>
+/// Whether rows of p can be read in place with vectors V (GCC or Clang, head
+/// sizes a multiple of kChunk); otherwise the in-place bodies hand the call
+/// to the tile body of the same ISA.
+template <class V>
+inline bool decode_reads_in_place(const PagedDecodeParams& p) {
+  return KVKIT_CPU_DECODE_READS_IN_PLACE && p.layout.head_dim % kChunk<V> == 0 &&
+         attention_v_dim(p) % kChunk<V> == 0;
+}
+
+/// One ISA's decode of a work item: `Self<DecodeRows::kFloatTiles>` is the
+/// same ISA's tile body, called (not inlined) when rows cannot be read in
+/// place, so each ISA compiles the tile body once.
+template <DecodeRows kRows, bool kF16C, class V, bool kBf16Pairs, class TileBody>
 KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, const DecodeWorkItem& item,
-                                                DecodeScratch& scratch) {
+                                                bool latent_rows, DecodeScratch& scratch, TileBody tile_body) {
+  if constexpr (kRows != DecodeRows::kFloatTiles) {
 #if KVKIT_CPU_DECODE_READS_IN_PLACE
-  if constexpr (!kLatentRows && (kKV == DType::kBFloat16 || kKV == DType::kFloat32)) {
-    if (p.layout.head_dim % kChunk<V> == 0 && attention_v_dim(p) % kChunk<V> == 0) {
-      return decode_one_sequence_rows<QT, kKV, kF16C, V, kLatentRows, true, kBf16Pairs>(p, item, scratch);
+    if (decode_reads_in_place<V>(p)) {
+      return decode_one_sequence_rows<kRows, kF16C, V, kBf16Pairs>(p, item, latent_rows, scratch);
     }
-  }
 #endif
-  decode_one_sequence_rows<QT, kKV, kF16C, V, kLatentRows, false, false>(p, item, scratch);
+    return tile_body(p, item, latent_rows, scratch);
+  } else {
+    (void)tile_body;
+    decode_one_sequence_rows<DecodeRows::kFloatTiles, kF16C, V, false>(p, item, latent_rows, scratch);
+  }
 }
 
 #if KVKIT_X86_DISPATCH
@@ -262,46 +291,57 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
 /// float16 caches. The lane count sets the order of the float additions, so
 /// results differ between ISAs in the last bits (the tests compare every
 /// path against float64 with the same tolerances).
-template <class QT, DType kKV, bool kLatentRows>
-__attribute__((target("avx2,fma,f16c"))) KVKIT_VECTORIZE void decode_one_sequence_avx2(const PagedDecodeParams& p,
-                                                                       const DecodeWorkItem& item,
-                                                                       DecodeScratch& scratch) {
-  decode_one_sequence_body<QT, kKV, true, Vec8, kLatentRows>(p, item, scratch);
+template <DecodeRows kRows>
+__attribute__((target("avx2,fma,f16c"))) KVKIT_VECTORIZE void decode_one_sequence_avx2(
+    const PagedDecodeParams& p, const DecodeWorkItem& item, bool latent_rows, DecodeScratch& scratch) {
+  decode_one_sequence_body<kRows, true, Vec8, false>(p, item, latent_rows, scratch,
+                                                     &decode_one_sequence_avx2<DecodeRows::kFloatTiles>);
 }
-template <class QT, DType kKV, bool kLatentRows>
+template <DecodeRows kRows>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) KVKIT_VECTORIZE void decode_one_sequence_avx512(
-    const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
-  decode_one_sequence_body<QT, kKV, true, Vec16, kLatentRows>(p, item, scratch);
+    const PagedDecodeParams& p, const DecodeWorkItem& item, bool latent_rows, DecodeScratch& scratch) {
+  decode_one_sequence_body<kRows, true, Vec16, false>(p, item, latent_rows, scratch,
+                                                      &decode_one_sequence_avx512<DecodeRows::kFloatTiles>);
 }
 
 /// bf16 q against a bf16 cache with AVX512-BF16's pair dot products for
 /// the scores (decode_scores_bf16_rows); the rest as decode_one_sequence_avx512.
-template <class QT, DType kKV, bool kLatentRows>
-__attribute__((target(KVKIT_AVX512_BF16_TARGET))) KVKIT_VECTORIZE void decode_one_sequence_avx512_bf16(
+__attribute__((target(KVKIT_AVX512_BF16_TARGET))) KVKIT_VECTORIZE inline void decode_one_sequence_avx512_bf16(
     const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
-  decode_one_sequence_body<QT, kKV, true, Vec16, kLatentRows, true>(p, item, scratch);
+  decode_one_sequence_body<DecodeRows::kBf16Cache, true, Vec16, true>(
+      p, item, false, scratch, &decode_one_sequence_avx512<DecodeRows::kFloatTiles>);
 }
 #endif
 
-template <class QT, DType kKV, bool kLatentRows>
-KVKIT_VECTORIZE void decode_one_sequence(const PagedDecodeParams& p, const DecodeWorkItem& item, DecodeScratch& scratch) {
+/// The same work with the compiler's baseline ISA. Without AVX, 8-lane
+/// vectors would be pairs of SSE registers that GCC spills; 4 lanes fit the
+/// 16 SSE registers.
+template <DecodeRows kRows>
+KVKIT_VECTORIZE void decode_one_sequence_baseline(const PagedDecodeParams& p, const DecodeWorkItem& item,
+                                                  bool latent_rows, DecodeScratch& scratch) {
+#if defined(__GNUC__) || defined(__clang__)
+  using BaselineVec = Vec4;
+#else
+  using BaselineVec = Vec8;
+#endif
+  decode_one_sequence_body<kRows, false, BaselineVec, false>(p, item, latent_rows, scratch,
+                                                             &decode_one_sequence_baseline<DecodeRows::kFloatTiles>);
+}
+
+template <DecodeRows kRows>
+void decode_one_sequence(const PagedDecodeParams& p, const DecodeWorkItem& item, bool latent_rows,
+                                         DecodeScratch& scratch) {
 #if KVKIT_X86_DISPATCH
   const X86Level level = x86_level();
-  if constexpr (std::is_same_v<QT, bfloat16> && kKV == DType::kBFloat16 && !kLatentRows) {
-    if (level == X86Level::kAvx512Bf16) {
-      return decode_one_sequence_avx512_bf16<QT, kKV, kLatentRows>(p, item, scratch);
+  if constexpr (kRows == DecodeRows::kBf16Cache) {
+    if (level == X86Level::kAvx512Bf16 && p.q_dtype == DType::kBFloat16) {
+      return decode_one_sequence_avx512_bf16(p, item, scratch);
     }
   }
-  if (level >= X86Level::kAvx512) return decode_one_sequence_avx512<QT, kKV, kLatentRows>(p, item, scratch);
-  if (level == X86Level::kAvx2) return decode_one_sequence_avx2<QT, kKV, kLatentRows>(p, item, scratch);
+  if (level >= X86Level::kAvx512) return decode_one_sequence_avx512<kRows>(p, item, latent_rows, scratch);
+  if (level == X86Level::kAvx2) return decode_one_sequence_avx2<kRows>(p, item, latent_rows, scratch);
 #endif
-  // Without AVX, 8-lane vectors would be pairs of SSE registers that GCC
-  // spills; 4 lanes fit the 16 SSE registers.
-#if defined(__GNUC__) || defined(__clang__)
-  decode_one_sequence_body<QT, kKV, false, Vec4, kLatentRows>(p, item, scratch);
-#else
-  decode_one_sequence_body<QT, kKV, false, Vec8, kLatentRows>(p, item, scratch);
-#endif
+  decode_one_sequence_baseline<kRows>(p, item, latent_rows, scratch);
 }
 
 /// Runs every work item of a validated call: (sequence, kv heads, q heads
@@ -311,8 +351,8 @@ KVKIT_VECTORIZE void decode_one_sequence(const PagedDecodeParams& p, const Decod
 /// items read the same keys, which suits their compute-bound case). Threads:
 /// OpenMP where the program is built with it (kvkit adds no flags itself),
 /// else one.
-template <class QT, DType kKV, bool kLatentRows>
-void decode_all_sequences(const PagedDecodeParams& p) {
+template <DecodeRows kRows>
+void decode_all_sequences(const PagedDecodeParams& p, bool latent_rows) {
   const std::int64_t batch = p.page_table.batch_size;
   const int kv_heads = int(p.layout.num_heads);
   const int group = p.num_q_heads / kv_heads;
@@ -341,7 +381,7 @@ void decode_all_sequences(const PagedDecodeParams& p) {
       item.kv_head_end = int(std::int64_t(kv_heads) * (hs + 1) / head_splits);
       item.group_begin = int(std::int64_t(group) * gs / group_splits);
       item.group_end = int(std::int64_t(group) * (gs + 1) / group_splits);
-      decode_one_sequence<QT, kKV, kLatentRows>(p, item, scratch);
+      decode_one_sequence<kRows>(p, item, latent_rows, scratch);
     }
   }
 }
@@ -357,13 +397,14 @@ inline void paged_decode_attention(const PagedDecodeParams& p) {
   constexpr const char* kWhere = "kvkit::paged_decode_attention";
   detail::validate_decode_params(p, kWhere);
   detail::check_static_kv_scales(p, kWhere);
-  dispatch_dtype<FloatTypes>(p.q_dtype, kWhere, "q_dtype", [&](auto qtag) {
-    detail::dispatch_kv_cache_dtype(p.kv_dtype, kWhere, [&](auto kv_dtype) {
-      using QT = typename decltype(qtag)::type;
-      constexpr DType kKV = decltype(kv_dtype)::value;
-      detail::decode_all_sequences<QT, kKV, false>(p);
-    });
-  });
+  // Validated: the tiles take every other cache dtype.
+  if (p.kv_dtype == DType::kFloat32) {
+    detail::decode_all_sequences<detail::DecodeRows::kFloat32Cache>(p, false);
+  } else if (p.kv_dtype == DType::kBFloat16) {
+    detail::decode_all_sequences<detail::DecodeRows::kBf16Cache>(p, false);
+  } else {
+    detail::decode_all_sequences<detail::DecodeRows::kFloatTiles>(p, false);
+  }
 }
 
 }  // namespace kvkit

@@ -123,10 +123,7 @@ inline void mla_decode_attention(const PagedDecodeParams& p) {
   detail::validate_mla_fp8_decode(p, kWhere, true);
   // The generic CPU decode with a tile loader for the 656-byte rows: the
   // same vector kernels, ISA dispatch and threads.
-  dispatch_dtype<FloatTypes>(p.q_dtype, kWhere, "q_dtype", [&](auto qtag) {
-    using QT = typename decltype(qtag)::type;
-    detail::decode_all_sequences<QT, DType::kFloat8E4M3, true>(p);
-  });
+  detail::decode_all_sequences<detail::DecodeRows::kFloatTiles>(p, true);
 }
 
 /// q_lat[t, h, :] = W_UK[h]ᵀ q_nope[t, h, :]: [tokens, n_heads, qk_nope] ->
