@@ -188,7 +188,8 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
       const std::int64_t next = first + n;
       const int next_n = int(std::min<std::int64_t>(kDecodeTile, range[1] - next));
       // Prefetches of the next tile's rows: in place, key by key as the
-      // current rows are read; for tiles, per head before its scores.
+      // current rows are read; for tiles, a head's rows once its tile is
+      // converted.
       const Elem* const* k_prefetch = nullptr;
       const Elem* const* v_prefetch = nullptr;
       if constexpr (in_place) {
@@ -267,9 +268,10 @@ inline bool decode_reads_in_place(const PagedDecodeParams& p) {
          attention_v_dim(p) % kChunk<V> == 0;
 }
 
-/// One ISA's decode of a work item: `Self<DecodeRows::kFloatTiles>` is the
-/// same ISA's tile body, called (not inlined) when rows cannot be read in
-/// place, so each ISA compiles the tile body once.
+/// One ISA's decode of a work item. `tile_body` is the same ISA's tile body
+/// (its decode_one_sequence_<isa><DecodeRows::kFloatTiles>), called rather
+/// than inlined when rows cannot be read in place, so that each ISA compiles
+/// the tile body once.
 template <DecodeRows kRows, bool kF16C, class V, bool kBf16Pairs, class TileBody>
 KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, const DecodeWorkItem& item,
                                                 bool latent_rows, DecodeScratch& scratch, TileBody tile_body) {
@@ -330,7 +332,7 @@ KVKIT_VECTORIZE void decode_one_sequence_baseline(const PagedDecodeParams& p, co
 
 template <DecodeRows kRows>
 void decode_one_sequence(const PagedDecodeParams& p, const DecodeWorkItem& item, bool latent_rows,
-                                         DecodeScratch& scratch) {
+                         DecodeScratch& scratch) {
 #if KVKIT_X86_DISPATCH
   const X86Level level = x86_level();
   if constexpr (kRows == DecodeRows::kBf16Cache) {
