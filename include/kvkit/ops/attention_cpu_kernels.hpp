@@ -49,6 +49,46 @@ __attribute__((target("avx2,f16c"))) inline void half_row_to_float_f16c(
   }
   for (; d < n; ++d) dst[d] = half_bits_to_float(src[d]);
 }
+
+/// fp8 -> float times `scale` with F16C, 8 at a time: each fp8 byte widens
+/// to a binary16 that F16C converts exactly, a few integer operations per 8
+/// values instead of the scalar conversion's dozen per value. Equal to
+/// e4m3_bits_to_float / e5m2_bits_to_float(src[d]) * scale.
+/// e4m3: s.eeee.mmm placed at binary16's s.eeeee.mmmmmmmmmm as
+/// s.0eeee.mmm0000000 is the value times 2^-8 (bias 15 instead of 7), for
+/// subnormals too, so a product by 256 (exact) restores it; the NaN code
+/// s.1111.111 is replaced by a quiet NaN of the same sign, as the scalar
+/// conversion gives (e4m3 has no infinities).
+__attribute__((target("avx2,f16c"))) inline void e4m3_row_to_float_f16c(const std::uint8_t* src, int n, float scale,
+                                                                         float* dst) {
+  const __m128i magnitude_bits = _mm_set1_epi16(0x7f);
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256 quiet_nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
+  const __m256 two_to_8 = _mm256_set1_ps(256.0f), scale8 = _mm256_set1_ps(scale);
+  int d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
+    const __m128i magnitude = _mm_and_si128(bytes, magnitude_bits);
+    const __m128i sign = _mm_slli_epi16(_mm_andnot_si128(magnitude_bits, bytes), 8);
+    const __m128i half_bits = _mm_or_si128(sign, _mm_slli_epi16(magnitude, 7));
+    const __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half_bits), two_to_8);
+    const __m256 is_nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, magnitude_bits)));
+    const __m256 nan = _mm256_or_ps(_mm256_and_ps(value, sign_bit), quiet_nan);
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_blendv_ps(value, nan, is_nan), scale8));
+  }
+  for (; d < n; ++d) dst[d] = e4m3_bits_to_float(src[d]) * scale;
+}
+/// e5m2 is the high byte of a binary16.
+__attribute__((target("avx2,f16c"))) inline void e5m2_row_to_float_f16c(const std::uint8_t* src, int n, float scale,
+                                                                         float* dst) {
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  int d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_cvtph_ps(_mm_slli_epi16(bytes, 8)), scale8));
+  }
+  for (; d < n; ++d) dst[d] = e5m2_bits_to_float(src[d]) * scale;
+}
 #endif
 
 /// One head row of the cache as float: `n` elements at element offset `off`
@@ -68,8 +108,14 @@ KVKIT_FORCEINLINE void load_cache_row(DType dtype, bool latent_rows, const void*
     const int c_kv = n < MlaFp8Row::kRank ? n : MlaFp8Row::kRank;
     for (int g = 0; g * MlaFp8Row::kGroupSize < c_kv; ++g) {
       const float group_scale = mla_fp8_scale(row, g);
-      const int end = std::min(c_kv, (g + 1) * MlaFp8Row::kGroupSize);
-      for (int d = g * MlaFp8Row::kGroupSize; d < end; ++d) dst[d] = group_scale * e4m3_bits_to_float(row[d]);
+      const int begin = g * MlaFp8Row::kGroupSize, end = std::min(c_kv, begin + MlaFp8Row::kGroupSize);
+#if KVKIT_X86_DISPATCH
+      if constexpr (kF16C) {
+        e4m3_row_to_float_f16c(row + begin, end - begin, group_scale, dst + begin);
+        continue;
+      }
+#endif
+      for (int d = begin; d < end; ++d) dst[d] = e4m3_bits_to_float(row[d]) * group_scale;
     }
     for (int d = c_kv; d < n; ++d) {
       std::uint16_t bits;
@@ -100,11 +146,23 @@ KVKIT_FORCEINLINE void load_cache_row(DType dtype, bool latent_rows, const void*
     }
     case DType::kFloat8E4M3: {
       const std::uint8_t* src = static_cast<const std::uint8_t*>(cache) + off;
+#if KVKIT_X86_DISPATCH
+      if constexpr (kF16C) {
+        e4m3_row_to_float_f16c(src, n, scale, dst);
+        return;
+      }
+#endif
       for (int d = 0; d < n; ++d) dst[d] = e4m3_bits_to_float(src[d]) * scale;
       return;
     }
     case DType::kFloat8E5M2: {
       const std::uint8_t* src = static_cast<const std::uint8_t*>(cache) + off;
+#if KVKIT_X86_DISPATCH
+      if constexpr (kF16C) {
+        e5m2_row_to_float_f16c(src, n, scale, dst);
+        return;
+      }
+#endif
       for (int d = 0; d < n; ++d) dst[d] = e5m2_bits_to_float(src[d]) * scale;
       return;
     }
@@ -169,6 +227,101 @@ KVKIT_FORCEINLINE void load_chunk(const std::uint16_t* row, V& lo, V& hi) {
 #else
 #define KVKIT_CPU_DECODE_READS_IN_PLACE 0
 #endif
+
+#if KVKIT_X86_DISPATCH
+/// fp16, fp8 and int8 rows read in place by the AVX2 and AVX-512 decode
+/// bodies (F16C converts binary16 exactly; each fp8 byte widens to one):
+/// elements [0, kChunk) as two float vectors in order, *without* the cache's
+/// scale, which the decode applies to the scores and weights of each key
+/// instead (times kInPlaceScaleFactor).
+///
+/// Plain `inline`, not always-inline: the helpers that call load_chunk
+/// (decode_scores, decode_accumulate_pass) are shared by every ISA and carry
+/// no target, and GCC refuses to force a target-specific function into them.
+/// Once those helpers are inlined into an AVX2 or AVX-512 body, the compiler
+/// inlines these too (checked with nm: no load_chunk remains in the object).
+///
+/// e4m3's bits s.eeee.mmm placed in a binary16 as s.0eeee.mmm0000000 read as
+/// the value times 2^-8 (exponent bias 15 instead of 7), subnormals
+/// included, so the decode folds 2^8 into the scale; the NaN code s.1111.111
+/// becomes a quiet NaN (e4m3 has no infinities). e5m2 is a binary16's high
+/// byte.
+__attribute__((target("avx2,f16c"))) KVKIT_FORCEINLINE __m128i e4m3_as_half_bits(__m128i bytes16) {
+  // s.eeee.mmm.00000000 >> 1 (arithmetic) = s.s.eeee.mmm.0000000; clear the copy.
+  return _mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(bytes16, 8), 1), _mm_set1_epi16(std::int16_t(0xbf80)));
+}
+__attribute__((target("avx2,f16c"))) KVKIT_FORCEINLINE __m256 half_bits_with_e4m3_nan(__m128i half_bits) {
+  const __m256 value = _mm256_cvtph_ps(half_bits);
+  const __m128i magnitude = _mm_and_si128(half_bits, _mm_set1_epi16(0x3f80));
+  const __m256 is_nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, _mm_set1_epi16(0x3f80))));
+  return _mm256_or_ps(value, _mm256_and_ps(is_nan, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000))));
+}
+__attribute__((target("avx2,f16c"))) inline void load_chunk(const half* row, Vec8& lo, Vec8& hi) {
+  lo = (Vec8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+  hi = (Vec8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 8)));
+}
+__attribute__((target("avx2,f16c"))) inline void load_chunk(const float8_e5m2* row, Vec8& lo, Vec8& hi) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+  lo = (Vec8)_mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), bytes));
+  hi = (Vec8)_mm256_cvtph_ps(_mm_unpackhi_epi8(_mm_setzero_si128(), bytes));
+}
+__attribute__((target("avx2,f16c"))) inline void load_chunk(const float8_e4m3* row, Vec8& lo, Vec8& hi) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+  lo = (Vec8)half_bits_with_e4m3_nan(e4m3_as_half_bits(_mm_unpacklo_epi8(bytes, _mm_setzero_si128())));
+  hi = (Vec8)half_bits_with_e4m3_nan(e4m3_as_half_bits(_mm_unpackhi_epi8(bytes, _mm_setzero_si128())));
+}
+__attribute__((target("avx2,f16c"))) inline void load_chunk(const std::int8_t* row, Vec8& lo, Vec8& hi) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+  lo = (Vec8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  hi = (Vec8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+}
+
+#define KVKIT_AVX512_ROWS_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c"
+/// _mm512_cvtph_ps without its undefined pass-through vector, which GCC 12
+/// reports as maybe-uninitialized once inlined.
+__attribute__((target(KVKIT_AVX512_ROWS_TARGET))) KVKIT_FORCEINLINE __m512 cvtph_ps_512(__m256i half_bits) {
+  return _mm512_maskz_cvtph_ps(__mmask16(0xffff), half_bits);
+}
+__attribute__((target(KVKIT_AVX512_ROWS_TARGET))) KVKIT_FORCEINLINE __m512 e4m3_to_float_times_256(__m128i bytes) {
+  const __m256i words = _mm256_cvtepu8_epi16(bytes);
+  const __m256i half_bits = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(words, 8), 1),
+                                             _mm256_set1_epi16(std::int16_t(0xbf80)));
+  const __mmask16 is_nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(half_bits, _mm256_set1_epi16(0x3f80)),
+                                                   _mm256_set1_epi16(0x3f80));
+  const __m512 value = cvtph_ps_512(half_bits);
+  return _mm512_mask_or_ps(value, is_nan, value, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)));
+}
+__attribute__((target(KVKIT_AVX512_ROWS_TARGET))) inline void load_chunk(const half* row, Vec16& lo, Vec16& hi) {
+  lo = (Vec16)cvtph_ps_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+  hi = (Vec16)cvtph_ps_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16)));
+}
+__attribute__((target(KVKIT_AVX512_ROWS_TARGET))) inline void load_chunk(const float8_e5m2* row, Vec16& lo,
+                                                                         Vec16& hi) {
+  const __m256i words = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))), 8);
+  const __m256i words_hi =
+      _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16))), 8);
+  lo = (Vec16)cvtph_ps_512(words);
+  hi = (Vec16)cvtph_ps_512(words_hi);
+}
+__attribute__((target(KVKIT_AVX512_ROWS_TARGET))) inline void load_chunk(const float8_e4m3* row, Vec16& lo,
+                                                                         Vec16& hi) {
+  lo = (Vec16)e4m3_to_float_times_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+  hi = (Vec16)e4m3_to_float_times_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16)));
+}
+__attribute__((target(KVKIT_AVX512_ROWS_TARGET))) inline void load_chunk(const std::int8_t* row, Vec16& lo,
+                                                                         Vec16& hi) {
+  // (maskz forms: the plain ones pass an undefined vector GCC 12 warns about, as cvtph_ps_512.)
+  const __mmask16 all = 0xffff;
+  lo = (Vec16)_mm512_maskz_cvtepi32_ps(
+      all, _mm512_maskz_cvtepi8_epi32(all, _mm_loadu_si128(reinterpret_cast<const __m128i*>(row))));
+  hi = (Vec16)_mm512_maskz_cvtepi32_ps(
+      all, _mm512_maskz_cvtepi8_epi32(all, _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16))));
+}
+#endif
+
+/// What load_chunk's in-place values of a cache dtype are multiplied by to
+/// give float(stored): 2^8 for e4m3 (see above), else 1.
+constexpr float kInPlaceScaleFactor(DType dtype) { return dtype == DType::kFloat8E4M3 ? 256.0f : 1.0f; }
 
 /// Where element d of a row sits in the order load_chunk gives it: in place
 /// for float rows; evens then odds within each chunk for bf16 rows.

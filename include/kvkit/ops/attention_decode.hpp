@@ -64,9 +64,71 @@ inline void float_to_o_row(DType dtype, const float* src, int n, void* dst) {
   });
 }
 
-/// Where the decode body reads key and value rows: fp32 or bf16 caches in
-/// place, or float tiles converted (dequantized) from a cache of any dtype.
-enum class DecodeRows { kFloat32Cache, kBf16Cache, kFloatTiles };
+/// Where the decode body reads key and value rows: the cache in place (fp32
+/// and bf16 with any ISA; fp16, fp8 and int8 with F16C, i.e. the AVX2 and
+/// AVX-512 bodies), or float tiles converted (dequantized) from a cache of
+/// any dtype.
+enum class DecodeRows {
+  kFloat32Cache,
+  kBf16Cache,
+  kFloat16Cache,
+  kFloat8E4M3Cache,
+  kFloat8E5M2Cache,
+  kInt8Cache,
+  kFloatTiles
+};
+
+/// The element type a body reads rows as (see load_chunk's overloads).
+template <DecodeRows kRows>
+struct DecodeElem {
+  using type = float;
+};
+template <>
+struct DecodeElem<DecodeRows::kBf16Cache> {
+  using type = std::uint16_t;
+};
+template <>
+struct DecodeElem<DecodeRows::kFloat16Cache> {
+  using type = half;
+};
+template <>
+struct DecodeElem<DecodeRows::kFloat8E4M3Cache> {
+  using type = float8_e4m3;
+};
+template <>
+struct DecodeElem<DecodeRows::kFloat8E5M2Cache> {
+  using type = float8_e5m2;
+};
+template <>
+struct DecodeElem<DecodeRows::kInt8Cache> {
+  using type = std::int8_t;
+};
+
+/// Whether rows of this kind are read in place only with F16C (the AVX2 and
+/// AVX-512 bodies; the baseline body reads them through tiles).
+constexpr bool decode_rows_need_f16c(DecodeRows rows) {
+  return rows == DecodeRows::kFloat16Cache || rows == DecodeRows::kFloat8E4M3Cache ||
+         rows == DecodeRows::kFloat8E5M2Cache || rows == DecodeRows::kInt8Cache;
+}
+/// Whether in-place rows carry a scale (1-byte dtypes), applied per key to
+/// the scores and the weights.
+constexpr bool decode_rows_scaled(DecodeRows rows) {
+  return rows == DecodeRows::kFloat8E4M3Cache || rows == DecodeRows::kFloat8E5M2Cache ||
+         rows == DecodeRows::kInt8Cache;
+}
+
+/// The in-place kind for a cache dtype (tiles for latent rows).
+inline DecodeRows decode_rows_for(DType kv_dtype) {
+  switch (kv_dtype) {
+    case DType::kFloat32: return DecodeRows::kFloat32Cache;
+    case DType::kBFloat16: return DecodeRows::kBf16Cache;
+    case DType::kFloat16: return DecodeRows::kFloat16Cache;
+    case DType::kFloat8E4M3: return DecodeRows::kFloat8E4M3Cache;
+    case DType::kFloat8E5M2: return DecodeRows::kFloat8E5M2Cache;
+    case DType::kInt8: return DecodeRows::kInt8Cache;
+    default: return DecodeRows::kFloatTiles;
+  }
+}
 
 /// All query rows of one sequence for kv heads [kv_head_begin, kv_head_end).
 /// Rows are ordered (kv head, token, q head in the group), so that a kv
@@ -94,7 +156,8 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
   // What a row is read as: the cache's bf16 bits or floats in place, or the
   // floats of a tile.
   constexpr bool in_place = kRows != DecodeRows::kFloatTiles;
-  using Elem = std::conditional_t<kRows == DecodeRows::kBf16Cache, std::uint16_t, float>;
+  constexpr bool scaled = decode_rows_scaled(kRows);
+  using Elem = typename DecodeElem<kRows>::type;
   const std::int64_t b = item.b;
   const int kv_head_begin = item.kv_head_begin, kv_head_end = item.kv_head_end;
   const int head_dim = int(p.layout.head_dim);
@@ -169,6 +232,22 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
       v_out[j] = static_cast<const Elem*>(p.v_cache) + off;
     }
   };
+  // 1-byte caches read in place: each key's K and V scale, applied to its
+  // scores and to its weights, after what load_chunk leaves out
+  // (kInPlaceScaleFactor; first, so that no product overflows where the
+  // true one does not).
+  // Exact dequantization would scale each element; scaling the sums instead
+  // rounds differently in the last bits (the tests hold it to fp32's
+  // tolerances).
+  constexpr float factor = kRows == DecodeRows::kFloat8E4M3Cache ? kInPlaceScaleFactor(DType::kFloat8E4M3) : 1.0f;
+  float key_k_scale[kDecodeTile], key_v_scale[kDecodeTile];
+  const auto key_scales = [&](std::int64_t tile_first, int count, int head) {
+    for (int j = 0; j < count; ++j) {
+      const std::int64_t slot = token_slot(pages, tile_first + j, p.layout.page_shift);
+      key_k_scale[j] = kv_scale_at(p, p.k_scale, slot, head);
+      key_v_scale[j] = kv_scale_at(p, p.v_scale, slot, head);
+    }
+  };
   // Bytes of a K and a V row that the tile path reads (and prefetches).
   const std::int64_t k_row_bytes = latent_rows ? MlaFp8Row::kBytes : head_dim * dtype_size(p.kv_dtype);
   const std::int64_t v_row_bytes = std::int64_t(v_dim) * dtype_size(p.kv_dtype);
@@ -208,6 +287,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
         const int head = kv_head_begin + h;
         if constexpr (in_place) {
           k_offset = v_offset = head * stride_head;
+          if constexpr (scaled) key_scales(first, n, head);
         } else {
           load_kv_head_tile<kF16C>(p, p.k_cache, p.k_scale, latent_rows, pages, first, n, head, head_dim, k_tile,
                                    k_width);
@@ -225,6 +305,12 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
           decode_scores_rows<V>(q + row0 * k_width, k_width, k_rows, k_prefetch, k_offset, n, k_len,
                                 scores + row0 * kDecodeTile, head_rows);
         }
+        if constexpr (scaled) {
+          for (int i = 0; i < head_rows; ++i) {
+            float* s = scores + (row0 + i) * kDecodeTile;
+            for (int j = 0; j < n; ++j) s[j] = s[j] * factor * key_k_scale[j];
+          }
+        }
         bool any_weight = false;
         std::size_t r = row0;
         for (int t = 0; t < q_len; ++t) {
@@ -234,6 +320,13 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
           }
         }
         if (!any_weight) continue;
+        if constexpr (scaled) {
+          // After the softmax step: its sums are of the unscaled weights.
+          for (int i = 0; i < head_rows; ++i) {
+            float* w = scores + (row0 + i) * kDecodeTile;
+            for (int j = 0; j < n; ++j) w[j] = w[j] * factor * key_v_scale[j];
+          }
+        }
         if constexpr (!in_place) {
           load_kv_head_tile<kF16C>(p, p.v_cache, p.v_scale, latent_rows, pages, first, n, head, v_dim, v_tile,
                                    v_width);
@@ -275,7 +368,9 @@ inline bool decode_reads_in_place(const PagedDecodeParams& p) {
 template <DecodeRows kRows, bool kF16C, class V, bool kBf16Pairs, class TileBody>
 KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, const DecodeWorkItem& item,
                                                 bool latent_rows, DecodeScratch& scratch, TileBody tile_body) {
-  if constexpr (kRows != DecodeRows::kFloatTiles) {
+  if constexpr (decode_rows_need_f16c(kRows) && !kF16C) {
+    return tile_body(p, item, latent_rows, scratch);
+  } else if constexpr (kRows != DecodeRows::kFloatTiles) {
 #if KVKIT_CPU_DECODE_READS_IN_PLACE
     if (decode_reads_in_place<V>(p)) {
       return decode_one_sequence_rows<kRows, kF16C, V, kBf16Pairs>(p, item, latent_rows, scratch);
@@ -399,13 +494,15 @@ inline void paged_decode_attention(const PagedDecodeParams& p) {
   constexpr const char* kWhere = "kvkit::paged_decode_attention";
   detail::validate_decode_params(p, kWhere);
   detail::check_static_kv_scales(p, kWhere);
-  // Validated: the tiles take every other cache dtype.
-  if (p.kv_dtype == DType::kFloat32) {
-    detail::decode_all_sequences<detail::DecodeRows::kFloat32Cache>(p, false);
-  } else if (p.kv_dtype == DType::kBFloat16) {
-    detail::decode_all_sequences<detail::DecodeRows::kBf16Cache>(p, false);
-  } else {
-    detail::decode_all_sequences<detail::DecodeRows::kFloatTiles>(p, false);
+  using detail::DecodeRows;
+  switch (detail::decode_rows_for(p.kv_dtype)) {  // validated
+    case DecodeRows::kFloat32Cache: return detail::decode_all_sequences<DecodeRows::kFloat32Cache>(p, false);
+    case DecodeRows::kBf16Cache: return detail::decode_all_sequences<DecodeRows::kBf16Cache>(p, false);
+    case DecodeRows::kFloat16Cache: return detail::decode_all_sequences<DecodeRows::kFloat16Cache>(p, false);
+    case DecodeRows::kFloat8E4M3Cache: return detail::decode_all_sequences<DecodeRows::kFloat8E4M3Cache>(p, false);
+    case DecodeRows::kFloat8E5M2Cache: return detail::decode_all_sequences<DecodeRows::kFloat8E5M2Cache>(p, false);
+    case DecodeRows::kInt8Cache: return detail::decode_all_sequences<DecodeRows::kInt8Cache>(p, false);
+    case DecodeRows::kFloatTiles: return detail::decode_all_sequences<DecodeRows::kFloatTiles>(p, false);
   }
 }
 
