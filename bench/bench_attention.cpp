@@ -2,7 +2,8 @@
 // heads, 8 kv heads, head_dim 128, page 16). A bf16 cache with q and o in
 // fp32 and, as a bf16 model has them, in bf16 (the scores then use
 // AVX512-BF16's pair dot products where the CPU has them); fp16 and fp8 e4m3
-// caches (per-tensor scale) with fp32 q, which go through float tiles.
+// caches (per-tensor scale) with fp32 q, converted in registers with F16C
+// (float tiles on CPUs without AVX2).
 // Memory-bound: reports the bytes read (K + V of every attended token, plus
 // Q and O) as bytes/s and pct_of_memcpy.
 //

@@ -136,11 +136,13 @@ inline DecodeRows decode_rows_for(DType kv_dtype) {
 /// the head's rows, one online-softmax step per row, then the weighted sum of
 /// the values.
 ///
-/// bf16 and fp32 caches are read in place, converted in registers
-/// (load_chunk), with the next tile's rows prefetched as the current ones are
-/// read. Other caches (fp16, the 1-byte dtypes, FlashMLA's fp8 latent rows)
-/// and head sizes that are not a multiple of two vectors are first converted
-/// (dequantized) into a float tile, one kv head at a time so that the tile
+/// Caches are read in place, converted in registers (load_chunk), with the
+/// next tile's rows prefetched as the current ones are read: fp32 and bf16
+/// with every ISA, fp16 and the 1-byte dtypes with AVX2 or AVX-512 (their
+/// scales applied per key to the scores and weights). The baseline ISA's
+/// fp16 and 1-byte rows, FlashMLA's fp8 latent rows and head sizes that are
+/// not a multiple of two vectors are first converted (dequantized) into a
+/// float tile, one kv head at a time so that the tile
 /// stays in L1, with the next tile's rows of that head prefetched. The tile
 /// path converts rows through a runtime switch on the cache dtype
 /// (load_cache_row): it is one body per ISA for every dtype, and a switch per
