@@ -49,46 +49,6 @@ __attribute__((target("avx2,f16c"))) inline void half_row_to_float_f16c(
   }
   for (; d < n; ++d) dst[d] = half_bits_to_float(src[d]);
 }
-
-/// fp8 -> float times `scale` with F16C, 8 at a time: each fp8 byte widens
-/// to a binary16 that F16C converts exactly, a few integer operations per 8
-/// values instead of the scalar conversion's dozen per value. Equal to
-/// e4m3_bits_to_float / e5m2_bits_to_float(src[d]) * scale.
-/// e4m3: s.eeee.mmm placed at binary16's s.eeeee.mmmmmmmmmm as
-/// s.0eeee.mmm0000000 is the value times 2^-8 (bias 15 instead of 7), for
-/// subnormals too, so a product by 256 (exact) restores it; the NaN code
-/// s.1111.111 is replaced by a quiet NaN of the same sign, as the scalar
-/// conversion gives (e4m3 has no infinities).
-__attribute__((target("avx2,f16c"))) inline void e4m3_row_to_float_f16c(const std::uint8_t* src, int n, float scale,
-                                                                         float* dst) {
-  const __m128i magnitude_bits = _mm_set1_epi16(0x7f);
-  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-  const __m256 quiet_nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
-  const __m256 two_to_8 = _mm256_set1_ps(256.0f), scale8 = _mm256_set1_ps(scale);
-  int d = 0;
-  for (; d + 8 <= n; d += 8) {
-    const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
-    const __m128i magnitude = _mm_and_si128(bytes, magnitude_bits);
-    const __m128i sign = _mm_slli_epi16(_mm_andnot_si128(magnitude_bits, bytes), 8);
-    const __m128i half_bits = _mm_or_si128(sign, _mm_slli_epi16(magnitude, 7));
-    const __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half_bits), two_to_8);
-    const __m256 is_nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, magnitude_bits)));
-    const __m256 nan = _mm256_or_ps(_mm256_and_ps(value, sign_bit), quiet_nan);
-    _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_blendv_ps(value, nan, is_nan), scale8));
-  }
-  for (; d < n; ++d) dst[d] = e4m3_bits_to_float(src[d]) * scale;
-}
-/// e5m2 is the high byte of a binary16.
-__attribute__((target("avx2,f16c"))) inline void e5m2_row_to_float_f16c(const std::uint8_t* src, int n, float scale,
-                                                                         float* dst) {
-  const __m256 scale8 = _mm256_set1_ps(scale);
-  int d = 0;
-  for (; d + 8 <= n; d += 8) {
-    const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
-    _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_cvtph_ps(_mm_slli_epi16(bytes, 8)), scale8));
-  }
-  for (; d < n; ++d) dst[d] = e5m2_bits_to_float(src[d]) * scale;
-}
 #endif
 
 /// One head row of the cache as float: `n` elements at element offset `off`
@@ -108,14 +68,8 @@ KVKIT_FORCEINLINE void load_cache_row(DType dtype, bool latent_rows, const void*
     const int c_kv = n < MlaFp8Row::kRank ? n : MlaFp8Row::kRank;
     for (int g = 0; g * MlaFp8Row::kGroupSize < c_kv; ++g) {
       const float group_scale = mla_fp8_scale(row, g);
-      const int begin = g * MlaFp8Row::kGroupSize, end = std::min(c_kv, begin + MlaFp8Row::kGroupSize);
-#if KVKIT_X86_DISPATCH
-      if constexpr (kF16C) {
-        e4m3_row_to_float_f16c(row + begin, end - begin, group_scale, dst + begin);
-        continue;
-      }
-#endif
-      for (int d = begin; d < end; ++d) dst[d] = e4m3_bits_to_float(row[d]) * group_scale;
+      const int end = std::min(c_kv, (g + 1) * MlaFp8Row::kGroupSize);
+      for (int d = g * MlaFp8Row::kGroupSize; d < end; ++d) dst[d] = group_scale * e4m3_bits_to_float(row[d]);
     }
     for (int d = c_kv; d < n; ++d) {
       std::uint16_t bits;
@@ -146,23 +100,11 @@ KVKIT_FORCEINLINE void load_cache_row(DType dtype, bool latent_rows, const void*
     }
     case DType::kFloat8E4M3: {
       const std::uint8_t* src = static_cast<const std::uint8_t*>(cache) + off;
-#if KVKIT_X86_DISPATCH
-      if constexpr (kF16C) {
-        e4m3_row_to_float_f16c(src, n, scale, dst);
-        return;
-      }
-#endif
       for (int d = 0; d < n; ++d) dst[d] = e4m3_bits_to_float(src[d]) * scale;
       return;
     }
     case DType::kFloat8E5M2: {
       const std::uint8_t* src = static_cast<const std::uint8_t*>(cache) + off;
-#if KVKIT_X86_DISPATCH
-      if constexpr (kF16C) {
-        e5m2_row_to_float_f16c(src, n, scale, dst);
-        return;
-      }
-#endif
       for (int d = 0; d < n; ++d) dst[d] = e5m2_bits_to_float(src[d]) * scale;
       return;
     }
