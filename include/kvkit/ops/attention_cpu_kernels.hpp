@@ -175,7 +175,7 @@ KVKIT_FORCEINLINE void load_chunk(const std::uint16_t* row, V& lo, V& hi) {
 /// bodies (F16C converts binary16 exactly; each fp8 byte widens to one):
 /// elements [0, kChunk) as two float vectors in order, *without* the cache's
 /// scale, which the decode applies to the scores and weights of each key
-/// instead (times kInPlaceScaleFactor).
+/// instead (for e4m3 times kE4m3InPlaceFactor).
 ///
 /// Plain `inline`, not always-inline: the helpers that call load_chunk
 /// (decode_scores, decode_accumulate_pass) are shared by every ISA and carry
@@ -261,9 +261,9 @@ __attribute__((target(KVKIT_AVX512_ROWS_TARGET))) inline void load_chunk(const s
 }
 #endif
 
-/// What load_chunk's in-place values of a cache dtype are multiplied by to
-/// give float(stored): 2^8 for e4m3 (see above), else 1.
-constexpr float kInPlaceScaleFactor(DType dtype) { return dtype == DType::kFloat8E4M3 ? 256.0f : 1.0f; }
+/// What load_chunk's in-place e4m3 values are multiplied by to give
+/// float(stored) (see above); the other dtypes' values are float(stored).
+constexpr float kE4m3InPlaceFactor = 256.0f;
 
 /// Where element d of a row sits in the order load_chunk gives it: in place
 /// for float rows; evens then odds within each chunk for bf16 rows.

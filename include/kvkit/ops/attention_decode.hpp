@@ -104,30 +104,27 @@ struct DecodeElem<DecodeRows::kInt8Cache> {
   using type = std::int8_t;
 };
 
-/// Whether rows of this kind are read in place only with F16C (the AVX2 and
-/// AVX-512 bodies; the baseline body reads them through tiles).
-constexpr bool decode_rows_need_f16c(DecodeRows rows) {
-  return rows == DecodeRows::kFloat16Cache || rows == DecodeRows::kFloat8E4M3Cache ||
-         rows == DecodeRows::kFloat8E5M2Cache || rows == DecodeRows::kInt8Cache;
-}
 /// Whether in-place rows carry a scale (1-byte dtypes), applied per key to
 /// the scores and the weights.
 constexpr bool decode_rows_scaled(DecodeRows rows) {
   return rows == DecodeRows::kFloat8E4M3Cache || rows == DecodeRows::kFloat8E5M2Cache ||
          rows == DecodeRows::kInt8Cache;
 }
+/// Whether rows of this kind are read in place only with F16C (the AVX2 and
+/// AVX-512 bodies; the baseline body reads them through tiles).
+constexpr bool decode_rows_need_f16c(DecodeRows rows) {
+  return rows == DecodeRows::kFloat16Cache || decode_rows_scaled(rows);
+}
 
-/// The in-place kind for a cache dtype (tiles for latent rows).
-inline DecodeRows decode_rows_for(DType kv_dtype) {
-  switch (kv_dtype) {
-    case DType::kFloat32: return DecodeRows::kFloat32Cache;
-    case DType::kBFloat16: return DecodeRows::kBf16Cache;
-    case DType::kFloat16: return DecodeRows::kFloat16Cache;
-    case DType::kFloat8E4M3: return DecodeRows::kFloat8E4M3Cache;
-    case DType::kFloat8E5M2: return DecodeRows::kFloat8E5M2Cache;
-    case DType::kInt8: return DecodeRows::kInt8Cache;
-    default: return DecodeRows::kFloatTiles;
-  }
+/// The in-place kind for a cache dtype the CPU decode reads
+/// (dispatch_kv_cache_dtype's).
+constexpr DecodeRows decode_rows_in_place(DType kv_dtype) {
+  return kv_dtype == DType::kFloat32      ? DecodeRows::kFloat32Cache
+         : kv_dtype == DType::kBFloat16   ? DecodeRows::kBf16Cache
+         : kv_dtype == DType::kFloat16    ? DecodeRows::kFloat16Cache
+         : kv_dtype == DType::kFloat8E4M3 ? DecodeRows::kFloat8E4M3Cache
+         : kv_dtype == DType::kFloat8E5M2 ? DecodeRows::kFloat8E5M2Cache
+                                          : DecodeRows::kInt8Cache;
 }
 
 /// All query rows of one sequence for kv heads [kv_head_begin, kv_head_end).
@@ -227,27 +224,29 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
   const Elem* k_next[kDecodeTile];
   const Elem* v_next[kDecodeTile];
   const std::int64_t stride_head = p.layout.stride_head;
-  const auto cache_rows = [&](std::int64_t tile_first, int count, const Elem** k_out, const Elem** v_out) {
+  std::int64_t tile_slots[kDecodeTile];  // the current tile's cache slots (in place)
+  const auto cache_rows = [&](std::int64_t tile_first, int count, const Elem** k_out, const Elem** v_out,
+                              std::int64_t* slots_out) {
     for (int j = 0; j < count; ++j) {
-      const std::int64_t off = p.layout.slot_offset(token_slot(pages, tile_first + j, p.layout.page_shift), 0);
+      const std::int64_t slot = token_slot(pages, tile_first + j, p.layout.page_shift);
+      if (slots_out != nullptr) slots_out[j] = slot;
+      const std::int64_t off = p.layout.slot_offset(slot, 0);
       k_out[j] = static_cast<const Elem*>(p.k_cache) + off;
       v_out[j] = static_cast<const Elem*>(p.v_cache) + off;
     }
   };
   // 1-byte caches read in place: each key's K and V scale, applied to its
-  // scores and to its weights, after what load_chunk leaves out
-  // (kInPlaceScaleFactor; first, so that no product overflows where the
-  // true one does not).
+  // scores and to its weights, after what load_chunk leaves out (e4m3's
+  // 2^8, first, so that no product overflows where the true one does not).
   // Exact dequantization would scale each element; scaling the sums instead
   // rounds differently in the last bits (the tests hold it to fp32's
   // tolerances).
-  constexpr float factor = kRows == DecodeRows::kFloat8E4M3Cache ? kInPlaceScaleFactor(DType::kFloat8E4M3) : 1.0f;
+  constexpr float factor = kRows == DecodeRows::kFloat8E4M3Cache ? kE4m3InPlaceFactor : 1.0f;
   float key_k_scale[kDecodeTile], key_v_scale[kDecodeTile];
-  const auto key_scales = [&](std::int64_t tile_first, int count, int head) {
+  const auto key_scales = [&](int count, int head) {
     for (int j = 0; j < count; ++j) {
-      const std::int64_t slot = token_slot(pages, tile_first + j, p.layout.page_shift);
-      key_k_scale[j] = kv_scale_at(p, p.k_scale, slot, head);
-      key_v_scale[j] = kv_scale_at(p, p.v_scale, slot, head);
+      key_k_scale[j] = kv_scale_at(p, p.k_scale, tile_slots[j], head);
+      key_v_scale[j] = kv_scale_at(p, p.v_scale, tile_slots[j], head);
     }
   };
   // Bytes of a K and a V row that the tile path reads (and prefetches).
@@ -274,9 +273,9 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
       const Elem* const* k_prefetch = nullptr;
       const Elem* const* v_prefetch = nullptr;
       if constexpr (in_place) {
-        cache_rows(first, n, k_rows, v_rows);
+        cache_rows(first, n, k_rows, v_rows, tile_slots);
         if (next_n == n) {
-          cache_rows(next, next_n, k_next, v_next);
+          cache_rows(next, next_n, k_next, v_next, nullptr);
           k_prefetch = k_next;
           v_prefetch = v_next;
         }
@@ -289,7 +288,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_rows(const PagedDecodeParams& p, cons
         const int head = kv_head_begin + h;
         if constexpr (in_place) {
           k_offset = v_offset = head * stride_head;
-          if constexpr (scaled) key_scales(first, n, head);
+          if constexpr (scaled) key_scales(n, head);
         } else {
           load_kv_head_tile<kF16C>(p, p.k_cache, p.k_scale, latent_rows, pages, first, n, head, head_dim, k_tile,
                                    k_width);
@@ -381,7 +380,7 @@ KVKIT_FORCEINLINE void decode_one_sequence_body(const PagedDecodeParams& p, cons
     return tile_body(p, item, latent_rows, scratch);
   } else {
     (void)tile_body;
-    decode_one_sequence_rows<DecodeRows::kFloatTiles, kF16C, V, false>(p, item, latent_rows, scratch);
+    decode_one_sequence_rows<kRows, kF16C, V, false>(p, item, latent_rows, scratch);
   }
 }
 
@@ -496,16 +495,9 @@ inline void paged_decode_attention(const PagedDecodeParams& p) {
   constexpr const char* kWhere = "kvkit::paged_decode_attention";
   detail::validate_decode_params(p, kWhere);
   detail::check_static_kv_scales(p, kWhere);
-  using detail::DecodeRows;
-  switch (detail::decode_rows_for(p.kv_dtype)) {  // validated
-    case DecodeRows::kFloat32Cache: return detail::decode_all_sequences<DecodeRows::kFloat32Cache>(p, false);
-    case DecodeRows::kBf16Cache: return detail::decode_all_sequences<DecodeRows::kBf16Cache>(p, false);
-    case DecodeRows::kFloat16Cache: return detail::decode_all_sequences<DecodeRows::kFloat16Cache>(p, false);
-    case DecodeRows::kFloat8E4M3Cache: return detail::decode_all_sequences<DecodeRows::kFloat8E4M3Cache>(p, false);
-    case DecodeRows::kFloat8E5M2Cache: return detail::decode_all_sequences<DecodeRows::kFloat8E5M2Cache>(p, false);
-    case DecodeRows::kInt8Cache: return detail::decode_all_sequences<DecodeRows::kInt8Cache>(p, false);
-    case DecodeRows::kFloatTiles: return detail::decode_all_sequences<DecodeRows::kFloatTiles>(p, false);
-  }
+  detail::dispatch_kv_cache_dtype(p.kv_dtype, kWhere, [&](auto kv_dtype) {
+    detail::decode_all_sequences<detail::decode_rows_in_place(decltype(kv_dtype)::value)>(p, false);
+  });
 }
 
 }  // namespace kvkit
