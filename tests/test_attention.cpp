@@ -483,3 +483,60 @@ TEST_CASE("one sequence of MQA splits its q heads over the threads and still mat
   omp_set_num_threads(saved);
 #endif
 }
+
+#if defined(__GNUC__) || defined(__clang__)
+namespace {
+// Units in the last place between two floats of the same sign.
+std::int64_t ulps_apart(float a, float b) {
+  std::int32_t ia = 0, ib = 0;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  return std::abs(std::int64_t(ia) - std::int64_t(ib));
+}
+
+template <class V>
+void check_vector_exp(const std::vector<float>& xs, float minus) {
+  constexpr int kLanes = kvkit::detail::kLanes<V>;
+  for (std::size_t i = 0; i + kLanes <= xs.size(); i += kLanes) {
+    float lanes[kLanes];
+    std::copy(xs.begin() + std::ptrdiff_t(i), xs.begin() + std::ptrdiff_t(i + kLanes), lanes);
+    kvkit::detail::exp_nonpositive_in_place<V>(lanes, minus);
+    for (int l = 0; l < kLanes; ++l) {
+      const float x = xs[i + std::size_t(l)] - minus;
+      const float scalar = kvkit::detail::exp_nonpositive(x);
+      INFO("x = " << x << ", lanes " << kLanes);
+      if (std::isnan(x)) {
+        CHECK(std::isnan(lanes[l]));
+        continue;
+      }
+      // The same operations lane by lane; one ulp allows a compiler that
+      // contracts a multiply-add in one form and not the other.
+      CHECK(ulps_apart(lanes[l], scalar) <= 1);
+      if (x < -87.3f) {
+        CHECK(lanes[l] == 0.0f);
+      } else {
+        const double want = std::exp(double(x));
+        CHECK(std::abs(double(lanes[l]) - want) <= 4e-7 * want);
+      }
+    }
+  }
+}
+}  // namespace
+
+TEST_CASE("the decode softmax's vector exp equals its scalar exp and float64 exp") {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> wide(-100.0f, 0.0f), narrow(-1.0f, 0.0f);
+  std::vector<float> xs = {0.0f, -0.0f, -1e-30f, -87.0f, -87.29f, -87.3f, -87.31f, -88.0f, -1e30f,
+                           -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
+                           -0.34657359f, -0.34657362f, -0.69314718f};
+  while (xs.size() % 16 != 0) xs.push_back(narrow(rng));
+  for (int i = 0; i < 4096; ++i) xs.push_back(i % 2 == 0 ? wide(rng) : narrow(rng));
+  check_vector_exp<kvkit::detail::Vec4>(xs, 0.0f);
+  check_vector_exp<kvkit::detail::Vec8>(xs, 0.0f);
+  check_vector_exp<kvkit::detail::Vec16>(xs, 0.0f);
+  // As the softmax calls it: a score minus the running max.
+  std::vector<float> scores;
+  for (int i = 0; i < 1024; ++i) scores.push_back(3.5f + wide(rng) * 0.2f);
+  check_vector_exp<kvkit::detail::Vec8>(scores, 3.5f);
+}
+#endif

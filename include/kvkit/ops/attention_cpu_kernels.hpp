@@ -137,22 +137,6 @@ KVKIT_FORCEINLINE void load_chunk(const float* row, V& lo, V& hi) {
 /// The CPU decode reads bf16 and fp32 caches in place (no float tile): see
 /// decode_one_sequence_body.
 #define KVKIT_CPU_DECODE_READS_IN_PLACE 1
-/// 32-bit lanes of a vector, for the bf16 rows (a pair of bf16 per lane).
-template <class V>
-struct PairBits;
-template <>
-struct PairBits<Vec4> {
-  typedef std::uint32_t type __attribute__((vector_size(16)));
-};
-template <>
-struct PairBits<Vec8> {
-  typedef std::uint32_t type __attribute__((vector_size(32)));
-};
-template <>
-struct PairBits<Vec16> {
-  typedef std::uint32_t type __attribute__((vector_size(64)));
-};
-
 /// Elements [0, kChunk) of a bf16 row (its bits) as two float vectors: the
 /// even elements, then the odd ones. A 32-bit lane holds a pair; shifting it
 /// left by 16 gives the even one as a float, masking the low half the odd one:
@@ -161,8 +145,8 @@ struct PairBits<Vec16> {
 template <class V>
 KVKIT_FORCEINLINE void load_chunk(const std::uint16_t* row, V& lo, V& hi) {
   // The row is only 2-byte aligned: read through a packed struct (see UnalignedVec).
-  const typename PairBits<V>::type pairs =
-      reinterpret_cast<const UnalignedVec<typename PairBits<V>::type>*>(row)->v;
+  const typename VecBits<V>::type pairs =
+      reinterpret_cast<const UnalignedVec<typename VecBits<V>::type>*>(row)->v;
   lo = reinterpret_cast<V>(pairs << 16);
   hi = reinterpret_cast<V>(pairs & 0xFFFF0000u);
 }
@@ -634,7 +618,11 @@ KVKIT_FORCEINLINE bool decode_softmax_step(const PagedDecodeParams& p, std::int6
   const float row_max = softmax.max;
   V sum = {};
   for (int j = 0; j < kDecodeTile; j += kLanes<V>) {
+#if defined(__GNUC__) || defined(__clang__)
+    exp_nonpositive_in_place<V>(s + j, row_max);
+#else
     for (int l = 0; l < kLanes<V>; ++l) s[j + l] = exp_nonpositive(s[j + l] - row_max);
+#endif
     sum += vec_at<V>(s + j).v;
   }
   softmax.sum += vec_sum(sum);
