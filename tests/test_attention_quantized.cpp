@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -208,3 +209,120 @@ TEST_CASE("quantized decode input errors name the missing or misplaced scales") 
   }
   CHECK(std::memcmp(prob.o.data(), before.data(), before.size() * sizeof(float)) == 0);
 }
+
+namespace {
+// A NaN code in a 1-byte cache: the decode must read it as NaN, as
+// dequantizing it first would. One sequence of 40 tokens, 2 kv heads of 64
+// (a whole number of chunks, so AVX2 and AVX-512 read the rows in place),
+// 4 q heads per kv head. K of (token 5, kv head 0, dim 3) is NaN: every
+// output of kv head 0's q heads is NaN. V of (token 20, kv head 1, dim 10)
+// is NaN: kv head 1's q heads are NaN in dim 10 only.
+void check_nan_codes_propagate(DType kv_dtype, std::uint8_t k_nan, std::uint8_t v_nan) {
+  const int kv_heads = 2, group = 4, q_heads = kv_heads * group, head_dim = 64, page = 16, seq_len = 40;
+  const int pages = (seq_len + page - 1) / page;
+  const auto layout = kvkit::PagedKVLayout::nhd(pages, page, kv_heads, head_dim);
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> finite_code(0, 0x77);  // e4m3 and e5m2 finite magnitudes; int8 values
+  std::vector<std::uint8_t> k(std::size_t(layout.page_elements() * pages)), v(k.size());
+  for (auto& x : k) x = std::uint8_t(finite_code(rng) | (rng() & 0x80));
+  for (auto& x : v) x = std::uint8_t(finite_code(rng) | (rng() & 0x80));
+  k[std::size_t(layout.slot_offset(5, 0) + 3)] = k_nan;
+  v[std::size_t(layout.slot_offset(20, 1) + 10)] = v_nan;
+  std::vector<std::int32_t> table(static_cast<std::size_t>(pages));
+  std::iota(table.begin(), table.end(), 0);
+  std::vector<std::int32_t> seq_lens = {seq_len};
+  std::vector<float> q(std::size_t(q_heads * head_dim)), o(q.size(), -777.0f);
+  std::normal_distribution<float> normal;
+  for (auto& x : q) x = normal(rng);
+  const float scale = 0.25f;
+  PagedDecodeParams p;
+  p.q = q.data();
+  p.q_stride_head = head_dim;
+  p.q_stride_token = q_heads * head_dim;
+  p.k_cache = k.data();
+  p.v_cache = v.data();
+  p.layout = layout;
+  p.page_table = {table.data(), seq_lens.data(), 1, pages, pages};
+  p.num_q_heads = q_heads;
+  p.sm_scale = 0.125f;
+  p.o = o.data();
+  p.o_stride_head = head_dim;
+  p.o_stride_token = q_heads * head_dim;
+  p.kv_dtype = kv_dtype;
+  p.k_scale = p.v_scale = &scale;
+  kvkit::paged_decode_attention(p);
+  for (int h = 0; h < q_heads; ++h) {
+    for (int d = 0; d < head_dim; ++d) {
+      const float x = o[std::size_t(h * head_dim + d)];
+      INFO("q head " << h << ", dim " << d);
+      if (h < group || d == 10) {
+        CHECK(std::isnan(x));
+      } else {
+        CHECK(std::isfinite(x));
+      }
+    }
+  }
+}
+}  // namespace
+
+TEST_CASE("NaN codes in fp8 caches read as NaN: a K code makes the head's outputs NaN, a V code its dimension") {
+  SECTION("e4m3 (s.1111.111)") { check_nan_codes_propagate(DType::kFloat8E4M3, 0x7f, 0xff); }
+  SECTION("e5m2 (s.11111.mm, mm != 0)") { check_nan_codes_propagate(DType::kFloat8E5M2, 0xfe, 0x7d); }
+}
+
+#if KVKIT_X86_DISPATCH
+namespace {
+// Every code of a cache dtype, read in place by the AVX2 (V = Vec8) or
+// AVX-512 (Vec16) loader, against the scalar conversion (times e4m3's 2^-8).
+template <class V, class Elem, class Reference>
+void check_every_code_in_place(int codes, float factor, Reference reference) {
+  constexpr int kChunk = kvkit::detail::kChunk<V>;
+  std::vector<Elem> row(static_cast<std::size_t>(codes));
+  for (int c = 0; c < codes; ++c) {
+    if constexpr (sizeof(Elem) == 1) {
+      std::memcpy(&row[std::size_t(c)], &c, 1);  // little endian: the low byte
+    } else {
+      const std::uint16_t bits = std::uint16_t(c);
+      std::memcpy(&row[std::size_t(c)], &bits, 2);
+    }
+  }
+  for (int c0 = 0; c0 < codes; c0 += kChunk) {
+    V lo, hi;
+    kvkit::detail::load_chunk(row.data() + c0, lo, hi);
+    float got[kChunk];
+    std::memcpy(got, &lo, sizeof(lo));
+    std::memcpy(got + kChunk / 2, &hi, sizeof(hi));
+    for (int i = 0; i < kChunk; ++i) {
+      const float want = reference(c0 + i);
+      INFO("code " << c0 + i << ", lanes " << kChunk / 2);
+      if (std::isnan(want)) {
+        CHECK(std::isnan(got[i]));
+      } else {
+        CHECK(got[i] * factor == want);
+      }
+    }
+  }
+}
+
+template <class V>
+void check_every_code_in_place_all_dtypes() {
+  using namespace kvkit;
+  check_every_code_in_place<V, float8_e4m3>(256, detail::kE4m3InPlaceFactor,
+                                            [](int c) { return e4m3_bits_to_float(std::uint8_t(c)); });
+  check_every_code_in_place<V, float8_e5m2>(256, 1.0f, [](int c) { return e5m2_bits_to_float(std::uint8_t(c)); });
+  check_every_code_in_place<V, std::int8_t>(256, 1.0f, [](int c) { return float(std::int8_t(std::uint8_t(c))); });
+  check_every_code_in_place<V, half>(65536, 1.0f, [](int c) { return half_bits_to_float(std::uint16_t(c)); });
+}
+}  // namespace
+
+TEST_CASE("the AVX2 and AVX-512 decode read every fp8, int8 and fp16 code in place as its value") {
+  using kvkit::detail::X86Level;
+  const X86Level level = kvkit::detail::x86_level();
+  if (level < X86Level::kAvx2) {
+    WARN("this CPU (or KVKIT_CPU_ISA) has no AVX2: nothing to check");
+    return;
+  }
+  check_every_code_in_place_all_dtypes<kvkit::detail::Vec8>();
+  if (level >= X86Level::kAvx512) check_every_code_in_place_all_dtypes<kvkit::detail::Vec16>();
+}
+#endif

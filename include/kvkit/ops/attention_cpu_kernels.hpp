@@ -172,15 +172,21 @@ KVKIT_FORCEINLINE void load_chunk(const std::uint16_t* row, V& lo, V& hi) {
 /// included, so the decode folds 2^8 into the scale; the NaN code s.1111.111
 /// becomes a quiet NaN (e4m3 has no infinities). e5m2 is a binary16's high
 /// byte.
-__attribute__((target("avx2,f16c"))) KVKIT_FORCEINLINE __m128i e4m3_as_half_bits(__m128i bytes16) {
-  // s.eeee.mmm.00000000 >> 1 (arithmetic) = s.s.eeee.mmm.0000000; clear the copy.
-  return _mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(bytes16, 8), 1), _mm_set1_epi16(std::int16_t(0xbf80)));
-}
-__attribute__((target("avx2,f16c"))) KVKIT_FORCEINLINE __m256 half_bits_with_e4m3_nan(__m128i half_bits) {
-  const __m256 value = _mm256_cvtph_ps(half_bits);
-  const __m128i magnitude = _mm_and_si128(half_bits, _mm_set1_epi16(0x3f80));
-  const __m256 is_nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, _mm_set1_epi16(0x3f80))));
-  return _mm256_or_ps(value, _mm256_and_ps(is_nan, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000))));
+
+/// 16 e4m3 bytes as the binary16 bits above, in 16-bit lanes: each byte
+/// moved to the high byte of its lane by one shuffle (of the 16 bytes loaded
+/// into both halves), shifted into place, and the NaN code (magnitude
+/// 0x7f) replaced by a quiet NaN; 16-bit lanes do it for 16 elements at once.
+__attribute__((target("avx2,f16c"))) KVKIT_FORCEINLINE __m256i e4m3_half_bits_16(const float8_e4m3* row) {
+  const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+  // Lane i of each 128-bit half takes byte i (low half) or 8 + i (high half); -128 zeroes the low byte.
+  const __m256i to_high_bytes = _mm256_setr_epi8(-128, 0, -128, 1, -128, 2, -128, 3, -128, 4, -128, 5, -128, 6, -128, 7,
+                                                 -128, 8, -128, 9, -128, 10, -128, 11, -128, 12, -128, 13, -128, 14, -128, 15);
+  const __m256i words = _mm256_shuffle_epi8(bytes, to_high_bytes);  // s.eeee.mmm.00000000
+  // >> 1 (arithmetic) = s.s.eeee.mmm.0000000; clear the copy of s.
+  const __m256i half_bits = _mm256_and_si256(_mm256_srai_epi16(words, 1), _mm256_set1_epi16(std::int16_t(0xbf80)));
+  const __m256i is_nan = _mm256_cmpeq_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x7f00)), _mm256_set1_epi16(0x7f00));
+  return _mm256_blendv_epi8(half_bits, _mm256_set1_epi16(0x7e00), is_nan);
 }
 __attribute__((target("avx2,f16c"))) inline void load_chunk(const half* row, Vec8& lo, Vec8& hi) {
   lo = (Vec8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
@@ -192,9 +198,9 @@ __attribute__((target("avx2,f16c"))) inline void load_chunk(const float8_e5m2* r
   hi = (Vec8)_mm256_cvtph_ps(_mm_unpackhi_epi8(_mm_setzero_si128(), bytes));
 }
 __attribute__((target("avx2,f16c"))) inline void load_chunk(const float8_e4m3* row, Vec8& lo, Vec8& hi) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
-  lo = (Vec8)half_bits_with_e4m3_nan(e4m3_as_half_bits(_mm_unpacklo_epi8(bytes, _mm_setzero_si128())));
-  hi = (Vec8)half_bits_with_e4m3_nan(e4m3_as_half_bits(_mm_unpackhi_epi8(bytes, _mm_setzero_si128())));
+  const __m256i half_bits = e4m3_half_bits_16(row);
+  lo = (Vec8)_mm256_cvtph_ps(_mm256_castsi256_si128(half_bits));
+  hi = (Vec8)_mm256_cvtph_ps(_mm256_extracti128_si256(half_bits, 1));
 }
 __attribute__((target("avx2,f16c"))) inline void load_chunk(const std::int8_t* row, Vec8& lo, Vec8& hi) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
