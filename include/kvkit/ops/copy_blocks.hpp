@@ -83,9 +83,41 @@ inline void validate_copy_blocks(const PagedKVLayout& layout, const CopyBlocksAr
   check_argument(!used || a.pairs != nullptr, where, "pairs", a.pairs, "a non-null pointer");
 }
 
+namespace detail {
+
+/// The copies of copy_blocks, with the stores chosen at compile time.
+template <bool kStreaming>
+inline void copy_block_pairs(const PagedKVLayout& layout, const CopyBlocksArgs& a) {
+  const std::int64_t es = std::int64_t(dtype_size(a.dtype));
+  const bool dense = layout.page_is_dense();
+  for (std::int64_t c = 0; c < a.num_caches; ++c) {
+    auto* base = static_cast<unsigned char*>(a.caches[c]);
+    for (std::int64_t i = 0; i < a.num_pairs; ++i) {
+      const std::int64_t src = a.pairs[2 * i], dst = a.pairs[2 * i + 1];
+      if (dense) {
+        copy_row<kStreaming>(base + layout.offset(dst, 0, 0, 0) * es, base + layout.offset(src, 0, 0, 0) * es,
+                             std::size_t(layout.page_elements() * es));
+        continue;
+      }
+      for (std::int64_t s = 0; s < layout.page_size; ++s) {
+        for (std::int64_t h = 0; h < layout.num_heads; ++h) {
+          copy_row<kStreaming>(base + layout.offset(dst, s, h, 0) * es, base + layout.offset(src, s, h, 0) * es,
+                               std::size_t(layout.head_dim * es));
+        }
+      }
+    }
+  }
+  if constexpr (kStreaming) streaming_store_fence();
+}
+
+}  // namespace detail
+
 /// Copies page pairs[i][0] to page pairs[i][1] in every cache (CPU). Throws
 /// kvkit::Error on invalid arguments (see validate_copy_pairs), a null or
-/// misaligned cache pointer, before copying anything.
+/// misaligned cache pointer, before copying anything. Caches of at least
+/// kStreamingStoreMinCacheBytes are written with streaming stores, as the
+/// appends do: a copied-to page is usually cold, and ordinary stores would
+/// first read each of its lines from memory (read-for-ownership).
 inline void copy_blocks(const PagedKVLayout& layout, const CopyBlocksArgs& a) {
   constexpr const char* kWhere = "kvkit::copy_blocks";
   validate_copy_blocks(layout, a, kWhere);
@@ -94,24 +126,11 @@ inline void copy_blocks(const PagedKVLayout& layout, const CopyBlocksArgs& a) {
   for (std::int64_t c = 0; c < a.num_caches; ++c) {
     detail::check_pointer(a.caches[c], true, a.dtype, kWhere, "caches[i]");
   }
-  const std::int64_t es = std::int64_t(dtype_size(a.dtype));
-  const bool dense = layout.page_is_dense();
-  for (std::int64_t c = 0; c < a.num_caches; ++c) {
-    auto* base = static_cast<unsigned char*>(a.caches[c]);
-    for (std::int64_t i = 0; i < a.num_pairs; ++i) {
-      const std::int64_t src = a.pairs[2 * i], dst = a.pairs[2 * i + 1];
-      if (dense) {
-        std::memcpy(base + layout.offset(dst, 0, 0, 0) * es, base + layout.offset(src, 0, 0, 0) * es,
-                    std::size_t(layout.page_elements() * es));
-        continue;
-      }
-      for (std::int64_t s = 0; s < layout.page_size; ++s) {
-        for (std::int64_t h = 0; h < layout.num_heads; ++h) {
-          std::memcpy(base + layout.offset(dst, s, h, 0) * es,
-                      base + layout.offset(src, s, h, 0) * es, std::size_t(layout.head_dim * es));
-        }
-      }
-    }
+  const std::int64_t cache_bytes = layout.num_pages * layout.page_elements() * std::int64_t(dtype_size(a.dtype));
+  if (detail::use_streaming_stores(detail::StoreKind::kAuto, cache_bytes)) {
+    detail::copy_block_pairs<true>(layout, a);
+  } else {
+    detail::copy_block_pairs<false>(layout, a);
   }
 }
 
