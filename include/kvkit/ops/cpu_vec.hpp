@@ -120,6 +120,19 @@ KVKIT_FORCEINLINE float vec_sum(const Vec8& v) {
 }
 #endif
 
+/// e^r for |r| <= ln2/2: Cephes' expf polynomial, for a float or a vector
+/// of floats (out through a reference: see vec_at on by-value vectors).
+template <class T>
+KVKIT_FORCEINLINE void exp_polynomial(const T& r, T& y) {
+  y = T{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = (y * r) * r + r + 1.0f;
+}
+
 /// e^x for the softmax weights, x <= 0 (a score minus the running max):
 /// Cephes' expf (x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6
 /// polynomial, 2^n from exponent bits), about 1 ulp from expf. Branch-free so
@@ -134,13 +147,8 @@ KVKIT_FORCEINLINE float exp_nonpositive(float x) {
   const std::uint32_t n_bits = float_to_bits(shifted) - 0x4B400000u;  // n as two's complement
   float r = c - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = (y * r) * r + r + 1.0f;
+  float y;
+  exp_polynomial(r, y);
   const float two_n = bits_to_float((n_bits + 127u) << 23);
   return x < -87.3f ? 0.0f : y * two_n;
 }
@@ -177,13 +185,8 @@ KVKIT_FORCEINLINE void exp_nonpositive_in_place(float* p, float minus) {
   const Bits n_bits = reinterpret_cast<Bits>(shifted) - 0x4B400000u;
   V r = c - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  V y = V{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = (y * r) * r + r + 1.0f;
+  V y;
+  exp_polynomial(r, y);
   const V two_n = reinterpret_cast<V>((n_bits + 127u) << 23);
   vec_at<V>(p).v = x < lowest ? V{} : y * two_n;
 }
