@@ -222,7 +222,7 @@ void check_nan_codes_propagate(DType kv_dtype, std::uint8_t k_nan, std::uint8_t 
   const int pages = (seq_len + page - 1) / page;
   const auto layout = kvkit::PagedKVLayout::nhd(pages, page, kv_heads, head_dim);
   std::mt19937 rng(5);
-  std::uniform_int_distribution<int> finite_code(0, 0x77);  // e4m3 and e5m2 finite magnitudes; int8 values
+  std::uniform_int_distribution<int> finite_code(0, 0x77);  // finite magnitudes in e4m3 and e5m2
   std::vector<std::uint8_t> k(std::size_t(layout.page_elements() * pages)), v(k.size());
   for (auto& x : k) x = std::uint8_t(finite_code(rng) | (rng() & 0x80));
   for (auto& x : v) x = std::uint8_t(finite_code(rng) | (rng() & 0x80));
