@@ -1,8 +1,8 @@
 // Decode attention on the CPU over a paged cache, Llama-3-8B shape (32 q
 // heads, 8 kv heads, head_dim 128, page 16). A bf16 cache with q and o in
 // fp32 and, as a bf16 model has them, in bf16 (the scores then use
-// AVX512-BF16's pair dot products where the CPU has them); fp16 and fp8 e4m3
-// caches (per-tensor scale) with fp32 q, converted in registers with F16C
+// AVX512-BF16's pair dot products where the CPU has them); fp16, fp8 (e4m3,
+// e5m2) and int8 caches (per-tensor scale) with fp32 q, converted in registers with F16C
 // (float tiles on CPUs without AVX2).
 // Memory-bound: reports the bytes read (K + V of every attended token, plus
 // Q and O) as bytes/s and pct_of_memcpy.
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <numeric>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "harness/harness.hpp"
@@ -46,8 +47,13 @@ void BM_decode(benchmark::State& state, std::int64_t batch, std::int64_t context
   KV* v = v_buffer.as<KV>();
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
-  for (std::int64_t i = 0; i < elements; ++i) k[i] = KV(normal(rng));
-  for (std::int64_t i = 0; i < elements; ++i) v[i] = KV(normal(rng));
+  // int8 caches hold integers: spread the values over the range.
+  const auto draw = [&] {
+    if constexpr (std::is_same_v<KV, std::int8_t>) return KV(std::clamp(normal(rng) * 30.0f, -127.0f, 127.0f));
+    return KV(normal(rng));
+  };
+  for (std::int64_t i = 0; i < elements; ++i) k[i] = draw();
+  for (std::int64_t i = 0; i < elements; ++i) v[i] = draw();
   std::vector<std::int32_t> table(static_cast<std::size_t>(num_pages));
   std::iota(table.begin(), table.end(), 0);
   std::shuffle(table.begin(), table.end(), rng);
@@ -94,6 +100,12 @@ void BM_decode_fp16_kv(benchmark::State& s, std::int64_t batch, std::int64_t con
 void BM_decode_fp8_kv(benchmark::State& s, std::int64_t batch, std::int64_t context) {
   BM_decode<float, kvkit::float8_e4m3>(s, batch, context);
 }
+void BM_decode_e5m2_kv(benchmark::State& s, std::int64_t batch, std::int64_t context) {
+  BM_decode<float, kvkit::float8_e5m2>(s, batch, context);
+}
+void BM_decode_int8_kv(benchmark::State& s, std::int64_t batch, std::int64_t context) {
+  BM_decode<float, std::int8_t>(s, batch, context);
+}
 
 BENCHMARK_CAPTURE(BM_decode_fp32_q, batch16_ctx4096, 16, 4096)
     ->Name("attention/decode/llama3_8b/bf16_kv/page16/batch16_ctx4096")->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -107,6 +119,10 @@ BENCHMARK_CAPTURE(BM_decode_fp16_kv, batch16_ctx4096, 16, 4096)
     ->Name("attention/decode/llama3_8b/fp16_kv/page16/batch16_ctx4096")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_decode_fp8_kv, batch16_ctx4096, 16, 4096)
     ->Name("attention/decode/llama3_8b/fp8_e4m3_kv/page16/batch16_ctx4096")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_decode_e5m2_kv, batch16_ctx4096, 16, 4096)
+    ->Name("attention/decode/llama3_8b/fp8_e5m2_kv/page16/batch16_ctx4096")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_decode_int8_kv, batch16_ctx4096, 16, 4096)
+    ->Name("attention/decode/llama3_8b/int8_kv/page16/batch16_ctx4096")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The cascade problem: Llama-3-8B shape, bf16 cache, page 16, float32 q and o
 // (merge_states works on float32 states).
