@@ -134,7 +134,8 @@ KVKIT_FORCEINLINE void load_chunk(const float* row, V& lo, V& hi) {
 }
 
 #if defined(__GNUC__) || defined(__clang__)
-/// The CPU decode reads bf16 and fp32 caches in place (no float tile): see
+/// The CPU decode reads caches in place (no float tile): fp32 and bf16 with
+/// the generic loaders here, fp16 / fp8 / int8 with the x86 ones below; see
 /// decode_one_sequence_body.
 #define KVKIT_CPU_DECODE_READS_IN_PLACE 1
 /// Elements [0, kChunk) of a bf16 row (its bits) as two float vectors: the
@@ -172,11 +173,12 @@ KVKIT_FORCEINLINE void load_chunk(const std::uint16_t* row, V& lo, V& hi) {
 /// included, so the decode folds 2^8 into the scale; the NaN code s.1111.111
 /// becomes a quiet NaN (e4m3 has no infinities). e5m2 is a binary16's high
 /// byte.
-
-/// 16 e4m3 bytes as the binary16 bits above, in 16-bit lanes: each byte
-/// moved to the high byte of its lane by one shuffle (of the 16 bytes loaded
-/// into both halves), shifted into place, and the NaN code (magnitude
-/// 0x7f) replaced by a quiet NaN; 16-bit lanes do it for 16 elements at once.
+///
+/// e4m3_half_bits_16: 16 e4m3 bytes as the binary16 bits above, in 16-bit
+/// lanes (the AVX2 and AVX-512 loaders both use it): each byte moved to the
+/// high byte of its lane by one shuffle (of the 16 bytes loaded into both
+/// halves), shifted into place, and the NaN code (magnitude 0x7f) replaced
+/// by a quiet NaN; 16-bit lanes do it for 16 elements at once.
 __attribute__((target("avx2,f16c"))) KVKIT_FORCEINLINE __m256i e4m3_half_bits_16(const float8_e4m3* row) {
   const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
   // Lane i of each 128-bit half takes byte i (low half) or 8 + i (high half); -128 zeroes the low byte.
@@ -214,15 +216,6 @@ __attribute__((target("avx2,f16c"))) inline void load_chunk(const std::int8_t* r
 __attribute__((target(KVKIT_AVX512_ROWS_TARGET))) KVKIT_FORCEINLINE __m512 cvtph_ps_512(__m256i half_bits) {
   return _mm512_maskz_cvtph_ps(__mmask16(0xffff), half_bits);
 }
-__attribute__((target(KVKIT_AVX512_ROWS_TARGET))) KVKIT_FORCEINLINE __m512 e4m3_to_float_times_256(__m128i bytes) {
-  const __m256i words = _mm256_cvtepu8_epi16(bytes);
-  const __m256i half_bits = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(words, 8), 1),
-                                             _mm256_set1_epi16(std::int16_t(0xbf80)));
-  const __mmask16 is_nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(half_bits, _mm256_set1_epi16(0x3f80)),
-                                                   _mm256_set1_epi16(0x3f80));
-  const __m512 value = cvtph_ps_512(half_bits);
-  return _mm512_mask_or_ps(value, is_nan, value, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)));
-}
 __attribute__((target(KVKIT_AVX512_ROWS_TARGET))) inline void load_chunk(const half* row, Vec16& lo, Vec16& hi) {
   lo = (Vec16)cvtph_ps_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
   hi = (Vec16)cvtph_ps_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16)));
@@ -237,8 +230,8 @@ __attribute__((target(KVKIT_AVX512_ROWS_TARGET))) inline void load_chunk(const f
 }
 __attribute__((target(KVKIT_AVX512_ROWS_TARGET))) inline void load_chunk(const float8_e4m3* row, Vec16& lo,
                                                                          Vec16& hi) {
-  lo = (Vec16)e4m3_to_float_times_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-  hi = (Vec16)e4m3_to_float_times_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16)));
+  lo = (Vec16)cvtph_ps_512(e4m3_half_bits_16(row));
+  hi = (Vec16)cvtph_ps_512(e4m3_half_bits_16(row + 16));
 }
 __attribute__((target(KVKIT_AVX512_ROWS_TARGET))) inline void load_chunk(const std::int8_t* row, Vec16& lo,
                                                                          Vec16& hi) {
