@@ -14,7 +14,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
 #include <random>
 #include <vector>
 
@@ -218,42 +217,22 @@ namespace {
 // output of kv head 0's q heads is NaN. V of (token 20, kv head 1, dim 10)
 // is NaN: kv head 1's q heads are NaN in dim 10 only.
 void check_nan_codes_propagate(DType kv_dtype, std::uint8_t k_nan, std::uint8_t v_nan) {
-  const int kv_heads = 2, group = 4, q_heads = kv_heads * group, head_dim = 64, page = 16, seq_len = 40;
-  const int pages = (seq_len + page - 1) / page;
-  const auto layout = kvkit::PagedKVLayout::nhd(pages, page, kv_heads, head_dim);
-  std::mt19937 rng(5);
-  std::uniform_int_distribution<int> finite_code(0, 0x77);  // finite magnitudes in e4m3 and e5m2
-  std::vector<std::uint8_t> k(std::size_t(layout.page_elements() * pages)), v(k.size());
-  for (auto& x : k) x = std::uint8_t(finite_code(rng) | (rng() & 0x80));
-  for (auto& x : v) x = std::uint8_t(finite_code(rng) | (rng() & 0x80));
-  k[std::size_t(layout.slot_offset(5, 0) + 3)] = k_nan;
-  v[std::size_t(layout.slot_offset(20, 1) + 10)] = v_nan;
-  std::vector<std::int32_t> table(static_cast<std::size_t>(pages));
-  std::iota(table.begin(), table.end(), 0);
-  std::vector<std::int32_t> seq_lens = {seq_len};
-  std::vector<float> q(std::size_t(q_heads * head_dim)), o(q.size(), -777.0f);
-  std::normal_distribution<float> normal;
-  for (auto& x : q) x = normal(rng);
-  const float scale = 0.25f;
-  PagedDecodeParams p;
-  p.q = q.data();
-  p.q_stride_head = head_dim;
-  p.q_stride_token = q_heads * head_dim;
-  p.k_cache = k.data();
-  p.v_cache = v.data();
-  p.layout = layout;
-  p.page_table = {table.data(), seq_lens.data(), 1, pages, pages};
-  p.num_q_heads = q_heads;
-  p.sm_scale = 0.125f;
-  p.o = o.data();
-  p.o_stride_head = head_dim;
-  p.o_stride_token = q_heads * head_dim;
-  p.kv_dtype = kv_dtype;
-  p.k_scale = p.v_scale = &scale;
-  kvkit::paged_decode_attention(p);
+  DecodeCase c;
+  c.head_dim = 64;
+  c.q_heads = 8;
+  c.kv_heads = 2;
+  c.seq_lens = {40};
+  const int group = c.q_heads / c.kv_heads, head_dim = c.head_dim, q_heads = c.q_heads;
+  kvkit::testing::QuantizedDecodeInputs<float> prob(c, 5, kv_dtype, ScaleGranularity::kPerTensor);
+  const auto& layout = prob.src.layout;
+  prob.k8[std::size_t(layout.slot_offset(prob.src.slot(0, 5), 0) + 3)] = k_nan;
+  prob.v8[std::size_t(layout.slot_offset(prob.src.slot(0, 20), 1) + 10)] = v_nan;
+  kvkit::paged_decode_attention(prob.params());
+  const std::vector<float>& o = prob.o;
+  const int o_stride_head = head_dim + prob.src.kPad;
   for (int h = 0; h < q_heads; ++h) {
     for (int d = 0; d < head_dim; ++d) {
-      const float x = o[std::size_t(h * head_dim + d)];
+      const float x = o[std::size_t(h * o_stride_head + d)];
       INFO("q head " << h << ", dim " << d);
       if (h < group || d == 10) {
         CHECK(std::isnan(x));
