@@ -198,7 +198,8 @@ void baseline_entry(const PagedKVLayout& l, const kvkit::QuantizeAppendArgs& a) 
 #if KVKIT_QUANTIZE_X86_DISPATCH
 template <class Src, DType kCache>
 void avx2_entry(const PagedKVLayout& l, const kvkit::QuantizeAppendArgs& a) {
-  kvkit::detail::run_loop_avx2<&kvkit::detail::quantize_append_loop<Src, kCache, PagedKVLayout>>(l, a);
+  // The AVX2 copy's rows are quantize_row_avx2 (kAvx2Rows = true).
+  kvkit::detail::run_loop_avx2<&kvkit::detail::quantize_append_loop<Src, kCache, PagedKVLayout, true>>(l, a);
 }
 template <class Src, DType kCache>
 void avx512_entry(const PagedKVLayout& l, const kvkit::QuantizeAppendArgs& a) {
@@ -250,6 +251,60 @@ TEST_CASE("the branch-free encoders equal quantize_value on a sweep of float pat
   CHECK(values.size() > 1000000);
   CHECK(mismatches == 0);
 }
+
+#if KVKIT_X86_DISPATCH
+/// quantize_row_avx2 over `values` (as Src) against quantize_value, element
+/// by element, with the rows cut at odd lengths so that NaNs and the
+/// 32-value blocks' tails fall everywhere. Returns the mismatch count.
+template <class Src, DType kCache>
+std::size_t avx2_row_mismatches(const std::vector<Src>& values, float scale) {
+  std::vector<std::uint8_t> out(values.size() + 1, kPoison);
+  for (std::size_t at = 0, n = 1; at < values.size(); at += n, n = n % 300 + 61) {
+    const std::size_t len = std::min(n, values.size() - at);
+    kvkit::detail::quantize_row_avx2<Src, kCache>(values.data() + at, std::int64_t(len), scale, out.data() + at);
+  }
+  std::size_t mismatches = 0;
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    const std::uint8_t expect = kvkit::quantize_value(kvkit::detail::load_source(values[i]), scale, kCache);
+    if (out[i] != expect && ++mismatches < 5) {
+      UNSCOPED_INFO("element " << i << " = " << kvkit::detail::load_source(values[i]) << ", scale " << scale
+                               << ": " << int(out[i]) << " != " << int(expect));
+    }
+  }
+  CHECK(out.back() == kPoison);
+  return mismatches;
+}
+
+template <DType kCache>
+void check_avx2_rows() {
+  std::vector<float> floats = sweep_floats();
+  std::shuffle(floats.begin(), floats.end(), std::mt19937(11));
+  std::vector<kvkit::bfloat16> b(65536);
+  std::vector<kvkit::half> h(65536);
+  for (std::uint32_t i = 0; i < 65536; ++i) {
+    b[i] = kvkit::bfloat16::from_bits(std::uint16_t(i));
+    h[i] = kvkit::half::from_bits(std::uint16_t(i));
+  }
+  std::shuffle(b.begin(), b.end(), std::mt19937(12));
+  std::shuffle(h.begin(), h.end(), std::mt19937(13));
+  for (const float scale : {1.0f, 0.0371f, 3.3f, 1.0f / 448.0f}) {
+    CAPTURE(scale);
+    CHECK(avx2_row_mismatches<float, kCache>(floats, scale) == 0);
+    CHECK(avx2_row_mismatches<kvkit::bfloat16, kCache>(b, scale) == 0);
+    CHECK(avx2_row_mismatches<kvkit::half, kCache>(h, scale) == 0);
+  }
+}
+
+TEST_CASE("quantize_row_avx2 equals quantize_value on sweeps of source patterns") {
+  if (kvkit::detail::x86_level() < kvkit::detail::X86Level::kAvx2) {
+    WARN("not run: this CPU (or KVKIT_CPU_ISA) has no AVX2");
+    return;
+  }
+  check_avx2_rows<DType::kFloat8E4M3>();
+  check_avx2_rows<DType::kFloat8E5M2>();
+  check_avx2_rows<DType::kInt8>();
+}
+#endif
 
 TEST_CASE("the branch-free float16 load equals half_bits_to_float for every pattern") {
   for (std::uint32_t b = 0; b < 65536; ++b) {

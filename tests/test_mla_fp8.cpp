@@ -315,6 +315,58 @@ void check_append_equals_scalar_rule() {
 
 }  // namespace
 
+namespace {
+
+/// An fp8 append of 5 rows of T, one of which (row 2) holds `special` at
+/// `column`: throws naming that row and column, and writes nothing. The
+/// largest finite value of T in the same place is accepted.
+template <class T>
+void check_nonfinite_rejected(float special, int column, float largest_finite) {
+  const auto layout = LatentFp8Layout::dense(2, 4);
+  std::vector<std::uint8_t> cache(std::size_t(layout.span_bytes()), 0xEE);
+  std::mt19937 rng(9);
+  std::vector<T> rows(5 * 576);
+  for (int t = 0; t < 5; ++t) {
+    const std::vector<float> x = random_row(rng);
+    for (int d = 0; d < 576; ++d) rows[std::size_t(t) * 576 + d] = T(x[d]);
+  }
+  const std::vector<std::int64_t> slots{4, 0, 6, -1, 1};
+  kvkit::MlaFp8AppendArgs a;
+  a.latent = rows.data();
+  a.latent_stride_token = 576;
+  a.dtype = kvkit::dtype_of<T>;
+  a.slot_mapping = slots.data();
+  a.num_tokens = 5;
+  a.cache = cache.data();
+  const std::vector<std::uint8_t> before = cache;
+  rows[2 * 576 + std::size_t(column)] = T(special);
+  CHECK_THROWS_WITH(kvkit::mla_fp8_append(layout, a),
+                    Contains("latent row 2 has a non-finite value at column " + std::to_string(column)));
+  CHECK(cache == before);
+  // The same value in a padding row (slot -1) is not read.
+  rows[2 * 576 + std::size_t(column)] = T(largest_finite);
+  rows[3 * 576 + std::size_t(column)] = T(special);
+  CHECK_NOTHROW(kvkit::mla_fp8_append(layout, a));
+}
+
+template <class T>
+void check_nonfinite_rejected_everywhere(float largest_finite) {
+  for (const float special : {INFINITY, -INFINITY, NAN, -NAN}) {
+    for (const int column : {0, 127, 300, 511, 512, 575}) {
+      CAPTURE(special, column);
+      check_nonfinite_rejected<T>(special, column, largest_finite);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("fp8 append rejects inf and NaN in any column, for every source type") {
+  check_nonfinite_rejected_everywhere<float>(3.4028235e38f);
+  check_nonfinite_rejected_everywhere<kvkit::half>(65504.0f);
+  check_nonfinite_rejected_everywhere<kvkit::bfloat16>(3.3895314e38f);
+}
+
 TEST_CASE("host fp8 append writes the scalar rule's bytes for every source type and store kind") {
   SECTION("float32") { check_append_equals_scalar_rule<float>(); }
   SECTION("float16") { check_append_equals_scalar_rule<kvkit::half>(); }

@@ -79,14 +79,19 @@ KVKIT_HOST_DEVICE inline std::uint8_t float_to_fp8_bits_soft(float f, Saturation
 /// Selects are masks: a ternary over a float result may stay a branch under
 /// -ftrapping-math.
 template <int kManBits, std::int32_t kMinNormal, std::int32_t kMaxFinite>
-KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int32_t float_to_fp8_bits_branchless(float v) {
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int32_t float_to_fp8_bits_except_nan(float v) {
   const std::uint32_t x = float_to_bits(v);
   const auto sign = std::int32_t((x >> 24) & 0x80u);
   const auto a = std::int32_t(x & 0x7fffffffu);
-  const auto code = std::int32_t(
-      round_magnitude_to_code<kManBits, std::uint32_t(kMinNormal)>(std::uint32_t(a < kMaxFinite ? a : kMaxFinite)));
-  const std::int32_t nan = (0x7f800000 - a) >> 31;  // all ones for NaN: canonical 0x7f
-  return ((sign | code) & ~nan) | (0x7f & nan);
+  return sign | std::int32_t(round_magnitude_to_code<kManBits, std::uint32_t(kMinNormal)>(
+                    std::uint32_t(a < kMaxFinite ? a : kMaxFinite)));
+}
+/// float_to_fp8_bits_except_nan turns a NaN into the largest finite code
+/// with the NaN's sign; this replaces it with the canonical NaN, 0x7f.
+template <int kManBits, std::int32_t kMinNormal, std::int32_t kMaxFinite>
+KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int32_t float_to_fp8_bits_branchless(float v) {
+  const std::int32_t nan = (0x7f800000 - std::int32_t(float_to_bits(v) & 0x7fffffffu)) >> 31;  // all ones for NaN
+  return (float_to_fp8_bits_except_nan<kManBits, kMinNormal, kMaxFinite>(v) & ~nan) | (0x7f & nan);
 }
 
 }  // namespace detail

@@ -88,14 +88,17 @@ inline X86Level x86_level() {
 // inlines it (kLoop should be KVKIT_FORCEINLINE) and compiles its loops with
 // that copy's target. The targets name no FMA: ops dispatched here must give
 // the same bits on every ISA, so their loops must not hold a multiply-add the
-// compiler could contract (AVX-512F has FMA instructions of its own).
+// compiler could contract (AVX-512F has FMA instructions of its own). The
+// AVX2 copy names F16C (the kAvx2 level requires it; its conversions are
+// exact or IEEE-rounded), so that row kernels built with
+// target("avx2,f16c") inline into it.
 template <auto kLoop, class... Args>
 KVKIT_VECTORIZE void run_loop_baseline(const Args&... args) {
   kLoop(args...);
 }
 #if KVKIT_X86_DISPATCH
 template <auto kLoop, class... Args>
-__attribute__((target("avx2"))) KVKIT_VECTORIZE void run_loop_avx2(const Args&... args) {
+__attribute__((target("avx2,f16c"))) KVKIT_VECTORIZE void run_loop_avx2(const Args&... args) {
   kLoop(args...);
 }
 template <auto kLoop, class... Args>
@@ -104,21 +107,30 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) KVKIT_VECTORIZE void run_lo
 }
 #endif
 
+/// Calls one of the loops, compiled for the widest ISA the CPU has up to
+/// kWidest: kAvx512Loop in the AVX-512 copy, kAvx2Loop in the AVX2 one (it
+/// may call functions built with target("avx2,f16c"): it runs only there),
+/// kBaselineLoop in the build's own target.
+template <X86Level kWidest, auto kBaselineLoop, auto kAvx2Loop, auto kAvx512Loop, class... Args>
+void run_loops_on_widest_isa(const Args&... args) {
+#if KVKIT_X86_DISPATCH
+  if constexpr (kWidest >= X86Level::kAvx2) {
+    const X86Level level = x86_level();
+    if constexpr (kWidest >= X86Level::kAvx512) {
+      if (level >= X86Level::kAvx512) return run_loop_avx512<kAvx512Loop>(args...);
+    }
+    if (level >= X86Level::kAvx2) return run_loop_avx2<kAvx2Loop>(args...);
+  }
+#endif
+  run_loop_baseline<kBaselineLoop>(args...);
+}
+
 /// Calls kLoop(args...) compiled for the widest ISA the CPU has, up to
 /// kWidest (kBaseline: the build's own target, e.g. SSE2). Where the 512-bit
 /// variant gains nothing over AVX2, kWidest = kAvx2 saves its compile time.
 template <X86Level kWidest, auto kLoop, class... Args>
 void run_loop_on_widest_isa(const Args&... args) {
-#if KVKIT_X86_DISPATCH
-  if constexpr (kWidest >= X86Level::kAvx2) {
-    const X86Level level = x86_level();
-    if constexpr (kWidest >= X86Level::kAvx512) {
-      if (level >= X86Level::kAvx512) return run_loop_avx512<kLoop>(args...);
-    }
-    if (level >= X86Level::kAvx2) return run_loop_avx2<kLoop>(args...);
-  }
-#endif
-  run_loop_baseline<kLoop>(args...);
+  run_loops_on_widest_isa<kWidest, kLoop, kLoop, kLoop>(args...);
 }
 
 }  // namespace kvkit::detail

@@ -15,7 +15,7 @@
 #include "kvkit/core/error.hpp"
 #include "kvkit/layout/latent_fp8_layout.hpp"
 #include "kvkit/ops/append.hpp"
-#include "kvkit/ops/quantize_row.hpp"
+#include "kvkit/ops/quantize_row_x86.hpp"
 #include "kvkit/ops/token_chunks.hpp"
 
 namespace kvkit {
@@ -53,15 +53,15 @@ inline void validate_mla_fp8_append(const LatentFp8Layout& layout, const MlaFp8A
 /// vectorizable row kernels of quantize_row.hpp (bit-identical: the same
 /// largest finite magnitude, the same division and round-to-nearest-even
 /// encoding). Reads bfloat16 / half rows directly, without widening them
-/// to a float row first.
-template <class T>
+/// to a float row first. kAvx2Rows: see quantize_row_for_isa.
+template <class T, bool kAvx2Rows = false>
 KVKIT_FORCEINLINE void mla_fp8_quantize_row_host(const T* __restrict__ x, std::uint8_t* __restrict__ row) {
   for (int g = 0; g < MlaFp8Row::kNumGroups; ++g) {
     const T* v = x + g * MlaFp8Row::kGroupSize;
     const float scale = mla_fp8_group_scale(row_amax(v, MlaFp8Row::kGroupSize));
     std::uint8_t* out = row + g * MlaFp8Row::kGroupSize;
     if (scale > 0.0f) {
-      quantize_row<T, DType::kFloat8E4M3>(v, MlaFp8Row::kGroupSize, scale, out);
+      quantize_row_for_isa<T, DType::kFloat8E4M3, kAvx2Rows>(v, MlaFp8Row::kGroupSize, scale, out);
     } else {
       std::memset(out, 0, MlaFp8Row::kGroupSize);
     }
@@ -84,7 +84,7 @@ KVKIT_FORCEINLINE void mla_fp8_quantize_row_host(const T* __restrict__ x, std::u
 /// streaming stores for a large cache (see streaming_copy.hpp). Always
 /// inlined into one function per ISA; every ISA writes the same bytes (the
 /// encoder has no multiply-add to contract).
-template <class T, bool kStreaming>
+template <class T, bool kStreaming, bool kAvx2Rows>
 KVKIT_FORCEINLINE void mla_fp8_append_tokens(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a,
                                              std::int64_t first, std::int64_t end) {
   alignas(64) std::uint8_t row[MlaFp8Row::kBytes];
@@ -92,38 +92,53 @@ KVKIT_FORCEINLINE void mla_fp8_append_tokens(const LatentFp8Layout& layout, cons
   for (std::int64_t t = first; t < end; ++t) {
     const std::int64_t slot = a.slot_mapping[t];
     if (slot < 0) continue;
-    mla_fp8_quantize_row_host(src + t * a.latent_stride_token, row);
+    mla_fp8_quantize_row_host<T, kAvx2Rows>(src + t * a.latent_stride_token, row);
     copy_row<kStreaming>(a.cache + layout.slot_offset(slot), row, sizeof(row));
   }
   if (kStreaming) streaming_store_fence();
 }
 
-template <class T>
+template <class T, bool kAvx2Rows = false>
 KVKIT_FORCEINLINE void run_mla_fp8_append_tokens(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a,
                                                  std::int64_t first, std::int64_t end, bool streaming) {
   if (streaming) {
-    mla_fp8_append_tokens<T, true>(layout, a, first, end);
+    mla_fp8_append_tokens<T, true, kAvx2Rows>(layout, a, first, end);
   } else {
-    mla_fp8_append_tokens<T, false>(layout, a, first, end);
+    mla_fp8_append_tokens<T, false, kAvx2Rows>(layout, a, first, end);
   }
 }
 
-/// Quantizes tokens [first, end) with the widest ISA the CPU has.
+/// Quantizes tokens [first, end) with the widest ISA the CPU has (the AVX2
+/// copy with quantize_row_avx2).
 template <class T>
 void mla_fp8_append_range(const LatentFp8Layout& layout, const MlaFp8AppendArgs& a, std::int64_t first,
                           std::int64_t end, bool streaming) {
   constexpr X86Level kWidest = KVKIT_QUANTIZE_X86_DISPATCH ? X86Level::kAvx512 : X86Level::kBaseline;
-  run_loop_on_widest_isa<kWidest, &run_mla_fp8_append_tokens<T>>(layout, a, first, end, streaming);
+  run_loops_on_widest_isa<kWidest, &run_mla_fp8_append_tokens<T>, &run_mla_fp8_append_tokens<T, true>,
+                          &run_mla_fp8_append_tokens<T>>(layout, a, first, end, streaming);
 }
 
-/// Whether token t's row (any source type) holds an inf or NaN: x - x is 0
-/// for finite x and NaN otherwise, and eight independent sums vectorize.
+/// Whether token t's row holds an inf or NaN. bfloat16 and half rows: the
+/// largest magnitude pattern reaches the format's inf pattern (a 16-bit max,
+/// which even SSE2 has: two operations per 8 values, ~4x fewer than
+/// widening to float). float rows: x - x is 0 for finite x and NaN
+/// otherwise, and eight independent sums vectorize.
 template <class T>
 KVKIT_FORCEINLINE bool latent_row_has_nonfinite(const T* r) {
-  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int d = 0; d < MlaFp8Row::kLatentDim; d += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] += to_float(r[d + l]) - to_float(r[d + l]);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) != 0.0f;
+  if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, half>) {
+    constexpr std::int16_t kInf = std::is_same_v<T, bfloat16> ? 0x7f80 : 0x7c00;
+    std::int16_t m = 0;
+    for (int d = 0; d < MlaFp8Row::kLatentDim; ++d) {
+      const auto a = std::int16_t(r[d].bits & 0x7fffu);
+      m = m > a ? m : a;
+    }
+    return m >= kInf;
+  } else {
+    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int d = 0; d < MlaFp8Row::kLatentDim; d += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] += r[d + l] - r[d + l];
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) != 0.0f;
+  }
 }
 
 /// The first token, padding excluded, with a slot beyond the cache or a

@@ -34,7 +34,7 @@
 #include "kvkit/layout/page_table.hpp"
 #include "kvkit/layout/paged_kv_layout.hpp"
 #include "kvkit/ops/append.hpp"
-#include "kvkit/ops/quantize_row.hpp"
+#include "kvkit/ops/quantize_row_x86.hpp"
 #include "kvkit/ops/token_chunks.hpp"
 
 namespace kvkit {
@@ -144,7 +144,7 @@ namespace detail {
 /// The token loop of quantize_append_kv for one (source, cache) type pair:
 /// no per-element dtype dispatch, scale lookups hoisted out of the rows.
 /// Always inlined, so that each caller below compiles it for its own ISA.
-template <class Src, DType kCache, class Layout>
+template <class Src, DType kCache, class Layout, bool kAvx2Rows = false>
 KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const QuantizeAppendArgs& a) {
   const std::int64_t heads = layout.num_heads, hd = layout.head_dim;
   const bool dynamic = a.granularity == ScaleGranularity::kPerTokenHead;
@@ -165,12 +165,13 @@ KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const Quantize
         float* scales = dynamic_scales + slot * heads;
         for (std::int64_t h = 0; h < heads; ++h) scales[h] = dynamic_scale(row_amax(src + h * sh, hd), kCache);
         for (std::int64_t h = 0; h < heads; ++h) {
-          quantize_row<Src, kCache>(src + h * sh, hd, scales[h], cache + layout.slot_offset(slot, h));
+          quantize_row_for_isa<Src, kCache, kAvx2Rows>(src + h * sh, hd, scales[h], cache + layout.slot_offset(slot, h));
         }
         continue;
       }
       for (std::int64_t h = 0; h < heads; ++h) {
-        quantize_row<Src, kCache>(src + h * sh, hd, static_scales[h * scale_step], cache + layout.slot_offset(slot, h));
+        quantize_row_for_isa<Src, kCache, kAvx2Rows>(src + h * sh, hd, static_scales[h * scale_step],
+                                                     cache + layout.slot_offset(slot, h));
       }
     }
   }
@@ -178,12 +179,15 @@ KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const Quantize
 
 /// quantize_append_loop on the widest ISA (the AVX2 and AVX-512 copies have 8
 /// or 16 lanes instead of SSE2's 4, and cheaper narrowing to bytes: about 2x
-/// and 6x faster). IEEE operations give the same results on every ISA, and
-/// the loop has no multiply-add for the compiler to contract into an FMA.
+/// and 6x faster; the AVX2 copy's rows are hand-written). IEEE operations
+/// give the same results on every ISA, and the loop has no multiply-add for
+/// the compiler to contract into an FMA.
 template <class Src, DType kCache, class Layout>
 void quantize_append_isa(const Layout& layout, const QuantizeAppendArgs& a) {
   constexpr X86Level kWidest = KVKIT_QUANTIZE_X86_DISPATCH ? X86Level::kAvx512 : X86Level::kBaseline;
-  run_loop_on_widest_isa<kWidest, &quantize_append_loop<Src, kCache, Layout>>(layout, a);
+  run_loops_on_widest_isa<kWidest, &quantize_append_loop<Src, kCache, Layout>,
+                          &quantize_append_loop<Src, kCache, Layout, true>,
+                          &quantize_append_loop<Src, kCache, Layout>>(layout, a);
 }
 
 /// Splits the tokens into chunks of 256, shared among OpenMP threads from

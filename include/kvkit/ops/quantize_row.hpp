@@ -49,11 +49,43 @@ KVKIT_FORCEINLINE float load_source(float v) { return v; }
 KVKIT_FORCEINLINE float load_source(bfloat16 v) { return bits_to_float(std::uint32_t(v.bits) << 16); }
 KVKIT_FORCEINLINE float load_source(half v) { return half_bits_to_float(v.bits); }
 
-/// float -> e4m3 bits, saturating to ±448 (float_to_e4m3_bits, Saturation::kFinite).
-KVKIT_FORCEINLINE std::int32_t encode_e4m3(float v) { return float_to_fp8_bits_branchless<3, 0x3c800000, 0x43e00000>(v); }
+/// The branch-free fp8 encoders' constants (core/float8.hpp): mantissa
+/// bits, and the float bits of the smallest normal and the largest finite
+/// value of the format.
+template <DType kCache>
+struct Fp8Encoding;
+template <>
+struct Fp8Encoding<DType::kFloat8E4M3> {
+  static constexpr int kManBits = 3;
+  static constexpr std::int32_t kMinNormal = 0x3c800000, kMaxFinite = 0x43e00000;  // 2^-6, 448
+};
+template <>
+struct Fp8Encoding<DType::kFloat8E5M2> {
+  static constexpr int kManBits = 2;
+  static constexpr std::int32_t kMinNormal = 0x38800000, kMaxFinite = 0x47600000;  // 2^-14, 57344
+};
 
-/// float -> e5m2 bits, saturating to ±57344 (float_to_e5m2_bits, Saturation::kFinite).
-KVKIT_FORCEINLINE std::int32_t encode_e5m2(float v) { return float_to_fp8_bits_branchless<2, 0x38800000, 0x47600000>(v); }
+/// float -> fp8 bits, saturating (float_to_e4m3_bits / float_to_e5m2_bits,
+/// Saturation::kFinite).
+template <DType kCache>
+KVKIT_FORCEINLINE std::int32_t encode_fp8(float v) {
+  using E = Fp8Encoding<kCache>;
+  return float_to_fp8_bits_branchless<E::kManBits, E::kMinNormal, E::kMaxFinite>(v);
+}
+
+/// encode_fp8 except for NaN, which comes out as the largest finite code
+/// (loops that check for NaN once per row).
+template <DType kCache>
+KVKIT_FORCEINLINE std::int32_t encode_fp8_except_nan(float v) {
+  using E = Fp8Encoding<kCache>;
+  return float_to_fp8_bits_except_nan<E::kManBits, E::kMinNormal, E::kMaxFinite>(v);
+}
+
+/// float -> e4m3 bits, saturating to ±448.
+KVKIT_FORCEINLINE std::int32_t encode_e4m3(float v) { return encode_fp8<DType::kFloat8E4M3>(v); }
+
+/// float -> e5m2 bits, saturating to ±57344.
+KVKIT_FORCEINLINE std::int32_t encode_e5m2(float v) { return encode_fp8<DType::kFloat8E5M2>(v); }
 
 /// float -> int8 (as a byte): clamp to ±127, round to nearest even, NaN -> 0.
 KVKIT_FORCEINLINE std::int32_t encode_int8(float v) {
@@ -121,9 +153,22 @@ KVKIT_FORCEINLINE float row_amax(const Src* __restrict__ src, std::int64_t n) {
   }
 }
 
+/// Writes the canonical NaN code 0x7f (e4m3 and e5m2 alike) where src[d]
+/// is a NaN, d < n: rows whose loop saw a NaN (scales are finite and > 0,
+/// so v / scale is a NaN exactly where v is).
+template <class Src>
+inline void patch_nan_codes(const Src* src, std::int64_t n, std::uint8_t* out) {
+  for (std::int64_t d = 0; d < n; ++d) {
+    const float v = load_source(src[d]);
+    if (v != v) out[d] = 0x7f;
+  }
+}
+
 /// out[d] = quantize_value(src[d], scale, kCache) for d < n. Divides (rather
 /// than multiplying by 1 / scale) so that the bytes equal the scalar rule's.
 ///
+/// fp8: NaN is checked once per row (an OR of 0x7f800000 - |x| per value,
+/// negative for a NaN), not selected per value: ~11% faster, SSE2 and AVX2.
 /// The fp8 codes are already in [0, 255]; clamping them to 255 anyway (a
 /// no-op) stops GCC from narrowing every intermediate of the encoder to bytes
 /// (it may, as only the low 8 bits are stored) and makes it narrow the
@@ -134,11 +179,14 @@ KVKIT_FORCEINLINE void quantize_row(const Src* __restrict__ src, std::int64_t n,
   if constexpr (kCache == DType::kInt8) {
     for (std::int64_t d = 0; d < n; ++d) out[d] = encode_quantized<kCache>(load_source(src[d]) / scale);
   } else {
+    std::int32_t nan_seen = 0;
     for (std::int64_t d = 0; d < n; ++d) {
       const float v = load_source(src[d]) / scale;
-      const std::int32_t code = kCache == DType::kFloat8E4M3 ? encode_e4m3(v) : encode_e5m2(v);
+      nan_seen |= 0x7f800000 - std::int32_t(float_to_bits(v) & 0x7fffffffu);
+      const std::int32_t code = encode_fp8_except_nan<kCache>(v);
       out[d] = std::uint8_t(code < 0xff ? code : 0xff);
     }
+    if (nan_seen < 0) patch_nan_codes(src, n, out);
   }
 }
 
