@@ -149,28 +149,29 @@ KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const Quantize
   const std::int64_t heads = layout.num_heads, hd = layout.head_dim;
   const bool dynamic = a.granularity == ScaleGranularity::kPerTokenHead;
   const std::int64_t scale_step = a.granularity == ScaleGranularity::kPerHead ? 1 : 0;
+  const auto source_row = [&](int which, std::int64_t t, std::int64_t h) {
+    return static_cast<const Src*>(which ? a.value : a.key) +
+           t * (which ? a.value_stride_token : a.key_stride_token) + h * (which ? a.value_stride_head : a.key_stride_head);
+  };
   for (std::int64_t t = 0; t < a.num_tokens; ++t) {
     const std::int64_t slot = a.slot_mapping[t];
     if (slot < 0) continue;
-    for (int which = 0; which < 2; ++which) {
-      const Src* src = static_cast<const Src*>(which ? a.value : a.key) +
-                       t * (which ? a.value_stride_token : a.key_stride_token);
-      const std::int64_t sh = which ? a.value_stride_head : a.key_stride_head;
-      auto* cache = static_cast<std::uint8_t*>(which ? a.v_cache : a.k_cache);
-      const float* static_scales = which ? a.v_scale : a.k_scale;
-      float* dynamic_scales = (which ? a.v_scale_cache : a.k_scale_cache);
-      if (dynamic) {
-        // All of the token's row scales first: their divisions then overlap
-        // instead of each stalling its row's quantization.
-        float* scales = dynamic_scales + slot * heads;
-        for (std::int64_t h = 0; h < heads; ++h) scales[h] = dynamic_scale(row_amax(src + h * sh, hd), kCache);
-        for (std::int64_t h = 0; h < heads; ++h) {
-          quantize_row_for_isa<Src, kCache, kAvx2Rows>(src + h * sh, hd, scales[h], cache + layout.slot_offset(slot, h));
-        }
-        continue;
+    if (dynamic) {
+      // Every row scale of the token (K and V) first: the amax passes read
+      // the token's rows from memory together, and the divisions overlap
+      // instead of each stalling its row's quantization.
+      for (int which = 0; which < 2; ++which) {
+        float* scales = (which ? a.v_scale_cache : a.k_scale_cache) + slot * heads;
+        for (std::int64_t h = 0; h < heads; ++h) scales[h] = dynamic_scale(row_amax(source_row(which, t, h), hd), kCache);
       }
+    }
+    for (int which = 0; which < 2; ++which) {
+      const float* scales = dynamic ? (which ? a.v_scale_cache : a.k_scale_cache) + slot * heads
+                                    : (which ? a.v_scale : a.k_scale);
+      const std::int64_t step = dynamic ? 1 : scale_step;
+      auto* cache = static_cast<std::uint8_t*>(which ? a.v_cache : a.k_cache);
       for (std::int64_t h = 0; h < heads; ++h) {
-        quantize_row_for_isa<Src, kCache, kAvx2Rows>(src + h * sh, hd, static_scales[h * scale_step],
+        quantize_row_for_isa<Src, kCache, kAvx2Rows>(source_row(which, t, h), hd, scales[h * step],
                                                      cache + layout.slot_offset(slot, h));
       }
     }

@@ -6,18 +6,22 @@
 /// quantize loops calls it (quantize.hpp, mla_fp8.hpp); baseline and
 /// AVX-512 copies keep the compiler-vectorized quantize_row.
 ///
-/// Why by hand: the encoder is compute-bound (about 25 vector operations
-/// per 8 values as GCC vectorizes quantize_row for AVX2, with register
-/// spills from its 4x unrolling), and on a 2-core Zen 2 VM (2026-12-07) the
-/// append ran at a third of memcpy with two threads twice as fast as one.
-/// Here each 8 values cost about 16 operations:
+/// Why by hand: the encoder is compute-bound. GCC's AVX2 vectorization of
+/// quantize_row (per-value NaN select then) took about 31 vector
+/// instructions per 8 values, register spills from its 4x unrolling
+/// included, and on a 2-core Zen 2 VM (2026-12-07) the append ran at a third
+/// of memcpy with two threads twice as fast as one. Here each 8 values cost
+/// about 16:
 /// - NaN is checked once per row (one compare and one OR per 8 values);
 ///   a row that holds one is patched afterwards, element by element;
 /// - bfloat16 is widened by interleaving with zeros (one operation per 8
 ///   values instead of two); the interleave's lane order is undone for free
 ///   by the narrowing packs, whose order is the inverse;
-/// - the 32-bit codes are narrowed to bytes with two saturating packs and one
-///   permute per 32 values (the codes are already in [0, 255]).
+/// - the sign bits come from packing the quotients' own bit patterns with
+///   signed saturation, 3 packs per 32 values, instead of a shift, mask and
+///   OR per 8;
+/// - the codes are narrowed to bytes with two saturating packs and one
+///   permute per 32 values.
 /// Division stays a division: multiplying by 1 / scale would round
 /// differently from the scalar rule (and from the CUDA kernel).
 
