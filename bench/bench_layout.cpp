@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -27,6 +28,7 @@
 #include "kvkit/layout/paged_kv_layout.hpp"
 #include "kvkit/ops/append.hpp"
 #include "kvkit/ops/copy_blocks.hpp"
+#include "kvkit/ops/gather.hpp"
 #include "kvkit/ops/quantize.hpp"
 
 namespace {
@@ -227,6 +229,82 @@ void BM_copy_blocks(benchmark::State& state) {
   state.counters["rounds"] = rounds;
 }
 
+/// A sequence's page list: `n` distinct random pages of [0, num_pages).
+std::vector<std::int32_t> random_page_list(std::int64_t n, std::int64_t num_pages, std::uint32_t seed) {
+  std::vector<std::int32_t> pages(static_cast<std::size_t>(num_pages));
+  std::iota(pages.begin(), pages.end(), 0);
+  std::shuffle(pages.begin(), pages.end(), std::mt19937(seed));
+  pages.resize(static_cast<std::size_t>(n));
+  return pages;
+}
+
+void BM_gather_kv(benchmark::State& state) {
+  // One 32,768-token sequence of a Llama-3-8B layer (bf16, page 16, random
+  // pages of a cache twice its size) into dense K and V: 128 MiB read +
+  // 128 MiB written per call, so no round rotation is needed.
+  const std::int64_t heads = 8, hd = 128, ps = 16;
+  const std::int64_t tokens = full_or_smoke<std::int64_t>(32768, 256);
+  const auto layout = kvkit::PagedKVLayout::nhd(2 * tokens / ps, ps, heads, hd);
+  kvkit::HostCacheBuffer kc(layout.span_elements() * 2), vc(kc.bytes());
+  std::memset(kc.data(), 0x3c, std::size_t(kc.bytes()));
+  std::memset(vc.data(), 0x3d, std::size_t(vc.bytes()));
+  const std::vector<std::int32_t> pages = random_page_list(tokens / ps, layout.num_pages, 7);
+  std::vector<std::uint16_t> k_out(std::size_t(tokens * heads * hd)), v_out(k_out.size());
+  kvkit::GatherKVArgs a;
+  a.k_cache = kc.data();
+  a.v_cache = vc.data();
+  a.pages = pages.data();
+  a.num_tokens = tokens;
+  a.key_out = k_out.data();
+  a.value_out = v_out.data();
+  a.out_stride_token = heads * hd;
+  a.out_stride_head = hd;
+  a.dtype = DType::kBFloat16;
+  for (auto _ : state) {
+    kvkit::gather_kv(layout, a);
+    benchmark::ClobberMemory();
+  }
+  kvkit::bench::report_host_bandwidth(state, 2.0 * double(tokens * heads * hd) * 2.0 * 2.0);
+}
+
+void BM_dequantize_gather_kv(benchmark::State& state) {
+  // One 8,192-token sequence of an fp8 e4m3 Llama-3-8B layer (per-tensor
+  // scale, page 16, random pages) into float32 K and V: 16 MiB read + 64 MiB
+  // written per call.
+  const std::int64_t heads = 8, hd = 128, ps = 16;
+  const std::int64_t tokens = full_or_smoke<std::int64_t>(8192, 256);
+  const auto layout = kvkit::PagedKVLayout::nhd(2 * tokens / ps, ps, heads, hd);
+  kvkit::HostCacheBuffer kc(layout.span_elements()), vc(kc.bytes());
+  // Codes of finite values (0x7f / 0xff are e4m3's NaN).
+  auto* kb = static_cast<std::uint8_t*>(kc.data());
+  auto* vb = static_cast<std::uint8_t*>(vc.data());
+  for (std::int64_t i = 0; i < kc.bytes(); ++i) {
+    kb[i] = std::uint8_t((i * 37) % 127 + ((i >> 7) & 1) * 128);
+    vb[i] = std::uint8_t((i * 53) % 127 + ((i >> 8) & 1) * 128);
+  }
+  const std::vector<std::int32_t> pages = random_page_list(tokens / ps, layout.num_pages, 8);
+  std::vector<float> k_out(std::size_t(tokens * heads * hd)), v_out(k_out.size());
+  const float k_scale = 0.02f, v_scale = 0.03f;
+  kvkit::DequantizeGatherArgs a;
+  a.k_cache = kc.data();
+  a.v_cache = vc.data();
+  a.pages = pages.data();
+  a.num_tokens = tokens;
+  a.key_out = k_out.data();
+  a.value_out = v_out.data();
+  a.out_stride_token = heads * hd;
+  a.out_stride_head = hd;
+  a.cache_dtype = DType::kFloat8E4M3;
+  a.granularity = kvkit::ScaleGranularity::kPerTensor;
+  a.k_scale = &k_scale;
+  a.v_scale = &v_scale;
+  for (auto _ : state) {
+    kvkit::dequantize_gather_kv(layout, a);
+    benchmark::ClobberMemory();
+  }
+  kvkit::bench::report_host_bandwidth(state, 2.0 * double(tokens * heads * hd) * (1.0 + 4.0));
+}
+
 BENCHMARK_CAPTURE(BM_append_kv, llama3_8b_prefill_8192, false)->Name("append_kv/llama3_8b_bf16/prefill_8192")->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_append_kv, llama3_8b_decode_256, true)->Name("append_kv/llama3_8b_bf16/decode_256x1")->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_append_latent, prefill, false)->Name("append_latent/deepseek_576_bf16/prefill_8192")->Unit(benchmark::kMicrosecond)->UseRealTime();
@@ -234,5 +312,7 @@ BENCHMARK_CAPTURE(BM_append_latent, decode, true)->Name("append_latent/deepseek_
 BENCHMARK_CAPTURE(BM_quantize_append_fp8, per_tensor, kvkit::ScaleGranularity::kPerTensor)->Name("quantize_append/bf16_to_e4m3_per_tensor/prefill_8192")->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_quantize_append_fp8, per_token_head, kvkit::ScaleGranularity::kPerTokenHead)->Name("quantize_append/bf16_to_e4m3_per_token_head/prefill_8192")->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_copy_blocks)->Name("copy_blocks/llama3_8b_bf16/8_caches_32_random_pairs")->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_gather_kv)->Name("gather_kv/llama3_8b_bf16/page16/seq_32768")->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_dequantize_gather_kv)->Name("dequantize_gather_kv/llama3_8b_e4m3_to_f32/page16/seq_8192")->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 }  // namespace

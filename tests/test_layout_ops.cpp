@@ -461,6 +461,40 @@ TEST_CASE("gather_kv reads a sequence's pages back into dense tensors") {
   }
 }
 
+TEST_CASE("gather_kv of a long sequence: threads, both store kinds, whole-token and per-head copies") {
+  // 1,100 tokens (chunks of 256 shared among threads where OpenMP is on),
+  // 16-token pages in random order; outputs dense (one copy per token) or
+  // with padded heads (one copy per head row), poisoned around the rows.
+  const std::int64_t ps = 16, heads = 3, hd = 40, n = 1100, pages = 80;
+  const auto layout = PagedKVLayout::nhd(pages, ps, heads, hd);
+  std::vector<std::int32_t> seq_pages(static_cast<std::size_t>(pages));
+  std::iota(seq_pages.begin(), seq_pages.end(), 0);
+  std::shuffle(seq_pages.begin(), seq_pages.end(), std::mt19937(6));
+  const auto kc = random_values(std::size_t(layout.span_elements()), 41);
+  const auto vc = random_values(std::size_t(layout.span_elements()), 42);
+  const auto stores = GENERATE(kvkit::detail::StoreKind::kOrdinary, kvkit::detail::StoreKind::kStreaming);
+  const std::int64_t head_stride = GENERATE(std::int64_t(40), std::int64_t(43));
+  CAPTURE(int(stores), head_stride);
+  const std::int64_t token_stride = heads * head_stride + 1;
+  std::vector<float> ko(std::size_t(n * token_stride), kPoison), vo(ko.size(), kPoison);
+  kvkit::GatherKVArgs g{kc.data(), vc.data(), seq_pages.data(), n, ko.data(), vo.data(), token_stride,
+                        head_stride, DType::kFloat32};
+  kvkit::detail::gather_kv_with(layout, g, stores);
+  std::size_t mismatches = 0;
+  for (std::int64_t t = 0; t < n; ++t) {
+    const std::int64_t slot = kvkit::token_slot(seq_pages.data(), t, 4);
+    for (std::int64_t e = 0; e < token_stride; ++e) {
+      const std::int64_t h = e / head_stride, d = e % head_stride;
+      const bool in_row = h < heads && d < hd;
+      const std::size_t at = std::size_t(t * token_stride + e);
+      const float want_k = in_row ? kc[std::size_t(layout.slot_offset(slot, h) + d)] : kPoison;
+      const float want_v = in_row ? vc[std::size_t(layout.slot_offset(slot, h) + d)] : kPoison;
+      mismatches += ko[at] != want_k || vo[at] != want_v;
+    }
+  }
+  CHECK(mismatches == 0);
+}
+
 TEST_CASE("gather_kv of a latent cache through its paged view, K only") {
   const auto latent = kvkit::LatentKVLayout::dense(4, 64, 512, 64);
   const auto cache = random_values(4 * 64 * 576, 40);

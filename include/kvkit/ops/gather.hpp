@@ -13,6 +13,7 @@
 #include "kvkit/layout/page_table.hpp"
 #include "kvkit/layout/paged_kv_layout.hpp"
 #include "kvkit/ops/append.hpp"
+#include "kvkit/ops/token_chunks.hpp"
 
 namespace kvkit {
 
@@ -49,33 +50,77 @@ inline void validate_gather_kv(const PagedKVLayout& layout, const GatherKVArgs& 
   detail::check_output_token_stride(a.out_stride_token, a.num_tokens, layout, a.out_stride_head, where);
 }
 
-/// Copies the sequence's tokens 0..num_tokens-1 out of the cache (CPU).
-/// Throws kvkit::Error on invalid arguments or a page id outside
-/// [0, num_pages), before writing anything.
-inline void gather_kv(const PagedKVLayout& layout, const GatherKVArgs& a) {
-  constexpr const char* kWhere = "kvkit::gather_kv";
-  validate_gather_kv(layout, a, kWhere);
-  const std::int64_t n_pages = (a.num_tokens + layout.page_size - 1) / layout.page_size;
+namespace detail {
+
+/// Throws unless every page id of the sequence is in [0, num_pages).
+inline void check_sequence_pages(const PagedKVLayout& layout, const std::int32_t* pages, std::int64_t num_tokens,
+                                 const char* where) {
+  const std::int64_t n_pages = (num_tokens + layout.page_size - 1) / layout.page_size;
   for (std::int64_t i = 0; i < n_pages; ++i) {
-    if (a.pages[i] < 0 || a.pages[i] >= layout.num_pages) {
-      fail(kWhere, "argument 'pages' has pages[", i, "] = ", a.pages[i],
-           ": expected a page id in [0, ", layout.num_pages, ")");
+    if (pages[i] < 0 || pages[i] >= layout.num_pages) {
+      fail(where, "argument 'pages' has pages[", i, "] = ", pages[i], ": expected a page id in [0, ",
+           layout.num_pages, ")");
     }
   }
+}
+
+/// gather_kv's copy of tokens [first, end), after validation. A token whose
+/// heads are contiguous in both the cache and the output is one copy (2 KiB
+/// for Llama-3-8B bf16) rather than one per head row.
+template <bool kStreaming>
+void gather_kv_tokens(const PagedKVLayout& layout, const GatherKVArgs& a, std::int64_t first, std::int64_t end) {
   const std::int64_t es = std::int64_t(dtype_size(a.dtype));
-  const std::size_t row = std::size_t(layout.head_dim * es);
+  const std::int64_t heads = layout.num_heads, row_bytes = layout.head_dim * es;
+  const bool whole_token =
+      heads == 1 || (layout.stride_head == layout.head_dim && a.out_stride_head == layout.head_dim);
   for (int which = 0; which < 2; ++which) {
     const auto* cache = static_cast<const unsigned char*>(which == 0 ? a.k_cache : a.v_cache);
     auto* out = static_cast<unsigned char*>(which == 0 ? a.key_out : a.value_out);
     if (cache == nullptr) continue;
-    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+    for (std::int64_t t = first; t < end; ++t) {
       const std::int64_t slot = token_slot(a.pages, t, layout.page_shift);
-      for (std::int64_t h = 0; h < layout.num_heads; ++h) {
-        std::memcpy(out + (t * a.out_stride_token + h * a.out_stride_head) * es,
-                    cache + layout.slot_offset(slot, h) * es, row);
+      unsigned char* dst = out + t * a.out_stride_token * es;
+      if (whole_token) {
+        copy_row<kStreaming>(dst, cache + layout.slot_offset(slot, 0) * es, std::size_t(heads * row_bytes));
+        continue;
+      }
+      for (std::int64_t h = 0; h < heads; ++h) {
+        copy_row<kStreaming>(dst + h * a.out_stride_head * es, cache + layout.slot_offset(slot, h) * es,
+                             std::size_t(row_bytes));
       }
     }
   }
+  if (kStreaming) streaming_store_fence();
+}
+
+/// gather_kv with the stores chosen by `stores` (tests force each kind):
+/// streaming when the output (K's) is at least kStreamingStoreMinCacheBytes,
+/// since a gathered sequence is written once and read later, often by
+/// another device or process. Chunks of 256 tokens are shared among OpenMP
+/// threads from 512 tokens where the program enables OpenMP.
+inline void gather_kv_with(const PagedKVLayout& layout, const GatherKVArgs& a, StoreKind stores) {
+  constexpr const char* kWhere = "kvkit::gather_kv";
+  validate_gather_kv(layout, a, kWhere);
+  check_sequence_pages(layout, a.pages, a.num_tokens, kWhere);
+  const std::int64_t out_bytes = a.num_tokens * layout.num_heads * layout.head_dim * std::int64_t(dtype_size(a.dtype));
+  const bool streaming = use_streaming_stores(stores, out_bytes);
+  for_each_token_chunk(a.num_tokens, /*chunk=*/256, /*min_tokens_to_thread=*/512,
+                       [&](std::int64_t first, std::int64_t end) {
+                         if (streaming) {
+                           gather_kv_tokens<true>(layout, a, first, end);
+                         } else {
+                           gather_kv_tokens<false>(layout, a, first, end);
+                         }
+                       });
+}
+
+}  // namespace detail
+
+/// Copies the sequence's tokens 0..num_tokens-1 out of the cache (CPU).
+/// Throws kvkit::Error on invalid arguments or a page id outside
+/// [0, num_pages), before writing anything.
+inline void gather_kv(const PagedKVLayout& layout, const GatherKVArgs& a) {
+  detail::gather_kv_with(layout, a, detail::StoreKind::kAuto);
 }
 
 }  // namespace kvkit

@@ -34,6 +34,7 @@
 #include "kvkit/layout/page_table.hpp"
 #include "kvkit/layout/paged_kv_layout.hpp"
 #include "kvkit/ops/append.hpp"
+#include "kvkit/ops/gather.hpp"
 #include "kvkit/ops/quantize_row_x86.hpp"
 #include "kvkit/ops/token_chunks.hpp"
 
@@ -287,33 +288,72 @@ inline void validate_dequantize_gather(const PagedKVLayout& layout, const Dequan
   detail::check_output_token_stride(a.out_stride_token, a.num_tokens, layout, a.out_stride_head, where);
 }
 
-/// Dequantizes a sequence's K/V into float32 (CPU). Throws kvkit::Error on
-/// invalid arguments or a page id outside [0, num_pages).
-inline void dequantize_gather_kv(const PagedKVLayout& layout, const DequantizeGatherArgs& a) {
-  constexpr const char* kWhere = "kvkit::dequantize_gather_kv";
-  validate_dequantize_gather(layout, a, kWhere);
-  const std::int64_t n_pages = (a.num_tokens + layout.page_size - 1) / layout.page_size;
-  for (std::int64_t i = 0; i < n_pages; ++i) {
-    if (a.pages[i] < 0 || a.pages[i] >= layout.num_pages) {
-      fail(kWhere, "argument 'pages' has pages[", i, "] = ", a.pages[i],
-           ": expected a page id in [0, ", layout.num_pages, ")");
-    }
-  }
-  const std::int64_t heads = layout.num_heads;
+namespace detail {
+
+/// float(stored) for a cache dtype chosen at compile time (dequantize_value
+/// without the scale); branch-free, so that loops of it vectorize.
+template <DType kCache>
+KVKIT_FORCEINLINE float quantized_to_float(std::uint8_t stored) {
+  if constexpr (kCache == DType::kFloat8E4M3) return e4m3_bits_to_float(stored);
+  if constexpr (kCache == DType::kFloat8E5M2) return e5m2_bits_to_float(stored);
+  if constexpr (kCache == DType::kInt8) return float(std::int8_t(stored));
+}
+
+/// dequantize_gather_kv's tokens [first, end) for one cache dtype, after
+/// validation: per head row one scale lookup, then a loop the compiler
+/// vectorizes. Each value is dequantize_value's single product. Always
+/// inlined into one copy per ISA.
+template <DType kCache>
+KVKIT_FORCEINLINE void dequantize_gather_tokens(const PagedKVLayout& layout, const DequantizeGatherArgs& a,
+                                                std::int64_t first, std::int64_t end) {
+  const std::int64_t heads = layout.num_heads, hd = layout.head_dim;
   for (int which = 0; which < 2; ++which) {
     const auto* cache = static_cast<const std::uint8_t*>(which ? a.v_cache : a.k_cache);
     const float* scales = which ? a.v_scale : a.k_scale;
     float* out = which ? a.value_out : a.key_out;
-    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+    for (std::int64_t t = first; t < end; ++t) {
       const std::int64_t slot = token_slot(a.pages, t, layout.page_shift);
       for (std::int64_t h = 0; h < heads; ++h) {
         const float scale = scales[scale_index(a.granularity, slot, h, heads)];
-        const std::uint8_t* row = cache + layout.slot_offset(slot, h);
-        float* o = out + t * a.out_stride_token + h * a.out_stride_head;
-        for (std::int64_t d = 0; d < layout.head_dim; ++d) o[d] = dequantize_value(row[d], scale, a.cache_dtype);
+        const std::uint8_t* __restrict__ row = cache + layout.slot_offset(slot, h);
+        float* __restrict__ o = out + t * a.out_stride_token + h * a.out_stride_head;
+        for (std::int64_t d = 0; d < hd; ++d) o[d] = quantized_to_float<kCache>(row[d]) * scale;
       }
     }
   }
+}
+
+template <DType kCache>
+void dequantize_gather_isa(const PagedKVLayout& layout, const DequantizeGatherArgs& a, std::int64_t first,
+                           std::int64_t end) {
+  constexpr X86Level kWidest = KVKIT_QUANTIZE_X86_DISPATCH ? X86Level::kAvx512 : X86Level::kBaseline;
+  run_loop_on_widest_isa<kWidest, &dequantize_gather_tokens<kCache>>(layout, a, first, end);
+}
+
+}  // namespace detail
+
+/// Dequantizes a sequence's K/V into float32 (CPU). Throws kvkit::Error on
+/// invalid arguments or a page id outside [0, num_pages), before writing
+/// anything. Each value is dequantize_value(stored, scale, cache_dtype), the
+/// CUDA kernel's too; the loops are specialised per cache dtype, compiled
+/// per ISA and shared among OpenMP threads (chunks of 256 tokens, from 512)
+/// where the program enables OpenMP.
+inline void dequantize_gather_kv(const PagedKVLayout& layout, const DequantizeGatherArgs& a) {
+  constexpr const char* kWhere = "kvkit::dequantize_gather_kv";
+  validate_dequantize_gather(layout, a, kWhere);
+  detail::check_sequence_pages(layout, a.pages, a.num_tokens, kWhere);
+  using detail::dequantize_gather_isa;
+  detail::for_each_token_chunk(a.num_tokens, /*chunk=*/256, /*min_tokens_to_thread=*/512,
+                               [&](std::int64_t first, std::int64_t end) {
+                                 switch (a.cache_dtype) {
+                                   case DType::kFloat8E4M3:
+                                     return dequantize_gather_isa<DType::kFloat8E4M3>(layout, a, first, end);
+                                   case DType::kFloat8E5M2:
+                                     return dequantize_gather_isa<DType::kFloat8E5M2>(layout, a, first, end);
+                                   default:  // validated: int8
+                                     return dequantize_gather_isa<DType::kInt8>(layout, a, first, end);
+                                 }
+                               });
 }
 
 }  // namespace kvkit
