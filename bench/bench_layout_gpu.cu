@@ -1,6 +1,7 @@
 // GPU cache-layout ops: append (decode 256 x 1 token, prefill 8,192 tokens)
 // for Llama-3-8B (8 kv heads x 128, bf16) and DeepSeek latent (576, bf16),
-// fp8 quantize-append, copy_blocks. bytes read + written per second and
+// fp8 quantize-append, copy_blocks, gather and dequantize-gather of one
+// sequence (as bench_layout's CPU cases). bytes read + written per second and
 // pct_of_memcpy against the device copy kernel measured in this binary.
 // Each timed iteration launches on rounds(decode) different buffers so that
 // the bytes touched exceed the H100's 50 MB L2: 4 for prefill-sized calls,
@@ -18,6 +19,7 @@
 #include "kvkit/cuda/append.cuh"
 #include "kvkit/cuda/copy_blocks.cuh"
 #include "kvkit/cuda/device_buffer.hpp"
+#include "kvkit/cuda/gather.cuh"
 #include "kvkit/cuda/quantize.cuh"
 
 namespace {
@@ -168,6 +170,62 @@ void BM_copy_blocks_gpu(benchmark::State& state) {
   kvkit::bench::report_device_bandwidth(state, 2.0 * double(num_caches * k * layout.page_elements()) * 2.0);
 }
 
+/// A sequence's page list on the device: `n` distinct random pages of [0, num_pages).
+DeviceBuffer random_page_list(std::int64_t n, std::int64_t num_pages, std::uint32_t seed) {
+  std::vector<std::int32_t> pages(static_cast<std::size_t>(num_pages));
+  std::iota(pages.begin(), pages.end(), 0);
+  std::shuffle(pages.begin(), pages.end(), std::mt19937(seed));
+  pages.resize(static_cast<std::size_t>(n));
+  return DeviceBuffer::from_host(pages);
+}
+
+void BM_gather_kv_gpu(benchmark::State& state) {
+  // One 32,768-token Llama-3-8B bf16 sequence (random 16-token pages of a
+  // cache twice its size) into dense K and V: 128 MiB read + 128 MiB written.
+  const std::int64_t heads = 8, hd = 128, ps = 16;
+  const std::int64_t tokens = full_or_smoke<std::int64_t>(32768, 256);
+  const auto layout = kvkit::PagedKVLayout::nhd(2 * tokens / ps, ps, heads, hd);
+  // The bytes do not matter to a copy: a memset is quicker than 128 Mi random values.
+  DeviceBuffer kc(std::size_t(layout.span_elements()) * 2), vc(kc.bytes());
+  KVKIT_CUDA_CHECK(cudaMemset(kc.data(), 0x3c, kc.bytes()));
+  KVKIT_CUDA_CHECK(cudaMemset(vc.data(), 0x3d, vc.bytes()));
+  auto pages = random_page_list(tokens / ps, layout.num_pages, 7);
+  DeviceBuffer k_out(std::size_t(tokens * heads * hd) * 2), v_out(std::size_t(tokens * heads * hd) * 2);
+  const kvkit::GatherKVArgs a{kc.data(), vc.data(), pages.as<std::int32_t>(), tokens, k_out.data(), v_out.data(),
+                              heads * hd, hd, DType::kBFloat16};
+  kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) { kvkit::cuda::gather_kv(layout, a, s); });
+  kvkit::bench::report_device_bandwidth(state, 2.0 * double(tokens * heads * hd) * 2.0 * 2.0);
+}
+
+void BM_dequantize_gather_kv_gpu(benchmark::State& state) {
+  // One 8,192-token fp8 e4m3 Llama-3-8B sequence (per-tensor scale) into
+  // float32 K and V: 16 MiB read + 64 MiB written.
+  const std::int64_t heads = 8, hd = 128, ps = 16;
+  const std::int64_t tokens = full_or_smoke<std::int64_t>(8192, 256);
+  const auto layout = kvkit::PagedKVLayout::nhd(2 * tokens / ps, ps, heads, hd);
+  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(layout.span_elements()));
+  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = std::uint8_t((i * 37) % 127 + ((i >> 7) & 1) * 128);
+  auto kc = DeviceBuffer::from_host(bytes), vc = DeviceBuffer::from_host(bytes);
+  auto pages = random_page_list(tokens / ps, layout.num_pages, 8);
+  auto scales = DeviceBuffer::from_host(std::vector<float>{0.02f, 0.03f});
+  DeviceBuffer k_out(std::size_t(tokens * heads * hd) * 4), v_out(std::size_t(tokens * heads * hd) * 4);
+  kvkit::DequantizeGatherArgs a;
+  a.k_cache = kc.data();
+  a.v_cache = vc.data();
+  a.pages = pages.as<std::int32_t>();
+  a.num_tokens = tokens;
+  a.key_out = k_out.as<float>();
+  a.value_out = v_out.as<float>();
+  a.out_stride_token = heads * hd;
+  a.out_stride_head = hd;
+  a.cache_dtype = DType::kFloat8E4M3;
+  a.granularity = kvkit::ScaleGranularity::kPerTensor;
+  a.k_scale = scales.as<float>();
+  a.v_scale = scales.as<float>() + 1;
+  kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) { kvkit::cuda::dequantize_gather_kv(layout, a, s); });
+  kvkit::bench::report_device_bandwidth(state, 2.0 * double(tokens * heads * hd) * (1.0 + 4.0));
+}
+
 BENCHMARK_CAPTURE(BM_append_kv_gpu, prefill, false)->Name("append_kv_gpu/llama3_8b_bf16/prefill_8192")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_append_kv_gpu, decode, true)->Name("append_kv_gpu/llama3_8b_bf16/decode_256x1")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_append_latent_gpu, prefill, false)->Name("append_latent_gpu/deepseek_576_bf16/prefill_8192")->UseManualTime()->Unit(benchmark::kMicrosecond);
@@ -175,5 +233,7 @@ BENCHMARK_CAPTURE(BM_append_latent_gpu, decode, true)->Name("append_latent_gpu/d
 BENCHMARK_CAPTURE(BM_quantize_append_fp8_gpu, per_tensor, kvkit::ScaleGranularity::kPerTensor)->Name("quantize_append_gpu/bf16_to_e4m3_per_tensor/prefill_8192")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_quantize_append_fp8_gpu, per_token_head, kvkit::ScaleGranularity::kPerTokenHead)->Name("quantize_append_gpu/bf16_to_e4m3_per_token_head/prefill_8192")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_copy_blocks_gpu)->Name("copy_blocks_gpu/llama3_8b_bf16/8_caches_512_pairs")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_gather_kv_gpu)->Name("gather_kv_gpu/llama3_8b_bf16/page16/seq_32768")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_dequantize_gather_kv_gpu)->Name("dequantize_gather_kv_gpu/llama3_8b_e4m3_to_f32/page16/seq_8192")->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
