@@ -250,16 +250,8 @@ void BM_gather_kv(benchmark::State& state) {
   std::memset(vc.data(), 0x3d, std::size_t(vc.bytes()));
   const std::vector<std::int32_t> pages = random_page_list(tokens / ps, layout.num_pages, 7);
   std::vector<std::uint16_t> k_out(std::size_t(tokens * heads * hd)), v_out(k_out.size());
-  kvkit::GatherKVArgs a;
-  a.k_cache = kc.data();
-  a.v_cache = vc.data();
-  a.pages = pages.data();
-  a.num_tokens = tokens;
-  a.key_out = k_out.data();
-  a.value_out = v_out.data();
-  a.out_stride_token = heads * hd;
-  a.out_stride_head = hd;
-  a.dtype = DType::kBFloat16;
+  const kvkit::GatherKVArgs a{kc.data(),    vc.data(),    pages.data(), tokens,
+                              k_out.data(), v_out.data(), heads * hd,   hd, DType::kBFloat16};
   for (auto _ : state) {
     kvkit::gather_kv(layout, a);
     benchmark::ClobberMemory();
@@ -285,19 +277,10 @@ void BM_dequantize_gather_kv(benchmark::State& state) {
   const std::vector<std::int32_t> pages = random_page_list(tokens / ps, layout.num_pages, 8);
   std::vector<float> k_out(std::size_t(tokens * heads * hd)), v_out(k_out.size());
   const float k_scale = 0.02f, v_scale = 0.03f;
-  kvkit::DequantizeGatherArgs a;
-  a.k_cache = kc.data();
-  a.v_cache = vc.data();
-  a.pages = pages.data();
-  a.num_tokens = tokens;
-  a.key_out = k_out.data();
-  a.value_out = v_out.data();
-  a.out_stride_token = heads * hd;
-  a.out_stride_head = hd;
-  a.cache_dtype = DType::kFloat8E4M3;
-  a.granularity = kvkit::ScaleGranularity::kPerTensor;
-  a.k_scale = &k_scale;
-  a.v_scale = &v_scale;
+  const kvkit::DequantizeGatherArgs a{kc.data(),    vc.data(),        pages.data(),
+                                      tokens,       k_out.data(),     v_out.data(),
+                                      heads * hd,   hd,               DType::kFloat8E4M3,
+                                      kvkit::ScaleGranularity::kPerTensor, &k_scale, &v_scale};
   for (auto _ : state) {
     kvkit::dequantize_gather_kv(layout, a);
     benchmark::ClobberMemory();

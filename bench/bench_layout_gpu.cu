@@ -209,19 +209,10 @@ void BM_dequantize_gather_kv_gpu(benchmark::State& state) {
   auto pages = random_page_list(tokens / ps, layout.num_pages, 8);
   auto scales = DeviceBuffer::from_host(std::vector<float>{0.02f, 0.03f});
   DeviceBuffer k_out(std::size_t(tokens * heads * hd) * 4), v_out(std::size_t(tokens * heads * hd) * 4);
-  kvkit::DequantizeGatherArgs a;
-  a.k_cache = kc.data();
-  a.v_cache = vc.data();
-  a.pages = pages.as<std::int32_t>();
-  a.num_tokens = tokens;
-  a.key_out = k_out.as<float>();
-  a.value_out = v_out.as<float>();
-  a.out_stride_token = heads * hd;
-  a.out_stride_head = hd;
-  a.cache_dtype = DType::kFloat8E4M3;
-  a.granularity = kvkit::ScaleGranularity::kPerTensor;
-  a.k_scale = scales.as<float>();
-  a.v_scale = scales.as<float>() + 1;
+  const kvkit::DequantizeGatherArgs a{kc.data(),      vc.data(),          pages.as<std::int32_t>(),
+                                      tokens,         k_out.as<float>(),  v_out.as<float>(),
+                                      heads * hd,     hd,                 DType::kFloat8E4M3,
+                                      kvkit::ScaleGranularity::kPerTensor, scales.as<float>(), scales.as<float>() + 1};
   kvkit::bench::time_on_gpu(state, nullptr, [&](cudaStream_t s) { kvkit::cuda::dequantize_gather_kv(layout, a, s); });
   kvkit::bench::report_device_bandwidth(state, 2.0 * double(tokens * heads * hd) * (1.0 + 4.0));
 }
