@@ -102,7 +102,8 @@ inline void gather_kv_with(const PagedKVLayout& layout, const GatherKVArgs& a, S
   constexpr const char* kWhere = "kvkit::gather_kv";
   validate_gather_kv(layout, a, kWhere);
   check_sequence_pages(layout, a.pages, a.num_tokens, kWhere);
-  const std::int64_t out_bytes = a.num_tokens * layout.num_heads * layout.head_dim * std::int64_t(dtype_size(a.dtype));
+  const std::int64_t out_bytes =
+      a.num_tokens * layout.num_heads * layout.head_dim * std::int64_t(dtype_size(a.dtype));
   const bool streaming = use_streaming_stores(stores, out_bytes);
   for_each_token_chunk(a.num_tokens, /*chunk=*/256, /*min_tokens_to_thread=*/512,
                        [&](std::int64_t first, std::int64_t end) {

@@ -151,8 +151,9 @@ KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const Quantize
   const bool dynamic = a.granularity == ScaleGranularity::kPerTokenHead;
   const std::int64_t scale_step = a.granularity == ScaleGranularity::kPerHead ? 1 : 0;
   const auto source_row = [&](int which, std::int64_t t, std::int64_t h) {
-    return static_cast<const Src*>(which ? a.value : a.key) +
-           t * (which ? a.value_stride_token : a.key_stride_token) + h * (which ? a.value_stride_head : a.key_stride_head);
+    const std::int64_t stride_token = which ? a.value_stride_token : a.key_stride_token;
+    const std::int64_t stride_head = which ? a.value_stride_head : a.key_stride_head;
+    return static_cast<const Src*>(which ? a.value : a.key) + t * stride_token + h * stride_head;
   };
   for (std::int64_t t = 0; t < a.num_tokens; ++t) {
     const std::int64_t slot = a.slot_mapping[t];
@@ -163,7 +164,9 @@ KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const Quantize
       // instead of each stalling its row's quantization.
       for (int which = 0; which < 2; ++which) {
         float* scales = (which ? a.v_scale_cache : a.k_scale_cache) + slot * heads;
-        for (std::int64_t h = 0; h < heads; ++h) scales[h] = dynamic_scale(row_amax(source_row(which, t, h), hd), kCache);
+        for (std::int64_t h = 0; h < heads; ++h) {
+          scales[h] = dynamic_scale(row_amax(source_row(which, t, h), hd), kCache);
+        }
       }
     }
     for (int which = 0; which < 2; ++which) {

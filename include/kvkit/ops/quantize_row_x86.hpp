@@ -85,8 +85,9 @@ struct Avx2RowSource<bfloat16> {
 /// float_to_fp8_bits_except_nan and round_magnitude_to_code.
 template <DType kCache>
 __attribute__((target("avx2"))) KVKIT_FORCEINLINE __m256i fp8_magnitude_code_8(__m256 v, __m256i& nan_seen) {
-  constexpr int kManBits = Fp8Encoding<kCache>::kManBits;
-  constexpr std::int32_t kMinNormal = Fp8Encoding<kCache>::kMinNormal, kMaxFinite = Fp8Encoding<kCache>::kMaxFinite;
+  using E = Fp8Encoding<kCache>;
+  constexpr int kManBits = E::kManBits;
+  constexpr std::int32_t kMinNormal = E::kMinNormal, kMaxFinite = E::kMaxFinite;
   const __m256i a = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff));
   nan_seen = _mm256_or_si256(nan_seen, _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7f800000)));
   const __m256i c = _mm256_min_epi32(a, _mm256_set1_epi32(kMaxFinite));
@@ -145,7 +146,8 @@ __attribute__((target("avx2,f16c"))) inline void quantize_row_avx2(const Src* __
     for (int i = 0; i < 4; ++i) v[i] = _mm256_div_ps(v[i], divisor);
     __m256i bytes;
     if constexpr (kCache == DType::kInt8) {
-      bytes = pack_saturated_32(encode_int8_8(v[0]), encode_int8_8(v[1]), encode_int8_8(v[2]), encode_int8_8(v[3]));
+      bytes =
+          pack_saturated_32(encode_int8_8(v[0]), encode_int8_8(v[1]), encode_int8_8(v[2]), encode_int8_8(v[3]));
     } else {
       __m256i code[4];
       for (int i = 0; i < 4; ++i) code[i] = fp8_magnitude_code_8<kCache>(v[i], nan_seen);
