@@ -269,6 +269,36 @@ TEST_CASE("dequantize_gather_kv equals dequantize_value bit for bit: every dtype
   check_dequantize_gather<DType::kInt8>(g);
 }
 
+TEST_CASE("dequantize_gather_kv rejects bad arguments before writing anything") {
+  const auto layout = PagedKVLayout::nhd(4, 8, 2, 16);
+  std::vector<std::uint8_t> kc(std::size_t(layout.span_elements()), 0x31), vc(kc);
+  std::vector<std::int32_t> pages{2, 0};
+  std::vector<float> ko(12 * 2 * 16, -7.0f), vo(ko);
+  const float ks = 0.5f, vs = 0.25f;
+  kvkit::DequantizeGatherArgs a{kc.data(), vc.data(), pages.data(), 12, ko.data(), vo.data(), 32, 16,
+                                DType::kFloat8E4M3, ScaleGranularity::kPerTensor, &ks, &vs};
+  constexpr const char* kWhere = "kvkit::dequantize_gather_kv";
+  SECTION("a page id outside the cache") {
+    pages[1] = 4;
+    CHECK_THROWS_WITH(kvkit::dequantize_gather_kv(layout, a),
+                      Contains(kWhere) && Contains("pages[1] = 4: expected a page id in [0, 4)"));
+  }
+  SECTION("a cache dtype that is not quantized") {
+    a.cache_dtype = DType::kBFloat16;
+    CHECK_THROWS_WITH(kvkit::dequantize_gather_kv(layout, a), Contains("'cache_dtype'") && Contains("int8"));
+  }
+  SECTION("a null output") {
+    a.value_out = nullptr;
+    CHECK_THROWS_WITH(kvkit::dequantize_gather_kv(layout, a), Contains("'value_out'"));
+  }
+  SECTION("heads of the output overlapping") {
+    a.out_stride_head = 15;
+    CHECK_THROWS_WITH(kvkit::dequantize_gather_kv(layout, a), Contains("'out_stride_head' = 15"));
+  }
+  CHECK(std::all_of(ko.begin(), ko.end(), [](float x) { return x == -7.0f; }));
+  CHECK(std::all_of(vo.begin(), vo.end(), [](float x) { return x == -7.0f; }));
+}
+
 TEST_CASE("quantization saturates out-of-range values, maps NaN and keeps the sign of zero") {
   const float inf = std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
