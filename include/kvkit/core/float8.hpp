@@ -70,28 +70,39 @@ KVKIT_HOST_DEVICE inline std::uint8_t float_to_fp8_bits_soft(float f, Saturation
   return std::uint8_t(sign | code);
 }
 
+/// The constants of the branch-free encoders below, per format: mantissa
+/// bits, and the float bits of the smallest normal and of the largest finite
+/// fp8 value.
+struct E4m3Encoding {
+  static constexpr int kManBits = 3;
+  static constexpr std::int32_t kMinNormal = 0x3c800000, kMaxFinite = 0x43e00000;  // 2^-6, 448
+};
+struct E5m2Encoding {
+  static constexpr int kManBits = 2;
+  static constexpr std::int32_t kMinNormal = 0x38800000, kMaxFinite = 0x47600000;  // 2^-14, 57344
+};
+
 /// The same rules for Saturation::kFinite without branches, so that host
-/// loops of conversions vectorize (ops/quantize_row.hpp): |v| clamped to the
-/// largest finite value (which saturates, inf included, and keeps anything
-/// from rounding up to a NaN / inf code), rounded by round_magnitude_to_code
-/// (half.hpp). kManBits: 3 (e4m3) or 2 (e5m2); kMinNormal / kMaxFinite: the
-/// float bits of the smallest normal and the largest finite fp8 value.
-/// Selects are masks: a ternary over a float result may stay a branch under
-/// -ftrapping-math.
-template <int kManBits, std::int32_t kMinNormal, std::int32_t kMaxFinite>
+/// loops of conversions vectorize (ops/quantize_row.hpp), except for NaN:
+/// |v| clamped to the largest finite value (which saturates, inf included,
+/// and keeps anything from rounding up to a NaN / inf code), rounded by
+/// round_magnitude_to_code (half.hpp), so that a NaN comes out as the
+/// largest finite code with its sign (for loops that check NaN once per
+/// row). E: E4m3Encoding or E5m2Encoding. Selects are masks: a ternary over
+/// a float result may stay a branch under -ftrapping-math.
+template <class E>
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int32_t float_to_fp8_bits_except_nan(float v) {
   const std::uint32_t x = float_to_bits(v);
   const auto sign = std::int32_t((x >> 24) & 0x80u);
   const auto a = std::int32_t(x & 0x7fffffffu);
-  return sign | std::int32_t(round_magnitude_to_code<kManBits, std::uint32_t(kMinNormal)>(
-                    std::uint32_t(a < kMaxFinite ? a : kMaxFinite)));
+  return sign | std::int32_t(round_magnitude_to_code<E::kManBits, std::uint32_t(E::kMinNormal)>(
+                    std::uint32_t(a < E::kMaxFinite ? a : E::kMaxFinite)));
 }
-/// float_to_fp8_bits_except_nan turns a NaN into the largest finite code
-/// with the NaN's sign; this replaces it with the canonical NaN, 0x7f.
-template <int kManBits, std::int32_t kMinNormal, std::int32_t kMaxFinite>
+/// float_to_fp8_bits_except_nan with NaN replaced by the canonical 0x7f.
+template <class E>
 KVKIT_HOST_DEVICE KVKIT_FORCEINLINE std::int32_t float_to_fp8_bits_branchless(float v) {
   const std::int32_t nan = (0x7f800000 - std::int32_t(float_to_bits(v) & 0x7fffffffu)) >> 31;  // all ones for NaN
-  return (float_to_fp8_bits_except_nan<kManBits, kMinNormal, kMaxFinite>(v) & ~nan) | (0x7f & nan);
+  return (float_to_fp8_bits_except_nan<E>(v) & ~nan) | (0x7f & nan);
 }
 
 }  // namespace detail
@@ -106,7 +117,7 @@ KVKIT_HOST_DEVICE inline std::uint8_t float_to_e4m3_bits(float f,
     return std::uint8_t(pair & 0xffu);
   }
 #endif
-  if (s == Saturation::kFinite) return std::uint8_t(detail::float_to_fp8_bits_branchless<3, 0x3c800000, 0x43e00000>(f));
+  if (s == Saturation::kFinite) return std::uint8_t(detail::float_to_fp8_bits_branchless<detail::E4m3Encoding>(f));
   return detail::float_to_fp8_bits_soft<4, 3, false>(f, s);
 }
 
@@ -120,7 +131,7 @@ KVKIT_HOST_DEVICE inline std::uint8_t float_to_e5m2_bits(float f,
     return std::uint8_t(pair & 0xffu);
   }
 #endif
-  if (s == Saturation::kFinite) return std::uint8_t(detail::float_to_fp8_bits_branchless<2, 0x38800000, 0x47600000>(f));
+  if (s == Saturation::kFinite) return std::uint8_t(detail::float_to_fp8_bits_branchless<detail::E5m2Encoding>(f));
   return detail::float_to_fp8_bits_soft<5, 2, true>(f, s);
 }
 

@@ -126,13 +126,12 @@ void mla_fp8_append_range(const LatentFp8Layout& layout, const MlaFp8AppendArgs&
 template <class T>
 KVKIT_FORCEINLINE bool latent_row_has_nonfinite(const T* r) {
   if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, half>) {
-    constexpr std::int16_t kInf = std::is_same_v<T, bfloat16> ? 0x7f80 : 0x7c00;
     std::int16_t m = 0;
     for (int d = 0; d < MlaFp8Row::kLatentDim; ++d) {
       const auto a = std::int16_t(r[d].bits & 0x7fffu);
       m = m > a ? m : a;
     }
-    return m >= kInf;
+    return m >= kInfBits16<T>;
   } else {
     float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int d = 0; d < MlaFp8Row::kLatentDim; d += 8)

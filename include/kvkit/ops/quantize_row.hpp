@@ -49,36 +49,22 @@ KVKIT_FORCEINLINE float load_source(float v) { return v; }
 KVKIT_FORCEINLINE float load_source(bfloat16 v) { return bits_to_float(std::uint32_t(v.bits) << 16); }
 KVKIT_FORCEINLINE float load_source(half v) { return half_bits_to_float(v.bits); }
 
-/// The branch-free fp8 encoders' constants (core/float8.hpp): mantissa
-/// bits, and the float bits of the smallest normal and the largest finite
-/// value of the format.
+/// The branch-free encoder constants (core/float8.hpp) of an fp8 cache dtype.
 template <DType kCache>
-struct Fp8Encoding;
-template <>
-struct Fp8Encoding<DType::kFloat8E4M3> {
-  static constexpr int kManBits = 3;
-  static constexpr std::int32_t kMinNormal = 0x3c800000, kMaxFinite = 0x43e00000;  // 2^-6, 448
-};
-template <>
-struct Fp8Encoding<DType::kFloat8E5M2> {
-  static constexpr int kManBits = 2;
-  static constexpr std::int32_t kMinNormal = 0x38800000, kMaxFinite = 0x47600000;  // 2^-14, 57344
-};
+using Fp8Encoding = std::conditional_t<kCache == DType::kFloat8E4M3, E4m3Encoding, E5m2Encoding>;
 
 /// float -> fp8 bits, saturating (float_to_e4m3_bits / float_to_e5m2_bits,
 /// Saturation::kFinite).
 template <DType kCache>
 KVKIT_FORCEINLINE std::int32_t encode_fp8(float v) {
-  using E = Fp8Encoding<kCache>;
-  return float_to_fp8_bits_branchless<E::kManBits, E::kMinNormal, E::kMaxFinite>(v);
+  return float_to_fp8_bits_branchless<Fp8Encoding<kCache>>(v);
 }
 
 /// encode_fp8 except for NaN, which comes out as the largest finite code
 /// (loops that check for NaN once per row).
 template <DType kCache>
 KVKIT_FORCEINLINE std::int32_t encode_fp8_except_nan(float v) {
-  using E = Fp8Encoding<kCache>;
-  return float_to_fp8_bits_except_nan<E::kManBits, E::kMinNormal, E::kMaxFinite>(v);
+  return float_to_fp8_bits_except_nan<Fp8Encoding<kCache>>(v);
 }
 
 /// float -> e4m3 bits, saturating to ±448.
@@ -117,13 +103,16 @@ KVKIT_FORCEINLINE std::int32_t finite_magnitude_bits(Src x) {
   return a < 0x7f800000 ? a : 0;
 }
 
-/// Pattern of |x| when x is finite, else 0, for a 16-bit source (bfloat16:
-/// exponent all ones from 0x7f80; half: from 0x7c00).
+/// The pattern of +inf of a 16-bit float type (bfloat16 0x7f80, half
+/// 0x7c00): magnitude patterns from it up are inf or NaN.
+template <class Src>
+inline constexpr std::int16_t kInfBits16 = std::is_same_v<Src, bfloat16> ? 0x7f80 : 0x7c00;
+
+/// Pattern of |x| when x is finite, else 0, for a 16-bit source.
 template <class Src>
 KVKIT_FORCEINLINE std::int16_t finite_magnitude_bits16(Src x) {
-  constexpr std::int16_t kNonFinite = std::is_same_v<Src, bfloat16> ? 0x7f80 : 0x7c00;
   const auto a = std::int16_t(x.bits & 0x7fffu);
-  return a < kNonFinite ? a : std::int16_t(0);
+  return a < kInfBits16<Src> ? a : std::int16_t(0);
 }
 
 /// Largest finite |x| of a row, 0 when there is none (= fold_amax over the
