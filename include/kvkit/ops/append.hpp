@@ -179,17 +179,27 @@ KVKIT_FORCEINLINE void copy_row(void* dst, const void* src, std::size_t n) {
   }
 }
 
-/// append_kv's token loop, after validation. A token whose heads are
-/// contiguous in both the source and the cache is one copy (2 KiB for
-/// Llama-3-8B bf16); otherwise one copy per head row.
+/// Copies one token's `heads` head rows of `row_bytes` bytes, which lie
+/// `dst_stride` / `src_stride` bytes apart: as one copy when both sides are
+/// packed (2 KiB for Llama-3-8B bf16), else row by row. Shared by the
+/// appends (into the cache) and gather_kv (out of it).
+template <bool kStreaming>
+KVKIT_FORCEINLINE void copy_head_rows(unsigned char* dst, std::int64_t dst_stride, const unsigned char* src,
+                                      std::int64_t src_stride, std::int64_t heads, std::int64_t row_bytes) {
+  if (heads == 1 || (dst_stride == row_bytes && src_stride == row_bytes)) {
+    copy_row<kStreaming>(dst, src, std::size_t(heads * row_bytes));
+    return;
+  }
+  for (std::int64_t h = 0; h < heads; ++h) {
+    copy_row<kStreaming>(dst + h * dst_stride, src + h * src_stride, std::size_t(row_bytes));
+  }
+}
+
+/// append_kv's token loop, after validation.
 template <bool kStreaming, class Layout>
 void append_kv_rows(const Layout& layout, const AppendKVArgs& a) {
   const std::int64_t es = std::int64_t(dtype_size(a.src_dtype));
-  const std::int64_t row_bytes = layout.head_dim * es;
-  const std::int64_t heads = layout.num_heads;
-  const bool cache_heads_packed = heads == 1 || layout.stride_head == layout.head_dim;
-  const bool whole_token_k = cache_heads_packed && (heads == 1 || a.key_stride_head == layout.head_dim);
-  const bool whole_token_v = cache_heads_packed && (heads == 1 || a.value_stride_head == layout.head_dim);
+  const std::int64_t row_bytes = layout.head_dim * es, cache_stride = layout.stride_head * es;
   auto* kc = static_cast<unsigned char*>(a.k_cache);
   auto* vc = static_cast<unsigned char*>(a.v_cache);
   const auto* ks = static_cast<const unsigned char*>(a.key);
@@ -197,24 +207,11 @@ void append_kv_rows(const Layout& layout, const AppendKVArgs& a) {
   for (std::int64_t t = 0; t < a.num_tokens; ++t) {
     const std::int64_t slot = a.slot_mapping[t];
     if (slot < 0) continue;
-    const unsigned char* krow = ks + t * a.key_stride_token * es;
-    const unsigned char* vrow = vs + t * a.value_stride_token * es;
-    if (whole_token_k) {
-      copy_row<kStreaming>(kc + layout.slot_offset(slot, 0) * es, krow, std::size_t(heads * row_bytes));
-    } else {
-      for (std::int64_t h = 0; h < heads; ++h) {
-        copy_row<kStreaming>(kc + layout.slot_offset(slot, h) * es, krow + h * a.key_stride_head * es,
-                             std::size_t(row_bytes));
-      }
-    }
-    if (whole_token_v) {
-      copy_row<kStreaming>(vc + layout.slot_offset(slot, 0) * es, vrow, std::size_t(heads * row_bytes));
-    } else {
-      for (std::int64_t h = 0; h < heads; ++h) {
-        copy_row<kStreaming>(vc + layout.slot_offset(slot, h) * es, vrow + h * a.value_stride_head * es,
-                             std::size_t(row_bytes));
-      }
-    }
+    const std::int64_t at = layout.slot_offset(slot, 0) * es;
+    copy_head_rows<kStreaming>(kc + at, cache_stride, ks + t * a.key_stride_token * es, a.key_stride_head * es,
+                               layout.num_heads, row_bytes);
+    copy_head_rows<kStreaming>(vc + at, cache_stride, vs + t * a.value_stride_token * es, a.value_stride_head * es,
+                               layout.num_heads, row_bytes);
   }
   if (kStreaming) streaming_store_fence();
 }

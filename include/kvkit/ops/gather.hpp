@@ -64,30 +64,19 @@ inline void check_sequence_pages(const PagedKVLayout& layout, const std::int32_t
   }
 }
 
-/// gather_kv's copy of tokens [first, end), after validation. A token whose
-/// heads are contiguous in both the cache and the output is one copy (2 KiB
-/// for Llama-3-8B bf16) rather than one per head row.
+/// gather_kv's copy of tokens [first, end), after validation.
 template <bool kStreaming>
 void gather_kv_tokens(const PagedKVLayout& layout, const GatherKVArgs& a, std::int64_t first, std::int64_t end) {
   const std::int64_t es = std::int64_t(dtype_size(a.dtype));
-  const std::int64_t heads = layout.num_heads, row_bytes = layout.head_dim * es;
-  const bool whole_token =
-      heads == 1 || (layout.stride_head == layout.head_dim && a.out_stride_head == layout.head_dim);
   for (int which = 0; which < 2; ++which) {
     const auto* cache = static_cast<const unsigned char*>(which == 0 ? a.k_cache : a.v_cache);
     auto* out = static_cast<unsigned char*>(which == 0 ? a.key_out : a.value_out);
     if (cache == nullptr) continue;
     for (std::int64_t t = first; t < end; ++t) {
       const std::int64_t slot = token_slot(a.pages, t, layout.page_shift);
-      unsigned char* dst = out + t * a.out_stride_token * es;
-      if (whole_token) {
-        copy_row<kStreaming>(dst, cache + layout.slot_offset(slot, 0) * es, std::size_t(heads * row_bytes));
-        continue;
-      }
-      for (std::int64_t h = 0; h < heads; ++h) {
-        copy_row<kStreaming>(dst + h * a.out_stride_head * es, cache + layout.slot_offset(slot, h) * es,
-                             std::size_t(row_bytes));
-      }
+      copy_head_rows<kStreaming>(out + t * a.out_stride_token * es, a.out_stride_head * es,
+                                 cache + layout.slot_offset(slot, 0) * es, layout.stride_head * es, layout.num_heads,
+                                 layout.head_dim * es);
     }
   }
   if (kStreaming) streaming_store_fence();
