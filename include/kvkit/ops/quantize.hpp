@@ -149,7 +149,6 @@ template <class Src, DType kCache, class Layout, bool kAvx2Rows = false>
 KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const QuantizeAppendArgs& a) {
   const std::int64_t heads = layout.num_heads, hd = layout.head_dim;
   const bool dynamic = a.granularity == ScaleGranularity::kPerTokenHead;
-  const std::int64_t scale_step = a.granularity == ScaleGranularity::kPerHead ? 1 : 0;
   const auto source_row = [&](int which, std::int64_t t, std::int64_t h) {
     const std::int64_t stride_token = which ? a.value_stride_token : a.key_stride_token;
     const std::int64_t stride_head = which ? a.value_stride_head : a.key_stride_head;
@@ -170,12 +169,12 @@ KVKIT_FORCEINLINE void quantize_append_loop(const Layout& layout, const Quantize
       }
     }
     for (int which = 0; which < 2; ++which) {
-      const float* scales = dynamic ? (which ? a.v_scale_cache : a.k_scale_cache) + slot * heads
-                                    : (which ? a.v_scale : a.k_scale);
-      const std::int64_t step = dynamic ? 1 : scale_step;
+      // Dynamic scales were just written to the scale cache; static ones are the caller's.
+      const float* scales = dynamic ? (which ? a.v_scale_cache : a.k_scale_cache) : (which ? a.v_scale : a.k_scale);
       auto* cache = static_cast<std::uint8_t*>(which ? a.v_cache : a.k_cache);
       for (std::int64_t h = 0; h < heads; ++h) {
-        quantize_row_for_isa<Src, kCache, kAvx2Rows>(source_row(which, t, h), hd, scales[h * step],
+        quantize_row_for_isa<Src, kCache, kAvx2Rows>(source_row(which, t, h), hd,
+                                                     scales[scale_index(a.granularity, slot, h, heads)],
                                                      cache + layout.slot_offset(slot, h));
       }
     }
