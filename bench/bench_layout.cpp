@@ -229,15 +229,6 @@ void BM_copy_blocks(benchmark::State& state) {
   state.counters["rounds"] = rounds;
 }
 
-/// A sequence's page list: `n` distinct random pages of [0, num_pages).
-std::vector<std::int32_t> random_page_list(std::int64_t n, std::int64_t num_pages, std::uint32_t seed) {
-  std::vector<std::int32_t> pages(static_cast<std::size_t>(num_pages));
-  std::iota(pages.begin(), pages.end(), 0);
-  std::shuffle(pages.begin(), pages.end(), std::mt19937(seed));
-  pages.resize(static_cast<std::size_t>(n));
-  return pages;
-}
-
 void BM_gather_kv(benchmark::State& state) {
   // One 32,768-token sequence of a Llama-3-8B layer (bf16, page 16, random
   // pages of a cache twice its size) into dense K and V: 128 MiB read +
@@ -248,7 +239,7 @@ void BM_gather_kv(benchmark::State& state) {
   kvkit::HostCacheBuffer kc(layout.span_elements() * 2), vc(kc.bytes());
   std::memset(kc.data(), 0x3c, std::size_t(kc.bytes()));
   std::memset(vc.data(), 0x3d, std::size_t(vc.bytes()));
-  const std::vector<std::int32_t> pages = random_page_list(tokens / ps, layout.num_pages, 7);
+  const std::vector<std::int32_t> pages = kvkit::bench::random_page_list(tokens / ps, layout.num_pages, 7);
   std::vector<std::uint16_t> k_out(std::size_t(tokens * heads * hd)), v_out(k_out.size());
   const kvkit::GatherKVArgs a{kc.data(),    vc.data(),    pages.data(), tokens,
                               k_out.data(), v_out.data(), heads * hd,   hd, DType::kBFloat16};
@@ -274,7 +265,7 @@ void BM_dequantize_gather_kv(benchmark::State& state) {
     kb[i] = std::uint8_t((i * 37) % 127 + ((i >> 7) & 1) * 128);
     vb[i] = std::uint8_t((i * 53) % 127 + ((i >> 8) & 1) * 128);
   }
-  const std::vector<std::int32_t> pages = random_page_list(tokens / ps, layout.num_pages, 8);
+  const std::vector<std::int32_t> pages = kvkit::bench::random_page_list(tokens / ps, layout.num_pages, 8);
   std::vector<float> k_out(std::size_t(tokens * heads * hd)), v_out(k_out.size());
   const float k_scale = 0.02f, v_scale = 0.03f;
   const kvkit::DequantizeGatherArgs a{kc.data(),    vc.data(),        pages.data(),

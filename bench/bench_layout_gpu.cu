@@ -170,15 +170,6 @@ void BM_copy_blocks_gpu(benchmark::State& state) {
   kvkit::bench::report_device_bandwidth(state, 2.0 * double(num_caches * k * layout.page_elements()) * 2.0);
 }
 
-/// A sequence's page list on the device: `n` distinct random pages of [0, num_pages).
-DeviceBuffer random_page_list(std::int64_t n, std::int64_t num_pages, std::uint32_t seed) {
-  std::vector<std::int32_t> pages(static_cast<std::size_t>(num_pages));
-  std::iota(pages.begin(), pages.end(), 0);
-  std::shuffle(pages.begin(), pages.end(), std::mt19937(seed));
-  pages.resize(static_cast<std::size_t>(n));
-  return DeviceBuffer::from_host(pages);
-}
-
 void BM_gather_kv_gpu(benchmark::State& state) {
   // One 32,768-token Llama-3-8B bf16 sequence (random 16-token pages of a
   // cache twice its size) into dense K and V: 128 MiB read + 128 MiB written.
@@ -189,7 +180,7 @@ void BM_gather_kv_gpu(benchmark::State& state) {
   DeviceBuffer kc(std::size_t(layout.span_elements()) * 2), vc(kc.bytes());
   KVKIT_CUDA_CHECK(cudaMemset(kc.data(), 0x3c, kc.bytes()));
   KVKIT_CUDA_CHECK(cudaMemset(vc.data(), 0x3d, vc.bytes()));
-  auto pages = random_page_list(tokens / ps, layout.num_pages, 7);
+  auto pages = DeviceBuffer::from_host(kvkit::bench::random_page_list(tokens / ps, layout.num_pages, 7));
   DeviceBuffer k_out(std::size_t(tokens * heads * hd) * 2), v_out(std::size_t(tokens * heads * hd) * 2);
   const kvkit::GatherKVArgs a{kc.data(), vc.data(), pages.as<std::int32_t>(), tokens, k_out.data(), v_out.data(),
                               heads * hd, hd, DType::kBFloat16};
@@ -206,7 +197,7 @@ void BM_dequantize_gather_kv_gpu(benchmark::State& state) {
   std::vector<std::uint8_t> bytes(static_cast<std::size_t>(layout.span_elements()));
   for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = std::uint8_t((i * 37) % 127 + ((i >> 7) & 1) * 128);
   auto kc = DeviceBuffer::from_host(bytes), vc = DeviceBuffer::from_host(bytes);
-  auto pages = random_page_list(tokens / ps, layout.num_pages, 8);
+  auto pages = DeviceBuffer::from_host(kvkit::bench::random_page_list(tokens / ps, layout.num_pages, 8));
   auto scales = DeviceBuffer::from_host(std::vector<float>{0.02f, 0.03f});
   DeviceBuffer k_out(std::size_t(tokens * heads * hd) * 4), v_out(std::size_t(tokens * heads * hd) * 4);
   const kvkit::DequantizeGatherArgs a{kc.data(),      vc.data(),          pages.as<std::int32_t>(),

@@ -13,8 +13,12 @@
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
 
 namespace kvkit::bench {
 
@@ -34,6 +38,16 @@ double host_memcpy_bytes_per_second();
 /// Device-to-device copy kernel bandwidth, bytes read + written per second,
 /// measured once per process with CUDA events (GPU benchmark binaries only).
 double device_memcpy_bytes_per_second();
+
+/// A sequence's page list: `n` distinct random pages of [0, num_pages), in
+/// random order (a shuffled cache, as after a while of serving).
+inline std::vector<std::int32_t> random_page_list(std::int64_t n, std::int64_t num_pages, std::uint32_t seed) {
+  std::vector<std::int32_t> pages(static_cast<std::size_t>(num_pages));
+  std::iota(pages.begin(), pages.end(), 0);
+  std::shuffle(pages.begin(), pages.end(), std::mt19937(seed));
+  pages.resize(static_cast<std::size_t>(n));
+  return pages;
+}
 
 /// Sets bytes_per_second and pct_of_memcpy (against `baseline_bytes_per_second`)
 /// for a benchmark that moves `bytes_per_iteration` bytes per iteration.
