@@ -7,12 +7,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
 
+#include "kvkit/core/bits.hpp"
 #include "kvkit/layout/paged_kv_layout.hpp"
 #include "kvkit/ops/quantize.hpp"
 
@@ -174,12 +174,6 @@ TEST_CASE("dequantize_gather_kv returns what dequantize_value gives for each sto
 
 namespace {
 
-std::uint32_t float_bits(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
 using GatherFn = void (*)(const PagedKVLayout&, const kvkit::DequantizeGatherArgs&);
 
 template <auto kLoop>
@@ -251,7 +245,8 @@ void check_dequantize_gather(ScaleGranularity g) {
           want_k = kvkit::dequantize_value(kc[c], ks[si], kCache);
           want_v = kvkit::dequantize_value(vc[c], vs[si], kCache);
         }
-        mismatches += float_bits(ko[at]) != float_bits(want_k) || float_bits(vo[at]) != float_bits(want_v);
+        mismatches += kvkit::float_to_bits(ko[at]) != kvkit::float_to_bits(want_k) ||
+                      kvkit::float_to_bits(vo[at]) != kvkit::float_to_bits(want_v);
       }
     }
     CHECK(mismatches == 0);
